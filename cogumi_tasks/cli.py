@@ -1,0 +1,145 @@
+"""The ``cogumi`` command: run any step the same way everywhere, and drive the local stack.
+
+    cogumi run-step data.dedup --config tiny --input scored=s3://... --run-id R --output-json out.json
+    cogumi steps | cogumi status [--config tiny] | cogumi stack up|down|status | cogumi demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from cogumi_tasks.core.config import ConfigError, load_config, parse_set_flags
+
+
+def _parse_inputs(pairs: list[str], inputs_json: str | None) -> dict:
+    inputs: dict = json.loads(inputs_json) if inputs_json else {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--input {pair!r}: expected NAME=URI")
+        if name in inputs:  # repeated names make a list
+            prev = inputs[name]
+            inputs[name] = (prev if isinstance(prev, list) else [prev]) + [value]
+        else:
+            inputs[name] = value
+    return inputs
+
+
+def cmd_run_step(args: argparse.Namespace) -> int:
+    from cogumi_tasks.core.steps import run_step
+
+    config = load_config(args.config, parse_set_flags(args.set))
+    params = {k: json.loads(v) if v[:1] in "[{0123456789-" else v for k, v in parse_set_flags(args.param).items()}
+    result = run_step(args.step, config, _parse_inputs(args.input, args.inputs_json), params=params,
+                      run_id=args.run_id, force=args.force)
+    payload = {"manifest": result.manifest_uri, "skipped": result.skipped, **result.outputs}
+    text = json.dumps(payload, indent=1)
+    if args.output_json:
+        Path(args.output_json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output_json).write_text(text)
+    print(text)
+    return 0
+
+
+def cmd_steps(args: argparse.Namespace) -> int:
+    from cogumi_tasks.core.steps import all_steps
+
+    for name, spec in sorted(all_steps().items()):
+        first = spec.doc.splitlines()[0] if spec.doc else ""
+        print(f"{name:24s} v{spec.version}  {first}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """What ran (one line per published step result), what it cost, and where the outputs are."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from cogumi_tasks.core.artifacts import ArtifactStore
+    from cogumi_tasks.core.ledger import read_run_ledger, summarize
+
+    config = load_config(args.config, parse_set_flags(args.set))
+    store = ArtifactStore(config.storage)
+    table = Table(title=f"pipeline {config.name}: published steps (s3://{config.storage.bucket}/{config.name}/)")
+    for col in ("finished", "step", "seconds", "usd", "outputs"):
+        table.add_column(col)
+    manifests = [store.get_json(u) for u in store.list(store.uri(config.name) + "/") if u.endswith("/_manifest.json")]
+    for m in sorted(manifests, key=lambda m: m["timings"]["finished"]):
+        outs = ", ".join(f"{k}={v if isinstance(v, str) else f'[{len(v)} files]'}" for k, v in m["outputs"].items())
+        table.add_row(time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(m["timings"]["finished"])), m["step"],
+                      f"{m['timings']['seconds']:.1f}", f"{m.get('cost', {}).get('usd', 0):.5f}", outs)
+    console = Console()
+    console.print(table)
+    runs_prefix = store.uri(config.name, "_runs") + "/"
+    run_ids = sorted({u[len(runs_prefix):].split("/")[0] for u in store.list(runs_prefix)})
+    for run_id in run_ids[-args.runs:]:
+        totals = summarize(read_run_ledger(store, store.uri(config.name, "_runs", run_id, "ledger")))
+        console.print(f"run {run_id}: {totals['calls']} LLM calls ({totals['cached_calls']} from cache), "
+                      f"{totals['prompt_tokens']}+{totals['completion_tokens']} tokens, ${totals['usd']:.5f}")
+    return 0
+
+
+def cmd_stack(args: argparse.Namespace) -> int:
+    from cogumi_tasks.stack.local import cli_stack
+
+    return cli_stack(args.action)
+
+
+def cmd_demo(args: argparse.Namespace, rest: list[str]) -> int:
+    from cogumi_tasks.stack.demo import cli_demo
+
+    return cli_demo(rest)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cogumi", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run-step", help="run one registered step (or reuse its cached result)")
+    r.add_argument("step")
+    r.add_argument("--config", default="tiny", help="config name in configs/ or a YAML path")
+    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    r.add_argument("--input", action="append", default=[], metavar="NAME=URI", help="repeat a name for a list")
+    r.add_argument("--inputs-json", help="all inputs as one JSON object")
+    r.add_argument("--param", action="append", default=[], metavar="KEY=VALUE")
+    r.add_argument("--run-id", default="manual")
+    r.add_argument("--output-json", help="also write the outputs here (e.g. /airflow/xcom/return.json)")
+    r.add_argument("--force", action="store_true", help="run even if a cached result exists")
+    r.set_defaults(fn=cmd_run_step)
+
+    sub.add_parser("steps", help="list registered steps").set_defaults(fn=cmd_steps)
+
+    s = sub.add_parser("status", help="what ran, what it cost, where the outputs are")
+    s.add_argument("--config", default="tiny")
+    s.add_argument("--set", action="append", default=[])
+    s.add_argument("--runs", type=int, default=5, help="how many recent runs' ledgers to total")
+    s.set_defaults(fn=cmd_status)
+
+    st = sub.add_parser("stack", help="the local stack on 127.0.0.1")
+    st.add_argument("action", choices=["up", "down", "status"])
+    st.set_defaults(fn=cmd_stack)
+
+    sub.add_parser("demo", help="start the local stack and run the pipeline through Airflow", add_help=False)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["demo"]:
+        return cmd_demo(argparse.Namespace(), argv[1:])
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except ConfigError as exc:
+        print(f"cogumi: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,279 @@
+"""Typed pipeline configuration: YAML in configs/, validated, unknown keys rejected.
+
+A config is loaded by name (``tiny`` -> ``configs/tiny.yaml``) or path, then single values are
+overridden with dotted keys (``dataset.prompts.limit=20``) from DAG params or CLI flags.
+Secrets never live here: a teacher names the environment variable (or Airflow connection)
+that holds its key.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+REPO_CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the file and the dotted key."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ---------------------------------------------------------------- storage and compute
+class StorageConfig(Strict):
+    """Where artifacts live. Credentials come from the environment or ``aws_conn_id``."""
+
+    bucket: str
+    endpoint_url: str | None = None
+    region: str = "us-east-1"
+    aws_conn_id: str | None = None
+
+
+class KubernetesConfig(Strict):
+    namespace: str = "cogumi"
+    image: str = "cogumi/gpu-worker:0.1.0"
+    gpus: int = 1
+    cpu: str = "4"
+    memory: str = "32Gi"
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[dict[str, str]] = Field(default_factory=list)
+    service_account: str | None = None
+    # Kubernetes secret name -> env var names it provides (e.g. teacher keys, S3 credentials).
+    secret_env: dict[str, list[str]] = Field(default_factory=dict)
+    config_file: str | None = None
+    in_cluster: bool = True
+    startup_timeout_s: int = 600
+
+
+class ComputeConfig(Strict):
+    """Where each step runs: ``local`` (worker process), ``kubernetes`` (a pod), ``gpu_queue``."""
+
+    default: Literal["local", "kubernetes", "gpu_queue"] = "local"
+    steps: dict[str, Literal["local", "kubernetes", "gpu_queue"]] = Field(default_factory=dict)
+    gpu_queue: str = "gpu"
+    kubernetes: KubernetesConfig = Field(default_factory=KubernetesConfig)
+
+    def target(self, step: str) -> str:
+        return self.steps.get(step, self.default)
+
+
+# ---------------------------------------------------------------- LLM endpoints
+class EndpointConfig(Strict):
+    """One OpenAI-compatible endpoint (a teacher or the judge)."""
+
+    name: str
+    base_url: str
+    model: str
+    price: str = Field(description="key into the price table")
+    api_key_env: str | None = None
+    conn_id: str | None = None
+    max_concurrency: int = 4
+    batch: bool = False
+    timeout_s: float = 60.0
+
+
+class TeacherConfig(EndpointConfig):
+    weight: float = 1.0
+
+
+class LLMConfig(Strict):
+    """Client behaviour shared by every endpoint."""
+
+    max_retries: int = 6
+    backoff_base_s: float = 0.5
+    backoff_max_s: float = 20.0
+    batch_poll_s: float = 10.0
+    batch_timeout_s: float = 86400.0
+    budget_usd: float = 10.0
+    prices_file: str = "prices.yaml"
+
+
+# ---------------------------------------------------------------- phase 0
+class PromptsConfig(Strict):
+    source: str = Field(description="builtin:<name> or s3://... or a local path to prompt JSONL")
+    limit: int | None = None
+    shards: int = 4
+    max_error_rate: float = 0.05
+    domains: list[str] = ["code", "reasoning", "automation", "general"]
+
+
+class GenerateConfig(Strict):
+    max_tokens: int = 512
+    max_error_rate: float = 0.1
+    temperature: float = 0.0
+    seed: int = 0
+    system_prompt: str = "You are a helpful, precise assistant. Answer in English."
+
+
+class ScoreConfig(Strict):
+    threshold: int = 7
+    max_tokens: int = 128
+    max_parse_retries: int = 2
+    max_error_rate: float = 0.2
+
+
+class DedupConfig(Strict):
+    num_perm: int = 128
+    shingle_size: int = 5
+    threshold: float = 0.8
+    field: Literal["prompt", "response", "both"] = "both"
+    seed: int = 1
+
+
+class DatasetConfig(Strict):
+    prompts: PromptsConfig
+    generate: GenerateConfig = Field(default_factory=GenerateConfig)
+    score: ScoreConfig = Field(default_factory=ScoreConfig)
+    dedup: DedupConfig = Field(default_factory=DedupConfig)
+
+
+# ---------------------------------------------------------------- the whole pipeline
+class PipelineConfig(Strict):
+    """Everything one pipeline run reads. ``name`` is the S3 prefix of its artifacts."""
+
+    name: str
+    storage: StorageConfig
+    compute: ComputeConfig = Field(default_factory=ComputeConfig)
+    llm: LLMConfig = Field(default_factory=LLMConfig)
+    teachers: list[TeacherConfig]
+    judge: EndpointConfig
+    dataset: DatasetConfig
+
+    @model_validator(mode="after")
+    def _check(self) -> PipelineConfig:
+        names = [t.name for t in self.teachers]
+        if len(set(names)) != len(names):
+            raise ValueError(f"teachers: duplicate names {names}")
+        if not self.teachers or sum(t.weight for t in self.teachers) <= 0:
+            raise ValueError("teachers: need at least one teacher with a positive weight")
+        return self
+
+    def teacher(self, name: str) -> TeacherConfig:
+        for t in self.teachers:
+            if t.name == name:
+                return t
+        raise KeyError(f"no teacher named {name!r}")
+
+    def section(self, dotted: str) -> Any:
+        """The sub-config at a dotted path (``dataset.dedup``), as plain data."""
+        node: Any = self.model_dump(mode="json")
+        for part in dotted.split("."):
+            node = node[part]
+        return node
+
+
+# ---------------------------------------------------------------- loading
+def config_dir() -> Path:
+    return Path(os.environ.get("COGUMI_CONFIG_DIR", REPO_CONFIG_DIR))
+
+
+def resolve_config_path(name_or_path: str) -> Path:
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") and p.exists():
+        return p
+    candidate = config_dir() / f"{name_or_path}.yaml"
+    if not candidate.exists():
+        known = sorted(x.stem for x in config_dir().glob("*.yaml") if x.stem != "prices")
+        raise ConfigError(f"no config {name_or_path!r}: looked for {candidate}; known: {known}")
+    return candidate
+
+
+def _parse_value(raw: Any) -> Any:
+    """Override values arrive as strings from the CLI: read them as YAML scalars."""
+    if isinstance(raw, str):
+        try:
+            return yaml.safe_load(raw)
+        except yaml.YAMLError:
+            return raw
+    return raw
+
+
+def apply_overrides(data: dict, overrides: dict[str, Any], source: str) -> dict:
+    """Set dotted keys in a nested dict; an unknown intermediate key is an error."""
+    data = json.loads(json.dumps(data))
+    for dotted, raw in overrides.items():
+        if raw is None or raw == "":
+            continue
+        node = data
+        parts = dotted.split(".")
+        for i, part in enumerate(parts[:-1]):
+            if isinstance(node, list) and part.isdigit():
+                node = node[int(part)]
+                continue
+            if part not in node or not isinstance(node[part], dict | list):
+                node.setdefault(part, {})
+                if not isinstance(node[part], dict):
+                    raise ConfigError(f"{source}: override {dotted!r}: {'.'.join(parts[: i + 1])} is a value")
+            node = node[part]
+        if isinstance(node, list):
+            node[int(parts[-1])] = _parse_value(raw)
+        else:
+            node[parts[-1]] = _parse_value(raw)
+    return data
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid config"]
+    for e in err.errors():
+        where = ".".join(str(x) for x in e["loc"]) or "<root>"
+        kind = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        lines.append(f"  {where}: {kind}")
+    return "\n".join(lines)
+
+
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def expand_env(node: Any, source: str) -> Any:
+    """Replace ``${VAR}`` / ``${VAR:-default}`` in strings (endpoints and ports, never secrets)."""
+    if isinstance(node, dict):
+        return {k: expand_env(v, f"{source}.{k}") for k, v in node.items()}
+    if isinstance(node, list):
+        return [expand_env(v, f"{source}.{i}") for i, v in enumerate(node)]
+    if not isinstance(node, str):
+        return node
+
+    def sub(m: re.Match) -> str:
+        value = os.environ.get(m.group(1), m.group(2))
+        if value is None:
+            raise ConfigError(f"{source}: environment variable {m.group(1)} is not set and has no default")
+        return value
+
+    return _ENV_REF.sub(sub, node)
+
+
+def load_config(name_or_path: str, overrides: dict[str, Any] | None = None) -> PipelineConfig:
+    """Load ``configs/<name>.yaml`` (or a path), apply dotted overrides and validate."""
+    path = resolve_config_path(name_or_path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    data = apply_overrides(data, overrides or {}, str(path))
+    data = expand_env(data, str(path))
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, str(path))) from None
+
+
+def parse_set_flags(flags: list[str]) -> dict[str, str]:
+    """``["a.b=1", "c=x"]`` -> ``{"a.b": "1", "c": "x"}``."""
+    out: dict[str, str] = {}
+    for flag in flags:
+        if "=" not in flag:
+            raise ConfigError(f"--set {flag!r}: expected KEY=VALUE")
+        key, value = flag.split("=", 1)
+        out[key.strip()] = value
+    return out

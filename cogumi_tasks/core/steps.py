@@ -1,0 +1,302 @@
+"""The step contract: a registry of named, versioned steps and the runner that caches them.
+
+A step is a plain function ``fn(ctx: StepContext) -> StepOutput``. It reads its inputs through
+``ctx`` and writes its output files under ``ctx.out_dir``; the runner publishes them to
+``s3://<bucket>/<pipeline>/<step>/<cache_key>/`` and writes ``_manifest.json`` last.
+
+Cache key = sha256(step name, step version, the config sections the step reads, the digests of
+its inputs, its params). A prefix whose manifest verifies is reused without running anything.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import shutil
+import socket
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cogumi_tasks.core.artifacts import ArtifactStore, join_uri, sha256_file, sha256_json
+from cogumi_tasks.core.config import PipelineConfig, config_dir
+
+log = logging.getLogger("cogumi")
+
+InputValue = str | list[str]
+StepFn = Callable[["StepContext"], "StepOutput"]
+
+# Modules that register steps; imported lazily by get_step().
+STEP_MODULES = ["cogumi_tasks.data.steps"]
+
+
+@dataclass
+class StepOutput:
+    """What a step returns: output names -> file(s) relative to ``out_dir``, and metrics."""
+
+    files: dict[str, str | list[str]] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StepSpec:
+    name: str
+    fn: StepFn
+    version: int
+    reads: tuple[str, ...]
+    doc: str
+    config_inputs: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass
+class StepResult:
+    """Output URIs and metrics of a run (or of the cached run it reused)."""
+
+    step: str
+    outputs: dict[str, InputValue]
+    metrics: dict[str, Any]
+    manifest_uri: str
+    skipped: bool
+
+
+REGISTRY: dict[str, StepSpec] = {}
+
+
+def step(
+    name: str, *, version: int = 1, reads: tuple[str, ...] = (), config_inputs: dict[str, str] | None = None
+) -> Callable[[StepFn], StepFn]:
+    """Register ``fn`` as step ``name``.
+
+    ``reads`` lists the config sections in its cache key; ``config_inputs`` maps an input name to
+    the dotted config key that names it by default (e.g. the prompt file), so its content is hashed.
+    """
+
+    def register(fn: StepFn) -> StepFn:
+        extra = tuple(sorted((config_inputs or {}).items()))
+        REGISTRY[name] = StepSpec(name, fn, version, reads, (fn.__doc__ or "").strip(), extra)
+        return fn
+
+    return register
+
+
+def get_step(name: str) -> StepSpec:
+    if name not in REGISTRY:
+        for module in STEP_MODULES:
+            importlib.import_module(module)
+    if name not in REGISTRY:
+        raise KeyError(f"no step named {name!r}; known: {sorted(REGISTRY)}")
+    return REGISTRY[name]
+
+
+def all_steps() -> dict[str, StepSpec]:
+    for module in STEP_MODULES:
+        importlib.import_module(module)
+    return dict(REGISTRY)
+
+
+class StepFailed(RuntimeError):
+    """A step could not finish; its message says why (file, line, field, figure)."""
+
+
+@dataclass
+class StepContext:
+    """Everything a running step may touch."""
+
+    spec: StepSpec
+    config: PipelineConfig
+    store: ArtifactStore
+    inputs: dict[str, InputValue]
+    params: dict[str, Any]
+    prefix: str
+    run_id: str
+    out_dir: Path
+    tmp_dir: Path
+    cost: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def pipeline_uri(self) -> str:
+        return self.store.uri(self.config.name)
+
+    def work_uri(self, *parts: str) -> str:
+        """Checkpoint space inside this step's prefix: survives a kill, reused by the retry."""
+        return join_uri(self.prefix, "_work", *parts)
+
+    def fetch(self, uri: str) -> Path:
+        """A local copy of an input: downloaded and sha256-verified, or a builtin/local file."""
+        local = resolve_local(uri)
+        return local if local is not None else self.store.fetch(uri, self.tmp_dir / "inputs")
+
+    def input_list(self, name: str) -> list[str]:
+        value = self.inputs.get(name)
+        if value is None:
+            raise StepFailed(f"{self.spec.name}: missing input {name!r} (have {sorted(self.inputs)})")
+        return [value] if isinstance(value, str) else list(value)
+
+    def input(self, name: str) -> str:
+        values = self.input_list(name)
+        if len(values) != 1:
+            raise StepFailed(f"{self.spec.name}: input {name!r} must be one URI, got {len(values)}")
+        return values[0]
+
+    def out(self, name: str) -> Path:
+        path = self.out_dir / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
+    @property
+    def ledger_prefix(self) -> str:
+        return join_uri(self.pipeline_uri, "_runs", safe_name(self.run_id), "ledger")
+
+    @property
+    def llm_cache_prefix(self) -> str:
+        return join_uri(self.pipeline_uri, "_llm_cache")
+
+
+def safe_name(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
+
+
+def resolve_local(uri: str) -> Path | None:
+    """The file behind a ``builtin:<name>`` resource or a local path; None for s3:// URIs."""
+    if uri.startswith("s3://"):
+        return None
+    if uri.startswith("builtin:"):
+        from importlib.resources import files
+
+        path = Path(str(files("cogumi_tasks") / "resources" / f"{uri[8:]}.jsonl"))
+    else:
+        path = Path(uri.removeprefix("file://"))
+    if not path.exists():
+        raise StepFailed(f"input {uri}: no such file ({path})")
+    return path
+
+
+def input_digests(store: ArtifactStore, inputs: dict[str, InputValue]) -> dict[str, list[str]]:
+    """Content digests of every input: from producers' manifests, S3 ETags, or local file hashes."""
+    out = {}
+    for name in sorted(inputs):
+        values = inputs[name]
+        values = [values] if isinstance(values, str) else list(values)
+        digests = []
+        for v in values:
+            local = resolve_local(v)
+            digests.append(store.digest(v) if local is None else "sha256:" + sha256_file(local))
+        out[name] = digests
+    return out
+
+
+def cache_key(spec: StepSpec, config: PipelineConfig, digests: dict, params: dict) -> str:
+    return sha256_json(
+        {
+            "step": spec.name,
+            "version": spec.version,
+            "config": {s: config.section(s) for s in spec.reads},
+            "inputs": digests,
+            "params": params,
+        }
+    )
+
+
+def _dotted_get(config: PipelineConfig, dotted: str) -> Any:
+    parent, _, leaf = dotted.rpartition(".")
+    return config.section(parent)[leaf] if parent else config.section(leaf)
+
+
+def code_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        v = version("cogumi")
+    except PackageNotFoundError:
+        v = "unknown"
+    return os.environ.get("COGUMI_CODE_VERSION", v)
+
+
+def run_step(
+    name: str,
+    config: PipelineConfig,
+    inputs: dict[str, InputValue] | None = None,
+    *,
+    params: dict[str, Any] | None = None,
+    run_id: str = "manual",
+    store: ArtifactStore | None = None,
+    force: bool = False,
+) -> StepResult:
+    """Run step ``name`` (or reuse its cached result) and return its output URIs and metrics."""
+    spec = get_step(name)
+    store = store or ArtifactStore(config.storage)
+    inputs = dict(inputs or {})
+    for input_name, dotted in spec.config_inputs:
+        inputs.setdefault(input_name, _dotted_get(config, dotted))
+    params = dict(params or {})
+    digests = input_digests(store, inputs)
+    key = cache_key(spec, config, digests, params)
+    prefix = store.uri(config.name, spec.name, key[:20])
+
+    manifest = None if force else store.verify_manifest(prefix)
+    if manifest is not None:
+        log.info("%s: cached result at %s (cache key %s): skipped", name, prefix, key[:20])
+        return StepResult(name, manifest["outputs"], manifest["metrics"], join_uri(prefix, "_manifest.json"), True)
+
+    log.info("%s: running, outputs go to %s", name, prefix)
+    started = time.time()
+    with tempfile.TemporaryDirectory(prefix=f"cogumi-{safe_name(name)}-") as tmp:
+        ctx = StepContext(spec, config, store, inputs, params, prefix, run_id, Path(tmp) / "out", Path(tmp) / "tmp")
+        ctx.out_dir.mkdir()
+        ctx.tmp_dir.mkdir()
+        try:
+            result = spec.fn(ctx)
+        except Exception as exc:
+            _record_failure(ctx, exc)
+            raise
+        finished = time.time()
+        outputs = {
+            k: (join_uri(prefix, v) if isinstance(v, str) else [join_uri(prefix, x) for x in v])
+            for k, v in result.files.items()
+        }
+        manifest = store.publish(
+            prefix,
+            ctx.out_dir,
+            {
+                "step": name,
+                "version": spec.version,
+                "cache_key": key,
+                "prefix": prefix,
+                "outputs": outputs,
+                "metrics": result.metrics,
+                "inputs": inputs,
+                "input_digests": digests,
+                "params": params,
+                "config": {s: config.section(s) for s in spec.reads},
+                "pipeline": config.name,
+                "run_id": run_id,
+                "code_version": code_version(),
+                "config_dir": str(config_dir()),
+                "host": socket.gethostname(),
+                "timings": {"started": started, "finished": finished, "seconds": round(finished - started, 3)},
+                "cost": ctx.cost,
+            },
+        )
+        shutil.rmtree(ctx.out_dir, ignore_errors=True)
+    log.info("%s: published %d files in %.1fs", name, len(manifest["files"]), finished - started)
+    return StepResult(name, outputs, result.metrics, join_uri(prefix, "_manifest.json"), False)
+
+
+def _record_failure(ctx: StepContext, exc: BaseException) -> None:
+    """Keep what a failed step wrote (e.g. its quarantine) under ``_failed/``, never as a result."""
+    try:
+        for path in ctx.out_dir.rglob("*"):
+            if path.is_file():
+                ctx.store.upload(path, join_uri(ctx.prefix, "_failed", path.relative_to(ctx.out_dir).as_posix()))
+        ctx.store.put_json(
+            join_uri(ctx.prefix, "_failed", "error.json"),
+            {"error": str(exc), "type": type(exc).__name__, "traceback": traceback.format_exc(),
+             "run_id": ctx.run_id, "at": time.time()},
+        )
+    except Exception:  # the original error matters more than a failed upload of its context
+        log.exception("could not record the failure of %s", ctx.spec.name)

