@@ -105,3 +105,25 @@ def store_for(s3_server: S3Server):
         return store
 
     return make
+
+
+@pytest.fixture(scope="session")
+def airflow_db():
+    """A fresh Airflow metadata database (SQLite in the temporary AIRFLOW_HOME), once per session."""
+    from airflow.utils.db import resetdb
+
+    resetdb()
+    yield
+
+
+@pytest.fixture(scope="session")
+def dagbag(airflow_db):
+    """The project's DAGs, parsed and serialized to the test database as the dag-processor would."""
+    from airflow.dag_processing.bundles.manager import DagBundlesManager
+    from airflow.dag_processing.dagbag import DagBag, sync_bag_to_db
+
+    DagBundlesManager().sync_bundles_to_db()
+    bag = DagBag(dag_folder=str(REPO / "dags"))
+    if not bag.import_errors:
+        sync_bag_to_db(bag, bundle_name="dags-folder", bundle_version=None)
+    return bag

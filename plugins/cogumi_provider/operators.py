@@ -25,9 +25,15 @@ class CogumiStepOperator(BaseOperator):
     :param overrides: dotted config keys -> values (templated; None or "" leaves a value alone)
     :param inputs: input name -> URI or list of URIs (templated; XComArgs allowed)
     :param step_params: extra step parameters that enter the cache key
+    :param input_name: name of one more input whose URI comes in ``input_uri``; dynamic task mapping
+        expands ``input_uri`` over a list of URIs (e.g. ``.expand(input_uri=prompts.output["shards"])``)
+    :param input_uri: the URI for ``input_name``
+    :param return_output: the output whose URI(s) become the return value, so a downstream task can
+        be mapped over it (Airflow maps only over return values); every output and the manifest are
+        also pushed under their own XCom keys
     """
 
-    template_fields: Sequence[str] = ("config_name", "overrides", "inputs", "step_params")
+    template_fields: Sequence[str] = ("config_name", "overrides", "inputs", "step_params", "input_uri")
     template_fields_renderers = {"overrides": "json", "inputs": "json", "step_params": "json"}
     ui_color = "#f4e1c1"
 
@@ -39,6 +45,9 @@ class CogumiStepOperator(BaseOperator):
         overrides: dict[str, Any] | None = None,
         inputs: dict[str, Any] | None = None,
         step_params: dict[str, Any] | None = None,
+        input_name: str | None = None,
+        input_uri: str | None = None,
+        return_output: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -47,8 +56,13 @@ class CogumiStepOperator(BaseOperator):
         self.overrides = overrides or {}
         self.inputs = inputs or {}
         self.step_params = step_params or {}
+        self.input_name = input_name
+        self.input_uri = input_uri
+        self.return_output = return_output
 
-    def execute(self, context: Any) -> dict[str, Any]:
-        return CogumiHook(config_name=self.config_name, overrides=self.overrides).run_step(
-            self.step, self.inputs, self.step_params, context=context, operator=self
+    def execute(self, context: Any) -> Any:
+        payload = CogumiHook(config_name=self.config_name, overrides=self.overrides).run_step(
+            self.step, {**self.inputs, **({self.input_name: self.input_uri} if self.input_name else {})},
+            self.step_params, context=context, operator=self,
         )
+        return payload[self.return_output] if self.return_output else payload

