@@ -11,7 +11,7 @@ from datetime import timedelta
 import pendulum
 from airflow.sdk import DAG, Param
 from cogumi_provider.operators import CogumiStepOperator
-from cogumi_provider.placement import phase_asset, queue_for, run_params
+from cogumi_provider.placement import phase_asset, placement, run_params
 
 OVERRIDES = {
     "dataset.prompts.limit": "{{ params.prompt_limit }}",
@@ -34,21 +34,21 @@ with DAG(
     default_args={"retries": 2, "retry_delay": timedelta(seconds=30), "overrides": OVERRIDES},
 ) as dag:
     prompts = CogumiStepOperator(
-        task_id="prompts", step="data.prompts", return_output="shards", queue=queue_for("data.prompts")
+        task_id="prompts", step="data.prompts", return_output="shards", **placement("data.prompts")
     )
     generate = CogumiStepOperator.partial(
         task_id="generate", step="data.generate", input_name="shard", return_output="answers",
-        queue=queue_for("data.generate"),
+        **placement("data.generate"),
     ).expand(input_uri=prompts.output)
     score = CogumiStepOperator.partial(
         task_id="score", step="data.score", input_name="answers", return_output="kept",
-        queue=queue_for("data.score"),
+        **placement("data.score"),
     ).expand(input_uri=generate.output)
     dedup = CogumiStepOperator(
-        task_id="dedup", step="data.dedup", inputs={"scored": score.output}, queue=queue_for("data.dedup")
+        task_id="dedup", step="data.dedup", inputs={"scored": score.output}, **placement("data.dedup")
     )
     publish = CogumiStepOperator(
         task_id="publish", step="data.publish", inputs={"deduped": dedup.output["deduped"]},
-        outlets=[phase_asset("phase0")], queue=queue_for("data.publish"),
+        outlets=[phase_asset("phase0")], **placement("data.publish"),
     )
     dedup >> publish

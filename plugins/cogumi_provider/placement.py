@@ -24,10 +24,17 @@ def deployment_config() -> str:
     return os.environ.get("COGUMI_CONFIG", "tiny")
 
 
-def queue_for(step: str) -> str:
-    """The queue for ``step``: the GPU queue if the deployment's config says ``gpu_queue``."""
+EDGE_EXECUTOR = "EdgeExecutor"
+
+
+def placement(step: str) -> dict[str, str]:
+    """Operator kwargs placing ``step``: queue ``gpu`` on the Edge executor when the deployment's
+    config says ``gpu_queue`` (Airflow routes a task to a non-default executor only when the task
+    names it), else the default queue and executor."""
     compute = _deployment_compute()
-    return compute.gpu_queue if compute.target(step) == "gpu_queue" else "default"
+    if compute.target(step) == "gpu_queue":
+        return {"queue": compute.gpu_queue, "executor": EDGE_EXECUTOR}
+    return {"queue": "default"}
 
 
 def phase_asset(phase: str) -> Asset:

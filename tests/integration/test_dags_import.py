@@ -22,7 +22,8 @@ def test_dag_files_do_not_import_heavy_modules_at_parse_time():
 
     code = (
         "import sys, runpy; runpy.run_path(sys.argv[1]); "
-        "heavy = [m for m in ('torch', 'transformers', 'openai', 'datasketch', 'sentence_transformers', 'llama_cpp') if m in sys.modules]; "
+        "heavy = [m for m in ('torch', 'transformers', 'openai', 'datasketch', 'sentence_transformers', "
+        "'llama_cpp') if m in sys.modules]; "
         "print('HEAVY=' + ','.join(heavy))"
     )
     for dag_file in (REPO / "dags").glob("*.py"):

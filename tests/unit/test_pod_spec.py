@@ -49,7 +49,8 @@ def test_pod_requests_a_gpu_on_the_right_nodes(pod):
     assert container.image == kube.image
     assert container.resources.limits["nvidia.com/gpu"] == "1"
     assert spec.spec.node_selector == {"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB"}
-    assert [(t.key, t.operator, t.effect) for t in spec.spec.tolerations] == [("nvidia.com/gpu", "Exists", "NoSchedule")]
+    tolerations = [(t.key, t.operator, t.effect) for t in spec.spec.tolerations]
+    assert tolerations == [("nvidia.com/gpu", "Exists", "NoSchedule")]
     assert spec.metadata.namespace == "cogumi"
 
 

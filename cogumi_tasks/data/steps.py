@@ -1,0 +1,273 @@
+"""Phase 0 steps: prompts -> generate (sharded) -> score (sharded) -> dedup -> publish.
+
+Each is a registered step (see :mod:`cogumi_tasks.core.steps`): config and input URIs in,
+output files and metrics out. Teacher and judge calls go through :mod:`cogumi_tasks.llm.client`,
+so every call is cached, retried, priced and counted against the run's budget.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, field_validator
+
+from cogumi_tasks.core.records import (
+    Quarantine,
+    check_error_rate,
+    iter_jsonl_dicts,
+    load_records,
+    write_jsonl,
+)
+from cogumi_tasks.core.steps import StepContext, StepFailed, StepOutput, step
+from cogumi_tasks.data.llm_calls import judge_answers, teacher_answers
+
+Domain = Literal["code", "reasoning", "automation", "general"]
+
+
+class PromptRecord(BaseModel):
+    """One line of a prompt file. Extra fields are allowed and carried along."""
+
+    model_config = ConfigDict(extra="allow")
+    id: str
+    prompt: str
+    domain: Domain
+
+    @field_validator("id", "prompt")
+    @classmethod
+    def _non_empty(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("must not be empty")
+        return v
+
+
+def split_by_weight(ids: list[str], weights: dict[str, float]) -> dict[str, str]:
+    """Assign each id to a teacher so counts follow the weights exactly (largest remainder),
+    in a deterministic order that does not depend on the file's order."""
+    order = sorted(ids, key=lambda i: hashlib.sha256(i.encode()).hexdigest())
+    total = sum(weights.values())
+    quotas = {t: len(ids) * w / total for t, w in weights.items()}
+    counts = {t: int(q) for t, q in quotas.items()}
+    for t in sorted(quotas, key=lambda t: quotas[t] - counts[t], reverse=True)[: len(ids) - sum(counts.values())]:
+        counts[t] += 1
+    out, pos = {}, 0
+    for t in weights:
+        for i in order[pos : pos + counts[t]]:
+            out[i] = t
+        pos += counts[t]
+    return out
+
+
+@step("data.prompts", version=1, reads=("dataset.prompts", "teachers"),
+      config_inputs={"source": "dataset.prompts.source"})
+def prompts(ctx: StepContext) -> StepOutput:
+    """Validate the prompt JSONL, assign teachers by the configured mix, and shard.
+
+    Inputs: ``source`` (s3://, a local path, or builtin:<name>). Outputs: ``prompts`` (all used
+    prompts with their teacher), ``shards`` (one JSONL per shard), ``quarantine`` (bad lines).
+    """
+    cfg = ctx.config.dataset.prompts
+    source = ctx.input("source")
+    quarantine = Quarantine()
+    records = load_records(ctx.fetch(source), PromptRecord, source, quarantine)
+    seen: set[str] = set()
+    unique = []
+    for rec in records:
+        if rec.id in seen:
+            quarantine.add(source, None, "id", f"duplicate id: {rec.id!r} appears earlier", rec.model_dump())
+            continue
+        seen.add(rec.id)
+        unique.append(rec)
+    total = len(unique) + len(quarantine)
+    quarantine.write(ctx.out("quarantine.jsonl"))
+    check_error_rate(f"prompts from {source}", len(quarantine), total, cfg.max_error_rate, quarantine)
+
+    used = unique[: cfg.limit] if cfg.limit else unique
+    teacher_of = split_by_weight([r.id for r in used], {t.name: t.weight for t in ctx.config.teachers})
+    rows = [{**r.model_dump(), "teacher": teacher_of[r.id]} for r in used]
+    write_jsonl(ctx.out("prompts.jsonl"), rows)
+    n_shards = max(1, min(cfg.shards, len(rows)))
+    shard_files = []
+    for s in range(n_shards):
+        name = f"shards/shard-{s:04d}.jsonl"
+        write_jsonl(ctx.out(name), rows[s::n_shards])
+        shard_files.append(name)
+    return StepOutput(
+        files={"prompts": "prompts.jsonl", "shards": shard_files, "quarantine": "quarantine.jsonl"},
+        metrics={
+            "prompts_read": total,
+            "prompts_quarantined": len(quarantine),
+            "prompts": len(rows),
+            "shards": n_shards,
+            "per_domain": dict(Counter(r["domain"] for r in rows)),
+            "per_teacher": dict(Counter(r["teacher"] for r in rows)),
+            "quarantine_reasons": quarantine.counts(),
+        },
+    )
+
+
+@step("data.generate", version=1, reads=("teachers", "dataset.generate"))
+def generate(ctx: StepContext) -> StepOutput:
+    """Teachers answer one shard of prompts. Every answer is cached as it arrives, so a killed
+    task resumes without asking again.
+
+    Inputs: ``shard`` (prompt JSONL with a ``teacher`` column). Outputs: ``answers``, ``failed``.
+    """
+    rows = list(iter_jsonl_dicts(ctx.fetch(ctx.input("shard"))))
+    answers, failed, stats = teacher_answers(ctx, rows)
+    answers.sort(key=lambda r: r["id"])
+    write_jsonl(ctx.out("answers.jsonl"), answers)
+    write_jsonl(ctx.out("failed.jsonl"), failed)
+    rate = len(failed) / max(1, len(rows))
+    if rate > ctx.config.dataset.generate.max_error_rate:
+        raise StepFailed(
+            f"generate: {len(failed)} of {len(rows)} prompts got no usable answer ({rate:.1%}), above "
+            f"{ctx.config.dataset.generate.max_error_rate:.1%}; first: {failed[0]['reason'] if failed else ''}"
+        )
+    return StepOutput(
+        files={"answers": "answers.jsonl", "failed": "failed.jsonl"},
+        metrics={"prompts": len(rows), "answers_generated": len(answers), "generation_failed": len(failed),
+                 "faults": stats, "cost": ctx.cost},
+    )
+
+
+@step("data.score", version=1, reads=("judge", "dataset.score"))
+def score(ctx: StepContext) -> StepOutput:
+    """The judge rates each answer 1-10 with a JSON verdict; keep those >= the threshold.
+
+    Inputs: ``answers``. Outputs: ``kept`` and ``rejected`` (both with judge_score and
+    judge_reason), ``quarantine`` (answers whose verdict stayed unparseable after retries).
+    """
+    cfg = ctx.config.dataset.score
+    rows = list(iter_jsonl_dicts(ctx.fetch(ctx.input("answers"))))
+    judged, quarantine, stats = judge_answers(ctx, rows)
+    kept = [r for r in judged if r["judge_score"] >= cfg.threshold]
+    rejected = [r for r in judged if r["judge_score"] < cfg.threshold]
+    write_jsonl(ctx.out("kept.jsonl"), kept)
+    write_jsonl(ctx.out("rejected.jsonl"), rejected)
+    quarantine.write(ctx.out("quarantine.jsonl"))
+    if rows:
+        check_error_rate("judge verdicts", len(quarantine), len(rows), cfg.max_error_rate, quarantine)
+    return StepOutput(
+        files={"kept": "kept.jsonl", "rejected": "rejected.jsonl", "quarantine": "quarantine.jsonl"},
+        metrics={
+            "judged": len(judged),
+            "passed_judge": len(kept),
+            "rejected_by_judge": len(rejected),
+            "judge_quarantined": len(quarantine),
+            "score_histogram": {str(k): v for k, v in sorted(Counter(r["judge_score"] for r in judged).items())},
+            "faults": stats,
+            "cost": ctx.cost,
+        },
+    )
+
+
+@step("data.dedup", version=1, reads=("dataset.dedup",))
+def dedup_step(ctx: StepContext) -> StepOutput:
+    """Exact (normalised hash) then MinHash-LSH near-duplicate removal, keeping the best-scored
+    record of each cluster. Every dropped record names the kept one and their Jaccard estimate.
+
+    Inputs: ``scored`` (one or more kept-answer JSONL files). Outputs: ``deduped``, ``dropped``.
+    """
+    from cogumi_tasks.data.dedup import dedup
+
+    cfg = ctx.config.dataset.dedup
+    rows = [r for uri in ctx.input_list("scored") for r in iter_jsonl_dicts(ctx.fetch(uri))]
+    rows.sort(key=lambda r: r["id"])
+    texts = [dedup_text(r, cfg.field) for r in rows]
+    result = dedup(texts, [r["judge_score"] for r in rows], num_perm=cfg.num_perm,
+                   shingle_size=cfg.shingle_size, threshold=cfg.threshold, seed=cfg.seed, progress=True)
+    dropped = [{**rows[d], "duplicate_kind": "exact", "duplicate_of": rows[k]["id"], "jaccard": 1.0}
+               for d, k in result.exact_dropped]
+    dropped += [{**rows[d], "duplicate_kind": "near", "duplicate_of": rows[k]["id"], "jaccard": round(j, 4)}
+                for d, k, j in result.near_dropped]
+    write_jsonl(ctx.out("deduped.jsonl"), [rows[i] for i in result.keep])
+    write_jsonl(ctx.out("dropped.jsonl"), dropped)
+    return StepOutput(
+        files={"deduped": "deduped.jsonl", "dropped": "dropped.jsonl"},
+        metrics={"records_in": len(rows), "exact_duplicates": len(result.exact_dropped),
+                 "near_duplicates": len(result.near_dropped), "records_out": len(result.keep)},
+    )
+
+
+def dedup_text(row: dict, field: str) -> str:
+    if field == "prompt":
+        return row["prompt"]
+    if field == "response":
+        return row["response"]
+    return row["prompt"] + "\n" + row["response"]
+
+
+FINAL_FIELDS = ("id", "prompt", "response", "domain", "teacher", "model", "judge_score", "judge_reason")
+
+
+@step("data.publish", version=1, reads=("name",))
+def publish(ctx: StepContext) -> StepOutput:
+    """The curated dataset with its stats and every quarantined record of the run's lineage.
+
+    Inputs: ``deduped``. Outputs: ``dataset`` (JSONL of {id, prompt, response, domain, teacher,
+    model, judge_score, judge_reason}), ``stats`` (JSON), ``quarantine`` (JSONL with a ``stage``).
+    """
+    from cogumi_tasks.core.artifacts import join_uri, lineage
+
+    deduped = ctx.input("deduped")
+    rows = [{k: r.get(k) for k in FINAL_FIELDS} for r in iter_jsonl_dicts(ctx.fetch(deduped))]
+    write_jsonl(ctx.out("dataset.jsonl"), rows)
+
+    ancestors = lineage(ctx.store, ctx.store.producer_manifest(deduped))
+    by_step: dict[str, list[dict]] = {}
+    for m in ancestors:
+        by_step.setdefault(m["step"], []).append(m)
+    quarantined = []
+    for m in ancestors:
+        for name in ("quarantine.jsonl", "failed.jsonl"):
+            if name in m["files"] and m["files"][name]["size"]:
+                body = ctx.store.get_bytes(join_uri(m["prefix"], name)).decode()
+                quarantined += [{"stage": m["step"], **json.loads(x)} for x in body.splitlines() if x.strip()]
+    write_jsonl(ctx.out("quarantine.jsonl"), quarantined)
+    stats = phase0_stats(by_step, rows)
+    (ctx.out("stats.json")).write_text(json.dumps(stats, indent=1, sort_keys=True))
+    return StepOutput(files={"dataset": "dataset.jsonl", "stats": "stats.json", "quarantine": "quarantine.jsonl"},
+                      metrics=stats)
+
+
+def _sum(manifests: list[dict], key: str) -> int:
+    return sum(m["metrics"].get(key, 0) for m in manifests)
+
+
+def _add(into: dict, other: dict) -> dict:
+    for k, v in other.items():
+        if isinstance(v, dict):
+            _add(into.setdefault(k, {}), v)
+        elif isinstance(v, int | float):
+            into[k] = into.get(k, 0) + v
+    return into
+
+
+def phase0_stats(by_step: dict[str, list[dict]], rows: list[dict]) -> dict:
+    """Counts of every stage, faults retried, and cost, summed over the lineage's manifests."""
+    gen, sco, ded = by_step.get("data.generate", []), by_step.get("data.score", []), by_step.get("data.dedup", [])
+    pro = by_step.get("data.prompts", [])
+    faults: dict = {}
+    cost: dict = {}
+    for m in gen + sco:
+        _add(faults, {m["step"].split(".")[1]: m["metrics"].get("faults", {})})
+        _add(cost, m.get("cost", {}))
+    return {
+        "prompts": _sum(pro, "prompts"),
+        "prompts_quarantined": _sum(pro, "prompts_quarantined"),
+        "answers_generated": _sum(gen, "answers_generated"),
+        "generation_failed": _sum(gen, "generation_failed"),
+        "judged": _sum(sco, "judged"),
+        "passed_judge": _sum(sco, "passed_judge"),
+        "judge_quarantined": _sum(sco, "judge_quarantined"),
+        "exact_duplicates": _sum(ded, "exact_duplicates"),
+        "near_duplicates": _sum(ded, "near_duplicates"),
+        "final_records": len(rows),
+        "per_domain": dict(Counter(r["domain"] for r in rows)),
+        "per_teacher": dict(Counter(r["teacher"] for r in rows)),
+        "faults": faults,
+        "cost": cost,
+    }

@@ -1,0 +1,70 @@
+"""The prompts step: validation with file/line/field, quarantine, error-rate stop, teacher split."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cogumi_tasks.core.config import load_config
+from cogumi_tasks.core.records import ErrorRateExceeded
+from cogumi_tasks.core.steps import run_step
+from cogumi_tasks.data.steps import split_by_weight
+
+
+def _write(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+GOOD = [{"id": f"p{i}", "prompt": f"Question number {i}?", "domain": "general"} for i in range(40)]
+
+
+def test_split_by_weight_is_exact_and_order_free():
+    ids = [f"x{i}" for i in range(100)]
+    split = split_by_weight(ids, {"a": 0.40, "b": 0.35, "c": 0.25})
+    counts = {t: list(split.values()).count(t) for t in "abc"}
+    assert counts == {"a": 40, "b": 35, "c": 25}
+    assert split_by_weight(list(reversed(ids)), {"a": 0.40, "b": 0.35, "c": 0.25}) == split
+
+
+def test_bad_lines_are_quarantined_with_line_and_field(s3_server, store_for, tmp_path):
+    src = _write(tmp_path / "prompts.jsonl", GOOD + [
+        '{"id": "bad1", "prompt": "no domain"}',
+        "{not json",
+    ])
+    cfg = load_config("tiny", {"name": "t-prompts-q", "dataset.prompts.source": str(src),
+                               "dataset.prompts.max_error_rate": 0.1, "dataset.prompts.limit": None})
+    store = store_for(cfg)
+    res = run_step("data.prompts", cfg, store=store)
+    assert res.metrics["prompts"] == 40 and res.metrics["prompts_quarantined"] == 2
+    q = [json.loads(x) for x in store.get_bytes(res.outputs["quarantine"]).decode().splitlines()]
+    assert {(r["line"], r["field"]) for r in q} == {(41, "domain"), (42, "<line>")}
+    assert all(r["source"] == str(src) for r in q)
+    shards = [store.get_bytes(u).decode().splitlines() for u in res.outputs["shards"]]
+    assert sum(len(s) for s in shards) == 40 and len(shards) == cfg.dataset.prompts.shards
+
+
+def test_error_rate_stops_with_file_line_field_and_publishes_nothing(s3_server, store_for, tmp_path):
+    src = _write(tmp_path / "prompts.jsonl", GOOD[:10] + [
+        {"id": "b1", "prompt": "x", "domain": "cooking"},
+        {"id": "p1", "prompt": "dup id", "domain": "code"},
+    ])
+    cfg = load_config("tiny", {"name": "t-prompts-rate", "dataset.prompts.source": str(src)})
+    store = store_for(cfg)
+    with pytest.raises(ErrorRateExceeded) as err:
+        run_step("data.prompts", cfg, store=store)
+    msg = str(err.value)
+    assert "2 of 12 records bad" in msg and f"{src}:11: field 'domain'" in msg
+    uris = list(store.list(store.uri(cfg.name) + "/"))
+    assert not any(u.endswith("_manifest.json") for u in uris)
+    q = [u for u in uris if u.endswith("_failed/quarantine.jsonl")]
+    assert len(q) == 1 and len(store.get_bytes(q[0]).decode().splitlines()) == 2
+
+
+def test_builtin_prompt_set_is_valid(s3_server, store_for):
+    cfg = load_config("tiny", {"name": "t-prompts-builtin", "dataset.prompts.limit": None})
+    res = run_step("data.prompts", cfg, store=store_for(cfg))
+    assert res.metrics["prompts_quarantined"] == 0
+    assert res.metrics["prompts"] >= 300
+    assert set(res.metrics["per_domain"]) == {"code", "reasoning", "automation", "general"}
