@@ -1,0 +1,162 @@
+"""Phase 0 dedup: datasketch-equal signatures, exact and near-duplicate removal, edge cases."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+from datasketch import MinHash
+
+from cogumi_tasks.data import dedup as dd
+from cogumi_tasks.data.dedup import DedupResult, dedup, jaccard, minhash_signatures, normalize, shingles
+
+WORDS = [f"{a}{b}{c}" for a in "bcdfgklmnprst" for b in "aeiou" for c in ("", "n", "st", "r", "m", "ck")]
+
+
+def doc(seed: int, n: int = 60) -> list[str]:
+    return random.Random(seed).choices(WORDS, k=n)
+
+
+def edit(words: list[str], seed: int, n_edits: int) -> list[str]:
+    rng, out = random.Random(seed), list(words)
+    for _ in range(n_edits):
+        out[rng.randrange(len(out))] = rng.choice(WORDS) + "x"
+    return out
+
+
+def exact_j(a: str, b: str, k: int = 5) -> float:
+    return jaccard(shingles(a, k), shingles(b, k))
+
+
+def datasketch_row(text: str, num_perm: int, seed: int, k: int, scheme: str = "affine32") -> np.ndarray:
+    m = MinHash(num_perm=num_perm, seed=seed, scheme=scheme)
+    for s in shingles(text, k):
+        m.update(s.encode("utf8"))
+    return m.hashvalues
+
+
+TEXTS = ["", "ab", "Hello", "Héllo wörld, ünïcode — text!", "日本語のテキストです。日本語です", "  A  b c d e f g  ",
+         " ".join(doc(1)), " ".join(doc(2, 200))]
+
+
+def test_normalize_and_shingles() -> None:
+    assert normalize("  Hello,\n\tWORLD!!  ") == "hello, world"
+    assert normalize("...") == ""
+    assert shingles("Hello World", 5) == {"hello", "ello ", "llo w", "lo wo", "o wor", " worl", "world"}
+    assert shingles("ab!", 5) == {"ab"}
+    assert shingles("  ", 5) == set()
+
+
+@pytest.mark.parametrize("scheme", ["affine32", "legacy"])
+@pytest.mark.parametrize("k", [5, 12])  # k=12 takes the raw-window fallback for large key spaces
+def test_signatures_equal_datasketch(scheme: str, k: int) -> None:
+    sig = minhash_signatures(TEXTS, num_perm=64, shingle_size=k, seed=7, scheme=scheme)
+    assert sig.shape == (len(TEXTS), 64) and sig.dtype == np.uint64
+    for i, text in enumerate(TEXTS):
+        np.testing.assert_array_equal(sig[i], datasketch_row(text, 64, 7, k, scheme))
+    assert (sig[0] == (1 << 32) - 1).all()  # empty text: datasketch's empty MinHash
+
+
+def test_signatures_do_not_depend_on_chunking(monkeypatch: pytest.MonkeyPatch) -> None:
+    texts = [" ".join(doc(s, 30 + s)) for s in range(40)]
+    whole = minhash_signatures(texts, 128, 5)
+    monkeypatch.setattr(dd, "CHUNK_CHARS", 500)
+    monkeypatch.setattr(dd, "_SUB_OCC", 300)
+    np.testing.assert_array_equal(minhash_signatures(texts, 128, 5), whole)
+    np.testing.assert_array_equal(whole[3], datasketch_row(texts[3], 128, 1, 5))
+
+
+def test_exact_jaccards_match_python_sets(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(dd, "CHUNK_CHARS", 2000)  # several blocks
+    norm = [normalize(t) for t in TEXTS + [" ".join(edit(doc(1), 3, n)) for n in range(6)]]
+    pairs = np.array([(i, j) for i in range(len(norm)) for j in range(i + 1, len(norm))], dtype=np.int64)
+    got = dd._exact_jaccards(norm, pairs, 5)
+    want = [exact_j(norm[i], norm[j]) for i, j in pairs.tolist()]
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
+
+
+def test_lsh_params() -> None:
+    assert dd.lsh_params(0.8, 128) == (25, 5)
+    assert dd.lsh_params(0.8, 128, max_miss=0.002) == (21, 6)
+    b, r = dd.lsh_params(0.8, 128)
+    assert (1 - 0.8**r) ** b <= dd.LSH_MISS
+
+
+def test_exact_duplicates_keep_best_score() -> None:
+    other = " ".join(doc(3))
+    res = dedup(["Same text.", "same   TEXT", other, "SAME text!", "same text"], [0.1, 0.9, 0.5, 0.9, 0.2])
+    assert res.keep == [1, 2]
+    assert res.exact_dropped == [(0, 1), (3, 1), (4, 1)]
+    assert res.near_dropped == []
+
+
+def test_near_duplicate_dropped_with_estimate() -> None:
+    base = doc(10)
+    a, b, c = " ".join(base), " ".join(edit(base, 11, 1)), " ".join(doc(12))
+    j = exact_j(a, b)
+    assert 0.85 < j < 0.95
+    res = dedup([a, b, c], [0.2, 0.7, 0.1])
+    assert res.keep == [1, 2]
+    assert res.exact_dropped == []
+    assert [(d, k) for d, k, _ in res.near_dropped] == [(0, 1)]
+    est = res.near_dropped[0][2]
+    ma, mb = (MinHash(num_perm=128) for _ in range(2))
+    for m, t in ((ma, a), (mb, b)):
+        m.update_batch([s.encode("utf8") for s in shingles(t, 5)])
+    assert est == pytest.approx(ma.jaccard(mb))  # the MinHash estimate, as datasketch computes it
+    assert abs(est - j) < 0.1
+
+
+def test_half_similar_pair_kept() -> None:
+    base = doc(20)
+    a, b = " ".join(base), " ".join(base[:30] + doc(21, 30))
+    assert 0.3 < exact_j(a, b) < 0.6
+    res = dedup([a, b])
+    assert res == DedupResult(keep=[0, 1], exact_dropped=[], near_dropped=[])
+
+
+def test_threshold_decided_by_exact_jaccard() -> None:
+    """Pairs just below and just above 0.8 land on the right side (exact check near the threshold)."""
+    base = doc(30, 80)
+    texts = [" ".join(base)] + [" ".join(edit(base, 100 + n, n)) for n in range(1, 9)]
+    js = [exact_j(texts[0], t) for t in texts[1:]]
+    assert min(js) < 0.75 and max(js) > 0.85
+    pairs = {tuple(p) for p in dd.near_duplicate_pairs(texts).tolist()}
+    want = {(i, j) for i in range(len(texts)) for j in range(i + 1, len(texts))
+            if exact_j(texts[i], texts[j]) >= 0.8}
+    assert pairs == want
+    assert any(0.77 < exact_j(texts[i], texts[j]) < 0.8 for i in range(9) for j in range(i + 1, 9))
+
+
+def test_cluster_keeps_best_score() -> None:
+    base = doc(40)
+    a = " ".join(base)
+    b = " ".join(edit(base, 41, 1))
+    c = " ".join(edit(base, 42, 1))
+    d = " ".join(doc(43))
+    res = dedup([a, b, d, c], [0.3, 0.5, 0.1, 0.9])
+    assert res.keep == [2, 3]
+    assert [(x, k) for x, k, _ in res.near_dropped] == [(0, 3), (1, 3)]
+    assert all(0.75 < e <= 1.0 for _, _, e in res.near_dropped)
+    tie = dedup([a, b, d, c])  # no scores: the lowest index of the cluster stays
+    assert tie.keep == [0, 2]
+    assert [(x, k) for x, k, _ in tie.near_dropped] == [(1, 0), (3, 0)]
+
+
+def test_exact_then_near() -> None:
+    base = doc(50)
+    a, near = " ".join(base), " ".join(edit(base, 51, 1))
+    res = dedup([a, a.upper(), near], [0.1, 0.8, 0.5])
+    assert res.exact_dropped == [(0, 1)]
+    assert [(x, k) for x, k, _ in res.near_dropped] == [(2, 1)]
+    assert res.keep == [1]
+
+
+def test_empty_and_single() -> None:
+    assert dedup([]) == DedupResult(keep=[], exact_dropped=[], near_dropped=[])
+    assert dedup(["only one document"], [1.0]) == DedupResult(keep=[0], exact_dropped=[], near_dropped=[])
+    res = dedup(["", "!!!", "ab", "ab."])
+    assert res.keep == [0, 2] and res.exact_dropped == [(1, 0), (3, 2)] and res.near_dropped == []
+    with pytest.raises(ValueError):
+        dedup(["a", "b"], [1.0])
