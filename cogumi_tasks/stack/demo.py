@@ -1,0 +1,297 @@
+"""``cogumi demo``: start the local stack, trigger a DAG through Airflow's REST API v2, follow it,
+and print where the results are (dataset URI, metrics, UI address, logs)."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any
+from urllib.parse import quote
+
+from cogumi_tasks.stack import local
+
+TERMINAL = {"success", "failed", "upstream_failed", "skipped", "removed"}
+
+
+class DemoError(RuntimeError):
+    """The DAG cannot be found, triggered or followed."""
+
+
+def _q(value: str) -> str:
+    return quote(value, safe="")
+
+
+class AirflowREST:
+    """A small client for Airflow 3's REST API v2 with SimpleAuthManager's bearer tokens."""
+
+    def __init__(self, base_url: str, username: str, password: str, timeout_s: float = 30):
+        import httpx
+
+        self.base_url = base_url.rstrip("/")
+        self._auth = {"username": username, "password": password}
+        self.http = httpx.Client(base_url=self.base_url, timeout=timeout_s, trust_env=False)
+        self._login()
+
+    def _login(self) -> None:
+        resp = self.http.post("/auth/token", json=self._auth)
+        if resp.status_code not in (200, 201):
+            raise DemoError(f"POST /auth/token: HTTP {resp.status_code}: {resp.text[:300]}")
+        self.http.headers["Authorization"] = f"Bearer {resp.json()['access_token']}"
+
+    def request(self, method: str, path: str, ok: tuple[int, ...] = (200,), **kw) -> Any:
+        """JSON from ``/api/v2<path>``; ``None`` on 404 when 404 is in ``ok``."""
+        resp = self.http.request(method, "/api/v2" + path, **kw)
+        if resp.status_code == 401:  # token expired: log in again once
+            self._login()
+            resp = self.http.request(method, "/api/v2" + path, **kw)
+        if resp.status_code == 404 and 404 in ok:
+            return None
+        if resp.status_code not in ok:
+            raise DemoError(f"{method} /api/v2{path}: HTTP {resp.status_code}: {resp.text[:500]}")
+        return resp.json() if resp.content else None
+
+    # ------------------------------------------------------------ DAGs and runs
+    def dag(self, dag_id: str) -> dict | None:
+        return self.request("GET", f"/dags/{_q(dag_id)}", ok=(200, 404))
+
+    def import_errors(self) -> list[dict]:
+        return self.request("GET", "/importErrors", params={"limit": 100})["import_errors"]
+
+    def wait_for_dag(self, dag_id: str, timeout_s: float = 120) -> dict:
+        """Wait until the dag-processor has parsed ``dag_id``; fail with its file's import errors."""
+        t0 = time.monotonic()
+        while True:
+            dag, errors = self.dag(dag_id), self.import_errors()
+            if dag is not None:
+                files = {dag.get("fileloc"), dag.get("relative_fileloc")}
+                mine = [e for e in errors if e.get("filename") in files]
+                if mine:
+                    raise DemoError(_format_import_errors(mine))
+                return dag
+            named = [e for e in errors if dag_id in str(e.get("filename", ""))]
+            waited = time.monotonic() - t0
+            if named or (errors and waited > 30):
+                raise DemoError(f"DAG {dag_id!r} not loaded; import errors:\n" + _format_import_errors(
+                    named or errors))
+            if waited > timeout_s:
+                raise DemoError(f"DAG {dag_id!r} not parsed after {timeout_s:.0f}s (in the dags folder?)")
+            time.sleep(2)
+
+    def unpause(self, dag_id: str) -> None:
+        self.request("PATCH", f"/dags/{_q(dag_id)}", json={"is_paused": False})
+
+    def trigger(self, dag_id: str, conf: dict | None = None) -> str:
+        body = {"logical_date": None, "conf": conf or {}}
+        return self.request("POST", f"/dags/{_q(dag_id)}/dagRuns", json=body)["dag_run_id"]
+
+    def run(self, dag_id: str, run_id: str) -> dict:
+        return self.request("GET", f"/dags/{_q(dag_id)}/dagRuns/{_q(run_id)}")
+
+    def run_state(self, dag_id: str, run_id: str) -> str:
+        return self.run(dag_id, run_id)["state"]
+
+    def task_instances(self, dag_id: str, run_id: str) -> list[dict]:
+        """Every task instance of the run, mapped ones included (one per map_index)."""
+        out: list[dict] = []
+        while True:
+            page = self.request("GET", f"/dags/{_q(dag_id)}/dagRuns/{_q(run_id)}/taskInstances",
+                                params={"limit": 100, "offset": len(out)})
+            out += page["task_instances"]
+            if not page["task_instances"] or len(out) >= (page.get("total_entries") or 0):
+                return out
+
+    def xcom(self, dag_id: str, run_id: str, task_id: str, key: str = "return_value",
+             map_index: int = -1) -> Any:
+        """The XCom value as JSON (the native value; ``deserialize=true`` would stringify it)."""
+        path = f"/dags/{_q(dag_id)}/dagRuns/{_q(run_id)}/taskInstances/{_q(task_id)}/xcomEntries/{_q(key)}"
+        entry = self.request("GET", path, params={"map_index": map_index})
+        return entry["value"]
+
+    def log_tail(self, dag_id: str, run_id: str, task_id: str, try_number: int, map_index: int = -1,
+                 lines: int = 40) -> str:
+        path = f"/dags/{_q(dag_id)}/dagRuns/{_q(run_id)}/taskInstances/{_q(task_id)}/logs/{try_number}"
+        data = self.request("GET", path, params={"map_index": map_index, "full_content": "true"},
+                            headers={"Accept": "application/json"})
+        content = data.get("content", [])
+        if isinstance(content, str):
+            return "\n".join(content.splitlines()[-lines:])
+        out = []
+        for ev in content:
+            if not isinstance(ev, dict):
+                out.append(str(ev))
+                continue
+            head = " ".join(str(ev[k]) for k in ("timestamp", "level") if ev.get(k))
+            out.append(f"{head} {ev.get('event', '')}".strip())
+            out += [f"    {line}" for line in _format_error(ev.get("error_detail") or ev.get("exception"))]
+        return "\n".join(out[-lines:])
+
+
+def _format_error(detail: Any) -> list[str]:
+    """Airflow 3 structured ``error_detail`` (a list of exceptions with frames) as a few lines."""
+    if not detail:
+        return []
+    if not isinstance(detail, list):
+        return str(detail).splitlines()
+    out = []
+    for exc in detail:
+        if not isinstance(exc, dict):
+            out.append(str(exc))
+            continue
+        frames = exc.get("frames") or []
+        out += [f"{f.get('filename')}:{f.get('lineno')} in {f.get('name')}" for f in frames[-4:]]
+        out.append(f"{exc.get('exc_type')}: {exc.get('exc_value')}")
+    return out
+
+
+def _format_import_errors(errors: list[dict]) -> str:
+    return "\n".join(f"--- {e.get('filename')}\n{e.get('stack_trace', '').strip()}" for e in errors)
+
+
+# ---------------------------------------------------------------- following a run
+def _ti_label(ti: dict) -> str:
+    return ti["task_id"] + (f"[{ti['map_index']}]" if ti.get("map_index", -1) >= 0 else "")
+
+
+def _progress(tis: list[dict]) -> str:
+    by_task: dict[str, list[dict]] = {}
+    for ti in tis:
+        by_task.setdefault(ti["task_id"], []).append(ti)
+    parts = []
+    for task_id, group in by_task.items():
+        if len(group) > 1 or group[0].get("map_index", -1) >= 0:
+            done = sum(t["state"] in TERMINAL for t in group)
+            parts.append(f"{task_id}: {done}/{len(group)} mapped done")
+        else:
+            parts.append(f"{task_id}: {group[0]['state'] or 'none'}")
+    return "; ".join(parts)
+
+
+def follow(api: AirflowREST, dag_id: str, run_id: str, timeout_s: float, poll_s: float = 2,
+           summary_every_s: float = 10, log=print) -> tuple[str, list[dict]]:
+    """Print task state changes and a progress line every ~10 s; return the final run state and TIs."""
+    seen: dict[tuple[str, int], str | None] = {}
+    t0 = last_summary = time.monotonic()
+    while True:
+        state = api.run_state(dag_id, run_id)
+        tis = api.task_instances(dag_id, run_id)
+        order = sorted(tis, key=lambda t: (t.get("start_date") or "~", t["task_id"], t.get("map_index", -1)))
+        for ti in order:
+            key = (ti["task_id"], ti.get("map_index", -1))
+            if seen.get(key, None) != ti["state"]:
+                seen[key] = ti["state"]
+                dur = f" ({ti['duration']:.1f}s)" if ti.get("duration") is not None else ""
+                log(f"  {_ti_label(ti)}: {ti['state'] or 'none'}{dur}")
+        now = time.monotonic()
+        if state in ("success", "failed"):
+            return state, tis
+        if now - last_summary >= summary_every_s:
+            last_summary = now
+            log(f"[{now - t0:5.0f}s] run {state}: {_progress(tis)}")
+        if now - t0 > timeout_s:
+            return "timeout", tis
+        time.sleep(poll_s)
+
+
+def _flatten(d: dict, prefix: str = "") -> list[tuple[str, Any]]:
+    out: list[tuple[str, Any]] = []
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out += _flatten(v, f"{prefix}{k}.")
+        else:
+            out.append((f"{prefix}{k}", v))
+    return out
+
+
+def print_report(manifest: dict, title: str) -> None:
+    """Outputs and metrics of a manifest as rich tables (generic: any keys)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    outputs = Table(title=f"{title}: outputs")
+    outputs.add_column("output")
+    outputs.add_column("uri")
+    for name, uri in manifest.get("outputs", {}).items():
+        outputs.add_row(name, uri if isinstance(uri, str) else ", ".join(map(str, uri)))
+    console.print(outputs)
+    metrics = Table(title=f"{title}: metrics")
+    metrics.add_column("metric")
+    metrics.add_column("value", justify="right")
+    rows = _flatten(manifest.get("metrics", {}))
+    if "cost" in manifest and not any(k.startswith("cost.") for k, _ in rows):
+        rows += _flatten(manifest["cost"], "cost.")
+    for key, value in rows:
+        metrics.add_row(key, f"{value:.6g}" if isinstance(value, float) else str(value))
+    console.print(metrics)
+
+
+# ---------------------------------------------------------------- the demo
+def run_demo(config: str = "tiny", conf: dict | None = None, timeout_s: float = 3600,
+             dag_id: str = "phase0_dataset", final_task: str = "publish",
+             settings: local.Settings | None = None, log=print) -> int:
+    """Start the stack, trigger ``dag_id`` with ``{"config": config, **conf}``, follow it, report."""
+    s = settings or local.Settings.from_env()
+    try:
+        local.up(s, log=log)
+        password = local.load_secrets(s)["COGUMI_AIRFLOW_PASSWORD"]
+        api = AirflowREST(s.airflow_url, "admin", password)
+        api.wait_for_dag(dag_id)
+        api.unpause(dag_id)
+        run_id = api.trigger(dag_id, {"config": config, **(conf or {})})
+    except (local.ServiceError, DemoError) as exc:
+        log(f"error: {exc}")
+        return 1
+    ui = f"{s.airflow_url}/dags/{dag_id}/runs/{run_id}"
+    log(f"triggered {dag_id} run {run_id}\n  follow it in the UI: {ui}")
+    state, tis = follow(api, dag_id, run_id, timeout_s, log=log)
+    footer = (f"UI: {ui}  (login: admin / {password})\nlogs: {s.logs_dir} (services), "
+              f"{s.airflow_home / 'logs'} (tasks)\nstop the stack: make stop")
+    if state != "success":
+        log(f"run {run_id}: {state}")
+        for ti in tis:
+            if ti["state"] == "failed":
+                log(f"--- log tail of {_ti_label(ti)} (try {ti['try_number']})")
+                try:
+                    log(api.log_tail(dag_id, run_id, ti["task_id"], ti["try_number"],
+                                     ti.get("map_index", -1)))
+                except DemoError as exc:
+                    log(f"(no log: {exc})")
+        log(footer)
+        return 1
+    result = api.xcom(dag_id, run_id, final_task)
+    log(f"run {run_id}: success; {final_task} returned {result}")
+    if isinstance(result, dict) and str(result.get("manifest", "")).startswith("s3://"):
+        from cogumi_tasks.core.artifacts import ArtifactError, ArtifactStore
+        from cogumi_tasks.core.config import StorageConfig
+
+        store = ArtifactStore(StorageConfig(bucket=local.BUCKET, endpoint_url=s.s3_endpoint),
+                              local.s3_credentials(s))
+        try:
+            manifest = store.get_json(result["manifest"])
+        except ArtifactError as exc:
+            log(f"cannot read the manifest: {exc}")
+            return 1
+        dataset = manifest.get("outputs", {}).get("dataset")
+        if dataset:
+            log(f"dataset: {dataset}")
+        print_report(manifest, f"{dag_id} / {final_task}")
+    log(footer)
+    return 0
+
+
+def cli_demo(argv: list[str] | None = None) -> int:
+    """``cogumi demo [--config tiny] [--limit N] [--budget USD] [--dag ID] [--final-task ID]``."""
+    p = argparse.ArgumentParser(prog="cogumi demo", description=run_demo.__doc__)
+    p.add_argument("--config", default="tiny", help="pipeline config name or path (default tiny)")
+    p.add_argument("--limit", type=int, help="at most this many prompts (conf prompt_limit)")
+    p.add_argument("--budget", type=float, help="spend cap in USD (conf budget_usd)")
+    p.add_argument("--dag", default="phase0_dataset", help="DAG id (default phase0_dataset)")
+    p.add_argument("--final-task", default="publish", help="task whose XCom names the manifest")
+    p.add_argument("--timeout", type=float, default=3600, help="seconds to follow the run")
+    args = p.parse_args(argv)
+    conf: dict[str, Any] = {}
+    if args.limit is not None:
+        conf["prompt_limit"] = args.limit
+    if args.budget is not None:
+        conf["budget_usd"] = args.budget
+    return run_demo(args.config, conf, timeout_s=args.timeout, dag_id=args.dag, final_task=args.final_task)

@@ -1,0 +1,427 @@
+"""The local stack on 127.0.0.1: SeaweedFS S3, llama.cpp (SmolLM2-135M as every teacher and the judge)
+and Airflow 3 (api-server, scheduler, dag-processor, triggerer; SQLite, LocalExecutor).
+
+State lives under ``$COGUMI_HOME`` (default ``<repo>/.cogumi``): ``secrets.env`` (generated once,
+mode 600), ``pids.json`` (what we started), ``logs/<service>.log``, ``s3/`` and ``airflow/``.
+``up()`` reuses whatever is already ours and healthy; ``down()`` stops what ``pids.json`` lists.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import secrets
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from cogumi_tasks.stack import services
+from cogumi_tasks.stack.services import HOST, S3Ports, ServiceError
+
+REPO = Path(__file__).resolve().parents[2]
+BUCKET = "cogumi"
+LLM_MODEL = "smollm2-135m"
+SIMPLE_AUTH_MANAGER = "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager"
+AIRFLOW_SERVICES = ("api-server", "scheduler", "dag-processor", "triggerer")
+SERVICES = ("s3", "llm", *AIRFLOW_SERVICES)
+PORT_VARS = {"s3": "COGUMI_S3_PORT", "llm": "COGUMI_LLM_PORT", "api-server": "COGUMI_AIRFLOW_PORT"}
+# Popen objects of children started by this process, so stop() can reap them (no zombies in tests).
+_CHILDREN: dict[int, subprocess.Popen] = {}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Where the stack lives and which loopback ports it uses."""
+
+    home: Path
+    s3_port: int = 18300
+    llm_port: int = 18400
+    airflow_port: int = 18500
+    dags_folder: Path = REPO / "dags"
+    plugins_folder: Path = REPO / "plugins"
+    config_dir: Path = REPO / "configs"
+    parallelism: int = 2
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None, **overrides) -> Settings:
+        e = os.environ if environ is None else environ
+        s = cls(
+            home=Path(e.get("COGUMI_HOME") or REPO / ".cogumi").resolve(),
+            s3_port=int(e.get("COGUMI_S3_PORT") or 18300),
+            llm_port=int(e.get("COGUMI_LLM_PORT") or 18400),
+            airflow_port=int(e.get("COGUMI_AIRFLOW_PORT") or 18500),
+        )
+        return replace(s, **overrides)
+
+    @property
+    def airflow_home(self) -> Path:
+        return self.home / "airflow"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.home / "logs"
+
+    @property
+    def pids_file(self) -> Path:
+        return self.home / "pids.json"
+
+    @property
+    def secrets_file(self) -> Path:
+        return self.home / "secrets.env"
+
+    @property
+    def s3_endpoint(self) -> str:
+        return f"http://{HOST}:{self.s3_port}"
+
+    @property
+    def llm_url(self) -> str:
+        return f"http://{HOST}:{self.llm_port}/v1"
+
+    @property
+    def airflow_url(self) -> str:
+        return f"http://{HOST}:{self.airflow_port}"
+
+    def ports(self, name: str) -> list[int]:
+        """Every port a service listens on (SeaweedFS derives ~14 from its base port)."""
+        if name == "s3":
+            return S3Ports(self.s3_port).all()
+        return {"llm": [self.llm_port], "api-server": [self.airflow_port]}.get(name, [])
+
+
+# ---------------------------------------------------------------- secrets and environment
+def load_secrets(settings: Settings) -> dict[str, str]:
+    """Read ``secrets.env``, generating it (mode 600) the first time."""
+    path = settings.secrets_file
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        values = {
+            "COGUMI_S3_ACCESS_KEY": "cogumi" + secrets.token_hex(6),
+            "COGUMI_S3_SECRET_KEY": secrets.token_urlsafe(30),
+            "COGUMI_AIRFLOW_PASSWORD": secrets.token_urlsafe(12),
+            "COGUMI_JWT_SECRET": secrets.token_urlsafe(64),
+            "COGUMI_API_SECRET_KEY": secrets.token_urlsafe(32),
+            "COGUMI_FERNET_KEY": base64.urlsafe_b64encode(os.urandom(32)).decode(),
+        }
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.writelines(f"{k}={v}\n" for k, v in values.items())
+    out = {}
+    for line in path.read_text().splitlines():
+        key, sep, value = line.partition("=")
+        if sep and not key.startswith("#"):
+            out[key.strip()] = value.strip()
+    return out
+
+
+def s3_credentials(settings: Settings) -> dict[str, str]:
+    """Credentials for :class:`~cogumi_tasks.core.artifacts.ArtifactStore`."""
+    sec = load_secrets(settings)
+    return {"aws_access_key_id": sec["COGUMI_S3_ACCESS_KEY"],
+            "aws_secret_access_key": sec["COGUMI_S3_SECRET_KEY"]}
+
+
+def env(settings: Settings | None = None) -> dict[str, str]:
+    """Every variable the Airflow components and the task processes they run need."""
+    s = settings or Settings.from_env()
+    sec = load_secrets(s)
+    passwords = s.airflow_home / "simple_auth_manager_passwords.json"
+    passwords.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps({"admin": sec["COGUMI_AIRFLOW_PASSWORD"]})
+    if not passwords.exists() or passwords.read_text() != text:
+        passwords.write_text(text)
+        passwords.chmod(0o600)
+    af = {
+        "AIRFLOW_HOME": s.airflow_home,
+        "CORE__DAGS_FOLDER": s.dags_folder,
+        "CORE__PLUGINS_FOLDER": s.plugins_folder,
+        "CORE__LOAD_EXAMPLES": "False",
+        "CORE__EXECUTOR": "LocalExecutor",
+        "CORE__PARALLELISM": s.parallelism,
+        "CORE__MAX_ACTIVE_TASKS_PER_DAG": s.parallelism,
+        "CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
+        "CORE__FERNET_KEY": sec["COGUMI_FERNET_KEY"],
+        "CORE__EXECUTION_API_SERVER_URL": f"{s.airflow_url}/execution/",
+        "CORE__AUTH_MANAGER": SIMPLE_AUTH_MANAGER,
+        "CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin",
+        "CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": passwords,
+        "DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{s.airflow_home / 'airflow.db'}",
+        "API__HOST": HOST,
+        "API__PORT": s.airflow_port,
+        "API__BASE_URL": s.airflow_url,
+        "API__SECRET_KEY": sec["COGUMI_API_SECRET_KEY"],
+        "API__WORKERS": 1,
+        "API_AUTH__JWT_SECRET": sec["COGUMI_JWT_SECRET"],
+        "DAG_PROCESSOR__REFRESH_INTERVAL": 10,
+        "DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL": 10,
+        "DAG_PROCESSOR__PARSING_PROCESSES": 1,
+        "SCHEDULER__SCHEDULER_HEARTBEAT_SEC": 2,
+        "SCHEDULER__SCHEDULER_IDLE_SLEEP_TIME": 0.5,
+        "LOGGING__BASE_LOG_FOLDER": s.airflow_home / "logs",
+    }
+    out = {("" if k == "AIRFLOW_HOME" else "AIRFLOW__") + k: str(v) for k, v in af.items()}
+    out.update({
+        "AWS_ACCESS_KEY_ID": sec["COGUMI_S3_ACCESS_KEY"],
+        "AWS_SECRET_ACCESS_KEY": sec["COGUMI_S3_SECRET_KEY"],
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "COGUMI_HOME": str(s.home),
+        "COGUMI_S3_ENDPOINT": s.s3_endpoint,
+        "COGUMI_LLM_URL": s.llm_url,
+        "COGUMI_CONFIG_DIR": str(s.config_dir),
+        "NO_PROXY": "127.0.0.1,localhost",
+        "no_proxy": "127.0.0.1,localhost",
+    })
+    out.update(s.extra_env)
+    return out
+
+
+# ---------------------------------------------------------------- pids and health
+def read_pids(settings: Settings) -> dict[str, dict]:
+    try:
+        return json.loads(settings.pids_file.read_text())
+    except (FileNotFoundError, ValueError):
+        return {}
+
+
+def _write_pids(settings: Settings, pids: dict[str, dict]) -> None:
+    settings.pids_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = settings.pids_file.with_suffix(".tmp")
+    tmp.write_text(json.dumps(pids, indent=1))
+    tmp.replace(settings.pids_file)
+
+
+def _record(settings: Settings, name: str, proc: subprocess.Popen, cmd: list[str]) -> None:
+    _CHILDREN[proc.pid] = proc
+    pids = read_pids(settings)
+    pids[name] = {"pid": proc.pid, "ports": settings.ports(name), "cmd": cmd, "started": time.time()}
+    _write_pids(settings, pids)
+
+
+def pid_alive(pid: int, cmd: list[str] | None = None) -> bool:
+    """Alive, not a zombie, and (when given) still running the recorded command (no pid reuse)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    if stat.rsplit(")", 1)[1].split()[0] in ("Z", "X"):
+        return False
+    return not cmd or Path(cmd[0]).name.encode() in b" ".join(cmdline)
+
+
+def _http_ok(url: str, ok: tuple[int, ...] = (200,)) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=3) as resp:
+            return resp.status in ok
+    except urllib.error.HTTPError as exc:
+        return exc.code in ok
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def airflow_health(settings: Settings) -> dict:
+    """``GET /api/v2/monitor/health`` (no auth needed), or ``{}`` when the API server is down."""
+    try:
+        with urllib.request.urlopen(f"{settings.airflow_url}/api/v2/monitor/health", timeout=3) as resp:
+            return json.loads(resp.read())
+    except (urllib.error.URLError, OSError, ValueError):
+        return {}
+
+
+def healthy(settings: Settings, name: str, health: dict | None = None) -> bool:
+    if name == "s3":
+        return _http_ok(settings.s3_endpoint + "/", (200, 403))
+    if name == "llm":
+        return _http_ok(settings.llm_url + "/models")
+    health = airflow_health(settings) if health is None else health
+    key = {"api-server": "metadatabase"}.get(name, name.replace("-", "_"))
+    return (health.get(key) or {}).get("status") == "healthy"
+
+
+def port_owner(port: int) -> str:
+    """``name (pid N)`` of whatever listens on ``port``, if ``ss`` can tell."""
+    try:
+        out = subprocess.run(["ss", "-ltnpH", f"sport = :{port}"], capture_output=True, text=True,
+                             timeout=5).stdout
+    except (OSError, subprocess.SubprocessError):
+        return "unknown process"
+    m = re.search(r'users:\(\("([^"]+)",pid=(\d+)', out)
+    return f"{m.group(1)} (pid {m.group(2)})" if m else "a process not visible to this user"
+
+
+def _check_ports(settings: Settings, name: str) -> None:
+    taken = [p for p in settings.ports(name) if not services.port_is_free(p)]
+    if taken:
+        var = PORT_VARS.get(name, "COGUMI_AIRFLOW_PORT")
+        raise ServiceError(
+            f"{name}: port {taken[0]} on {HOST} is in use by {port_owner(taken[0])}"
+            + (f" (also {taken[1:]})" if len(taken) > 1 else "")
+            + f"; stop it or choose other ports with {var}=<port>"
+        )
+
+
+# ---------------------------------------------------------------- up / down / status
+def _airflow_cmd(name: str, settings: Settings) -> list[str]:
+    af = services.venv_bin("airflow")
+    return {
+        "api-server": [af, "api-server", "--host", HOST, "--port", str(settings.airflow_port), "-w", "1"],
+        "scheduler": [af, "scheduler", "--skip-serve-logs"],
+        "dag-processor": [af, "dag-processor"],
+        "triggerer": [af, "triggerer", "--skip-serve-logs"],
+    }[name]
+
+
+def migrate(settings: Settings, log=print) -> bool:
+    """``airflow db migrate`` unless this Airflow version already migrated this database."""
+    import importlib.metadata
+
+    marker = settings.airflow_home / ".migrated"
+    version = importlib.metadata.version("apache-airflow")
+    if marker.exists() and marker.read_text() == version and (settings.airflow_home / "airflow.db").exists():
+        return False
+    log(f"airflow db migrate (Airflow {version}) ...")
+    log_path = settings.logs_dir / "migrate.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as out:
+        rc = subprocess.run([services.venv_bin("airflow"), "db", "migrate"], stdout=out,
+                            stderr=subprocess.STDOUT, env={**os.environ, **env(settings)},
+                            timeout=600).returncode
+    if rc != 0:
+        raise ServiceError(f"airflow db migrate failed (exit {rc}); see {log_path}")
+    marker.write_text(version)
+    return True
+
+
+def _start(settings: Settings, name: str) -> subprocess.Popen:
+    log_path = settings.logs_dir / f"{name}.log"
+    sec = load_secrets(settings)
+    if name == "s3":
+        proc = services.start_s3(settings.home / "s3", settings.s3_port, sec["COGUMI_S3_ACCESS_KEY"],
+                                 sec["COGUMI_S3_SECRET_KEY"], log_path)
+        _record(settings, name, proc, proc.args)
+        from cogumi_tasks.core.artifacts import ArtifactStore
+        from cogumi_tasks.core.config import StorageConfig
+
+        ArtifactStore(StorageConfig(bucket=BUCKET, endpoint_url=settings.s3_endpoint),
+                      s3_credentials(settings)).ensure_bucket()
+        return proc
+    if name == "llm":
+        proc = services.start_llama_server(LLM_MODEL, settings.llm_port, log_path)
+        _record(settings, name, proc, proc.args)
+        return proc
+    cmd = _airflow_cmd(name, settings)
+    proc = services.spawn(cmd, log_path, env=env(settings), cwd=settings.airflow_home)
+    _record(settings, name, proc, cmd)
+    return proc
+
+
+def up(settings: Settings | None = None, log=print, timeout_s: float = 180) -> dict[str, dict]:
+    """Start every service that is not already ours, alive and healthy; wait until Airflow is healthy."""
+    s = settings or Settings.from_env()
+    s.home.mkdir(parents=True, exist_ok=True)
+    load_secrets(s)
+    t0 = time.monotonic()
+    for name in SERVICES:
+        if name == "api-server":
+            migrate(s, log)
+        rec = read_pids(s).get(name)
+        if rec and pid_alive(rec["pid"], rec.get("cmd")):
+            if name in AIRFLOW_SERVICES or healthy(s, name):
+                log(f"{name:14s} reusing pid {rec['pid']}")
+                continue
+            log(f"{name:14s} pid {rec['pid']} is alive but unhealthy: restarting it")
+            _stop_pid(rec["pid"])
+        _check_ports(s, name)
+        proc = _start(s, name)
+        log(f"{name:14s} started pid {proc.pid} ({s.logs_dir / (name + '.log')})")
+    _wait_airflow(s, timeout_s - (time.monotonic() - t0))
+    log(f"stack healthy after {time.monotonic() - t0:.1f}s: Airflow {s.airflow_url}  S3 {s.s3_endpoint}  "
+        f"LLM {s.llm_url}")
+    return read_pids(s)
+
+
+def _wait_airflow(s: Settings, timeout_s: float) -> None:
+    deadline = time.monotonic() + max(timeout_s, 30)
+    health: dict = {}
+    while time.monotonic() < deadline:
+        pids = read_pids(s)
+        dead = [n for n in AIRFLOW_SERVICES if not (n in pids and pid_alive(pids[n]["pid"]))]
+        if dead:
+            raise ServiceError(f"{', '.join(dead)} exited during start-up; see {s.logs_dir}/<name>.log")
+        health = airflow_health(s)
+        if all(healthy(s, n, health) for n in AIRFLOW_SERVICES):
+            return
+        time.sleep(1)
+    raise ServiceError(f"Airflow not healthy after {timeout_s:.0f}s: {health or 'API server not answering'}; "
+                       f"see logs in {s.logs_dir}")
+
+
+def _stop_pid(pid: int) -> None:
+    proc = _CHILDREN.pop(pid, None)
+    services.stop(proc if proc is not None else pid)
+
+
+def down(settings: Settings | None = None, log=print) -> list[str]:
+    """Stop every recorded service, the reverse of start order (each wave in parallel: the triggerer
+    alone takes ~10 s to let its triggers clean up); forget dead entries."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    s = settings or Settings.from_env()
+    pids = read_pids(s)
+    waves = [("scheduler", "dag-processor", "triggerer"), ("api-server",), ("llm", "s3")]
+    waves.insert(0, tuple(n for n in pids if n not in SERVICES))
+    stopped: list[str] = []
+    for wave in waves:
+        live = [n for n in wave if n in pids and pid_alive(pids[n]["pid"], pids[n].get("cmd"))]
+        for name in wave:
+            if name in pids and name not in live:
+                log(f"{name:14s} pid {pids.pop(name)['pid']} was not running")
+        with ThreadPoolExecutor(max_workers=max(len(live), 1)) as pool:
+            list(pool.map(lambda n: _stop_pid(pids[n]["pid"]), live))
+        for name in live:
+            log(f"{name:14s} stopped pid {pids.pop(name)['pid']}")
+            stopped.append(name)
+        _write_pids(s, pids)
+    return stopped
+
+
+def status(settings: Settings | None = None, log=print) -> list[dict]:
+    """One row per service: pid (if recorded), ports, alive, healthy."""
+    s = settings or Settings.from_env()
+    pids = read_pids(s)
+    health = airflow_health(s)
+    rows = []
+    for name in SERVICES:
+        rec = pids.get(name)
+        alive = bool(rec) and pid_alive(rec["pid"], rec.get("cmd"))
+        ports = s.ports(name)
+        rows.append({"service": name, "pid": rec["pid"] if rec else None, "port": ports[0] if ports else None,
+                     "alive": alive, "healthy": alive and healthy(s, name, health)})
+    for r in rows:
+        log(f"{r['service']:14s} pid {str(r['pid'] or '-'):>8s}  port {str(r['port'] or '-'):>6s}  "
+            f"healthy {'yes' if r['healthy'] else 'no'}")
+    return rows
+
+
+def cli_stack(action: str) -> int:
+    """``cogumi stack up|down|status``."""
+    try:
+        if action == "up":
+            up()
+        elif action == "down":
+            down()
+        elif action == "status":
+            return 0 if all(r["healthy"] for r in status()) else 1
+        else:
+            print(f"unknown action {action!r}: use up, down or status", file=sys.stderr)
+            return 2
+    except ServiceError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
