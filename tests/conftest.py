@@ -127,3 +127,20 @@ def dagbag(airflow_db):
     if not bag.import_errors:
         sync_bag_to_db(bag, bundle_name="dags-folder", bundle_version=None)
     return bag
+
+
+@pytest.fixture
+def write_config(tmp_path):
+    """Write a config YAML derived from tiny.yaml with dotted overrides; returns its path."""
+    import yaml
+
+    from cogumi_tasks.core.config import apply_overrides
+
+    def make(name: str, overrides: dict | None = None) -> str:
+        data = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
+        data = apply_overrides(data, {"name": name, **(overrides or {})}, "test")
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
+        return str(path)
+
+    return make

@@ -64,7 +64,7 @@ def _finish(ctx: StepContext, ledger: CostLedger, results: list) -> None:
 
 
 def teacher_answers(ctx: StepContext, rows: list[dict]) -> tuple[list[dict], list[dict], dict]:
-    """Ask each row's teacher; returns (answers, failed rows with reason, fault counts)."""
+    """Ask each row's teacher; returns (answers, failed rows with reason, fault counts by teacher)."""
     gen = ctx.config.dataset.generate
     ledger = make_ledger(ctx)
     by_teacher: dict[str, list[dict]] = {}
@@ -134,7 +134,7 @@ def judge_request(prompt: str, response: str, max_tokens: int) -> ChatRequest:
 
 
 def judge_answers(ctx: StepContext, rows: list[dict]) -> tuple[list[dict], Quarantine, dict]:
-    """Judge every answer; returns (rows with judge_score/judge_reason, quarantine, fault counts)."""
+    """Judge every answer; returns (rows with judge_score/judge_reason, quarantine, fault counts by endpoint)."""
     cfg = ctx.config.dataset.score
     ledger = make_ledger(ctx)
     quarantine = Quarantine()
@@ -155,7 +155,7 @@ def judge_answers(ctx: StepContext, rows: list[dict]) -> tuple[list[dict], Quara
             elif not isinstance(res, BudgetExceeded):
                 quarantine.add(source, None, "judge_verdict", f"unparseable verdict after retries: {res}", r)
         _finish(ctx, ledger, results)
-        return judged, dict(client.stats)
+        return judged, {client.endpoint.name: dict(client.stats)}
 
     judged, stats = asyncio.run(run())
     return judged, quarantine, stats

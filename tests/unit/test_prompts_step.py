@@ -34,7 +34,7 @@ def test_bad_lines_are_quarantined_with_line_and_field(s3_server, store_for, tmp
         "{not json",
     ])
     cfg = load_config("tiny", {"name": "t-prompts-q", "dataset.prompts.source": str(src),
-                               "dataset.prompts.max_error_rate": 0.1, "dataset.prompts.limit": None})
+                               "dataset.prompts.max_error_rate": 0.1, "dataset.prompts.limit": 100000})
     store = store_for(cfg)
     res = run_step("data.prompts", cfg, store=store)
     assert res.metrics["prompts"] == 40 and res.metrics["prompts_quarantined"] == 2
@@ -63,7 +63,7 @@ def test_error_rate_stops_with_file_line_field_and_publishes_nothing(s3_server, 
 
 
 def test_builtin_prompt_set_is_valid(s3_server, store_for):
-    cfg = load_config("tiny", {"name": "t-prompts-builtin", "dataset.prompts.limit": None})
+    cfg = load_config("tiny", {"name": "t-prompts-builtin", "dataset.prompts.limit": 100000})
     res = run_step("data.prompts", cfg, store=store_for(cfg))
     assert res.metrics["prompts_quarantined"] == 0
     assert res.metrics["prompts"] >= 300

@@ -1,0 +1,241 @@
+"""One async client for every OpenAI-compatible teacher or judge.
+
+Bounded concurrency; retries with full-jitter exponential backoff on 429, 5xx, timeouts, connection
+errors and unparseable output; a response cache keyed by request hash (a retried or re-run step
+never pays twice); a cost-ledger row per call; the run budget checked before every network call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import os
+import random
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from cogumi_tasks.core.config import EndpointConfig, LLMConfig
+from cogumi_tasks.core.ledger import BudgetExceeded, CostLedger, ResponseCache
+
+log = logging.getLogger("cogumi.llm")
+
+LOOPBACK = ("http://127.0.0.1", "http://localhost", "http://[::1]")
+FAULT_KINDS = ("429", "5xx", "timeout", "connection", "unparseable")
+
+
+class LLMCallFailed(RuntimeError):
+    """A call that still failed after every retry, or was refused for a reason retries cannot fix."""
+
+
+class _Retryable(Exception):
+    def __init__(self, kind: str, detail: str, retry_after: float | None = None):
+        super().__init__(detail)
+        self.kind, self.retry_after = kind, retry_after
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    messages: list[dict]
+    max_tokens: int
+    temperature: float = 0.0
+    seed: int | None = None
+    response_format: dict | None = None
+
+    def key(self, model: str) -> str:
+        """Stable hash of the model and every field: the cache key and the batch custom_id."""
+        body = json.dumps({"model": model, **asdict(self)}, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(body.encode()).hexdigest()
+
+    def body(self, model: str) -> dict:
+        out: dict[str, Any] = {"model": model, "messages": self.messages, "max_tokens": self.max_tokens,
+                               "temperature": self.temperature}
+        if self.seed is not None:
+            out["seed"] = self.seed
+        if self.response_format is not None:
+            out["response_format"] = self.response_format
+        return out
+
+
+@dataclass
+class ChatResult:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    cached: bool
+    attempts: int
+    request_hash: str
+    parsed: Any = None
+
+
+def resolve_api_key(endpoint: EndpointConfig) -> str:
+    """The endpoint's key from the environment variable it names; loopback servers need none."""
+    if endpoint.api_key_env:
+        key = os.environ.get(endpoint.api_key_env)
+        if key:
+            return key
+        if not endpoint.base_url.startswith(LOOPBACK):
+            raise LLMCallFailed(f"{endpoint.name}: set the environment variable {endpoint.api_key_env} "
+                                "(or give the endpoint an Airflow connection with conn_id)")
+    if endpoint.base_url.startswith(LOOPBACK):
+        return "sk-local"
+    raise LLMCallFailed(f"{endpoint.name}: no api_key_env or conn_id for {endpoint.base_url}")
+
+
+def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random) -> float:
+    """Full jitter: uniform in [0, min(cap, base * 2**attempt)]."""
+    return rng.uniform(0, min(cap, base * (2**attempt)))
+
+
+class LLMClient:
+    """Chat completions against one endpoint, with retries, cache, ledger and budget."""
+
+    def __init__(self, endpoint: EndpointConfig, llm: LLMConfig, ledger: CostLedger, *, step: str,
+                 cache: ResponseCache | None = None, api_key: str | None = None, progress: bool = False,
+                 rng: random.Random | None = None):
+        from openai import AsyncOpenAI
+
+        self.endpoint, self.llm, self.ledger, self.step, self.cache = endpoint, llm, ledger, step, cache
+        self.progress = progress
+        self.rng = rng or random.Random()
+        self.openai = AsyncOpenAI(base_url=endpoint.base_url, api_key=api_key or resolve_api_key(endpoint),
+                                  timeout=endpoint.timeout_s, max_retries=0)
+        self._sem = asyncio.Semaphore(endpoint.max_concurrency)
+        self.stats: dict[str, int] = {k: 0 for k in (*FAULT_KINDS, "calls", "cache_hits", "retries", "failed")}
+
+    async def aclose(self) -> None:
+        await self.openai.close()
+
+    # ------------------------------------------------------------ one call
+    def _from_cache(self, req: ChatRequest, key: str, validate: Callable[[str], Any] | None) -> ChatResult | None:
+        if self.cache is None:
+            return None
+        hit = self.cache.get(key)
+        if hit is None:
+            return None
+        parsed = validate(hit["text"]) if validate else None
+        self.stats["cache_hits"] += 1
+        self.ledger.record(step=self.step, endpoint=self.endpoint.name, model=self.endpoint.model,
+                           price=self.endpoint.price, prompt_tokens=hit["prompt_tokens"],
+                           completion_tokens=hit["completion_tokens"], cached=True, request_hash=key)
+        return ChatResult(hit["text"], hit["prompt_tokens"], hit["completion_tokens"], True, 0, key, parsed)
+
+    def store_result(self, key: str, text: str, prompt_tokens: int, completion_tokens: int, batch: bool) -> None:
+        """Ledger row and cache entry for a paid answer (also used by the batch path)."""
+        self.ledger.record(step=self.step, endpoint=self.endpoint.name, model=self.endpoint.model,
+                           price=self.endpoint.price, prompt_tokens=prompt_tokens,
+                           completion_tokens=completion_tokens, batch=batch, request_hash=key)
+        if self.cache is not None:
+            self.cache.put(key, {"text": text, "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                                 "model": self.endpoint.model, "created": time.time()})
+
+    async def _once(self, req: ChatRequest) -> tuple[str, int, int]:
+        import openai
+
+        try:
+            raw = await self.openai.chat.completions.with_raw_response.create(**req.body(self.endpoint.model))
+        except openai.APITimeoutError as exc:
+            raise _Retryable("timeout", str(exc)) from None
+        except openai.APIConnectionError as exc:
+            raise _Retryable("connection", str(exc)) from None
+        except openai.APIStatusError as exc:
+            status = exc.status_code
+            if status == 429:
+                after = exc.response.headers.get("retry-after")
+                raise _Retryable("429", str(exc), float(after) if after and after.isdigit() else None) from None
+            if status >= 500 or status == 408:
+                raise _Retryable("5xx" if status >= 500 else "timeout", f"HTTP {status}") from None
+            raise LLMCallFailed(f"{self.endpoint.name}: HTTP {status}: {exc.message}") from None
+        try:
+            resp = raw.parse()
+            choice = resp.choices[0]
+            text = choice.message.content or ""
+            usage = resp.usage
+        except Exception as exc:  # a 200 with a body that is not a chat completion
+            raise _Retryable("unparseable", f"bad response body: {type(exc).__name__}") from None
+        return text, getattr(usage, "prompt_tokens", 0) or 0, getattr(usage, "completion_tokens", 0) or 0
+
+    async def chat(self, req: ChatRequest, validate: Callable[[str], Any] | None = None) -> ChatResult:
+        """One answer: from the cache, or from the endpoint with retries. Raises BudgetExceeded
+        before a new call once the run's budget is spent, LLMCallFailed after the last retry."""
+        key = req.key(self.endpoint.model)
+        cached = await asyncio.to_thread(self._from_cache, req, key, validate)
+        if cached is not None:
+            return cached
+        last = "no attempt"
+        async with self._sem:
+            for attempt in range(self.llm.max_retries + 1):
+                self.ledger.check_budget()
+                self.stats["calls"] += 1
+                try:
+                    text, p_tok, c_tok = await self._once(req)
+                    parsed = None
+                    if validate:
+                        try:
+                            parsed = validate(text)
+                        except ValueError as exc:
+                            self.ledger.record(step=self.step, endpoint=self.endpoint.name,
+                                               model=self.endpoint.model, price=self.endpoint.price,
+                                               prompt_tokens=p_tok, completion_tokens=c_tok, request_hash=key)
+                            raise _Retryable("unparseable", str(exc)) from None
+                    await asyncio.to_thread(self.store_result, key, text, p_tok, c_tok, False)
+                    return ChatResult(text, p_tok, c_tok, False, attempt + 1, key, parsed)
+                except _Retryable as exc:
+                    self.stats[exc.kind] += 1
+                    last = f"{exc.kind}: {exc}"
+                    if attempt == self.llm.max_retries:
+                        break
+                    self.stats["retries"] += 1
+                    delay = backoff_delay(attempt, self.llm.backoff_base_s, self.llm.backoff_max_s, self.rng)
+                    if exc.retry_after is not None:
+                        delay = max(delay, min(exc.retry_after, self.llm.backoff_max_s))
+                    log.debug("%s: %s, retry %d in %.2fs", self.endpoint.name, last, attempt + 1, delay)
+                    await asyncio.sleep(delay)
+        self.stats["failed"] += 1
+        raise LLMCallFailed(f"{self.endpoint.name}: gave up after {self.llm.max_retries + 1} attempts; last {last}")
+
+    # ------------------------------------------------------------ many calls
+    async def chat_many(self, reqs: list[ChatRequest], validate: Callable[[str], Any] | None = None,
+                        on_result: Callable[[int, ChatResult], None] | None = None) -> list[ChatResult | Exception]:
+        """Answer every request concurrently (bounded). A failed request yields its exception in
+        the list; once the budget is spent, requests not yet started yield BudgetExceeded while
+        those in flight finish and are recorded."""
+        results: list[ChatResult | Exception | None] = [None] * len(reqs)
+        spent: list[BudgetExceeded] = []
+        done = 0
+        started = time.monotonic()
+        last_log = started
+
+        async def one(i: int, req: ChatRequest) -> None:
+            nonlocal done, last_log
+            if spent:
+                results[i] = spent[0]
+                return
+            try:
+                res = await self.chat(req, validate)
+                results[i] = res
+                if on_result:
+                    on_result(i, res)
+            except BudgetExceeded as exc:
+                spent.append(exc)
+                results[i] = exc
+            except Exception as exc:  # recorded per request; the others go on
+                results[i] = exc
+            done += 1
+            if done % 25 == 0:
+                await asyncio.to_thread(self.ledger.flush)
+            now = time.monotonic()
+            if self.progress and (now - last_log >= 5 or done == len(reqs)):
+                last_log = now
+                rate = done / max(now - started, 1e-9)
+                faults = sum(self.stats[k] for k in FAULT_KINDS)
+                log.info("%s [%s]: %d/%d done (%.2f/s), %d from cache, %d faults retried, $%.5f spent",
+                         self.step, self.endpoint.name, done, len(reqs), rate, self.stats["cache_hits"],
+                         faults, self.ledger.spent_usd)
+
+        await asyncio.gather(*(one(i, r) for i, r in enumerate(reqs)))
+        self.ledger.flush()
+        return [r if r is not None else spent[0] for r in results]

@@ -1,0 +1,196 @@
+"""Phase 0 for real: Airflow's dag.test() with the S3 server and the llama.cpp teacher on loopback.
+
+A request-counting proxy (the fault proxy at 0% faults) sits in front of the teacher, so the tests
+can tell exactly which calls reached the model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from cogumi_tasks.core.artifacts import ArtifactStore
+from cogumi_tasks.core.config import load_config
+from cogumi_tasks.core.ledger import read_run_ledger
+from cogumi_tasks.core.steps import StepFailed, run_step
+from tests.servers.fault_proxy import proxy_stats, start_fault_proxy
+
+pytestmark = pytest.mark.stack
+
+SMALL = {
+    "dataset.prompts.limit": 10,
+    "dataset.prompts.shards": 2,
+    "dataset.generate.max_tokens": 40,
+    "dataset.score.max_tokens": 48,
+    "llm.backoff_base_s": 0.05,
+}
+
+
+@pytest.fixture(scope="module")
+def counter(llm_server, tmp_root):
+    from cogumi_tasks.stack.services import free_port, stop
+
+    port = free_port()
+    proc = start_fault_proxy(llm_server.removesuffix("/v1"), port, fault_rate=0.0, seed=0, hang_s=0,
+                             log_path=tmp_root / "logs" / "counter.log")
+    yield f"http://127.0.0.1:{port}"
+    stop(proc)
+
+
+def chat_calls(proxy: str) -> int:
+    return proxy_stats(proxy)["forwarded"]
+
+
+def _publish_manifest(store: ArtifactStore, name: str) -> dict:
+    uris = [u for u in store.list(store.uri(name, "data.publish") + "/") if u.endswith("/_manifest.json")]
+    assert len(uris) == 1, uris
+    return store.get_json(uris[0])
+
+
+def _run_dag(dagbag, config_path: str):
+    dag = dagbag.dags["phase0_dataset"]
+    return dag.test(run_conf={"config": config_path})
+
+
+@pytest.fixture(scope="module")
+def baseline(dagbag, s3_server, counter, tmp_path_factory):
+    """One uninterrupted Phase 0 run through Airflow (pipeline ``p0-base``)."""
+    import yaml
+
+    from cogumi_tasks.core.config import apply_overrides, resolve_config_path
+
+    os.environ["COGUMI_LLM_URL"] = counter + "/v1"
+    data = apply_overrides(yaml.safe_load(resolve_config_path("tiny").read_text()), {**SMALL, "name": "p0-base"}, "t")
+    path = tmp_path_factory.mktemp("cfg") / "p0-base.yaml"
+    path.write_text(yaml.safe_dump(data))
+    store = ArtifactStore(load_config(str(path)).storage, s3_server.credentials())
+    store.ensure_bucket()
+    before = chat_calls(counter)
+    started = time.monotonic()
+    run = _run_dag(dagbag, str(path))
+    return {"run": run, "path": str(path), "store": store, "calls": chat_calls(counter) - before,
+            "seconds": time.monotonic() - started, "manifest": _publish_manifest(store, "p0-base")}
+
+
+def test_dag_runs_and_publishes_consistent_counts(baseline):
+    assert baseline["run"].state == "success"
+    m, store = baseline["manifest"], baseline["store"]
+    s = m["metrics"]
+    assert s["prompts"] == 10
+    assert s["answers_generated"] + s["generation_failed"] == 10
+    assert s["judged"] + s["judge_quarantined"] == s["answers_generated"]
+    assert s["final_records"] == s["passed_judge"] - s["exact_duplicates"] - s["near_duplicates"]
+    rows = [json.loads(x) for x in store.get_bytes(m["outputs"]["dataset"]).decode().splitlines()]
+    assert len(rows) == s["final_records"]
+    for r in rows:
+        assert set(r) == {"id", "prompt", "response", "domain", "teacher", "model", "judge_score", "judge_reason"}
+        assert r["judge_score"] >= 7 and r["response"]
+    # every call reached the model once: 10 answers + one verdict per answer
+    assert baseline["calls"] == 10 + s["answers_generated"]
+    ledger = read_run_ledger(store, store.uri("p0-base", "_runs"))
+    paid = [r for r in ledger if not r["cached"]]
+    assert len(paid) == baseline["calls"]
+    assert s["cost"]["usd"] == pytest.approx(sum(r["usd"] for r in paid)) and s["cost"]["usd"] > 0
+    print(f"phase0 tiny: {s} in {baseline['seconds']:.1f}s")
+
+
+def test_rerun_is_served_from_the_step_cache(baseline, dagbag, counter):
+    before = chat_calls(counter)
+    run = _run_dag(dagbag, baseline["path"])
+    assert run.state == "success"
+    assert chat_calls(counter) == before
+    assert _publish_manifest(baseline["store"], "p0-base")["prefix"] == baseline["manifest"]["prefix"]
+
+
+def test_killed_generate_resumes_without_rerequesting_and_matches(baseline, dagbag, counter, write_config):
+    """SIGKILL `cogumi run-step data.generate` mid-shard, run it again, then the whole DAG."""
+    path = write_config("p0-kill", SMALL)
+    cfg = load_config(path)
+    store = baseline["store"]
+    shards = run_step("data.prompts", cfg, store=store).outputs["shards"]
+    shard_rows = len(store.get_bytes(shards[0]).decode().splitlines())
+    cmd = [sys.executable, "-m", "cogumi_tasks.cli", "run-step", "data.generate", "--config", path,
+           "--input", f"shard={shards[0]}", "--run-id", "kill-test"]
+    before = chat_calls(counter)
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while chat_calls(counter) - before < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_before_kill = chat_calls(counter) - before
+    assert 2 <= done_before_kill < shard_rows, "the kill must land mid-shard"
+    time.sleep(1.0)  # a request in flight at the kill may still reach the server
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    resumed = chat_calls(counter) - before
+    # each prompt reached the model once, plus at most the one call in flight when killed
+    assert shard_rows <= resumed <= shard_rows + 1
+
+    run = _run_dag(dagbag, path)
+    assert run.state == "success"
+    killed = _publish_manifest(store, "p0-kill")
+    assert store.get_bytes(killed["outputs"]["dataset"]) == store.get_bytes(baseline["manifest"]["outputs"]["dataset"])
+
+
+def test_faults_are_retried_and_counted(llm_server, s3_server, write_config, tmp_root, store_for):
+    from cogumi_tasks.stack.services import free_port, stop
+
+    port = free_port()
+    proc = start_fault_proxy(llm_server.removesuffix("/v1"), port, fault_rate=0.2, seed=7, hang_s=4,
+                             log_path=tmp_root / "logs" / "faults.log")
+    try:
+        url = f"http://127.0.0.1:{port}/v1"
+        path = write_config("p0-faults", {**SMALL, "dataset.prompts.limit": 8, "teachers.0.base_url": url,
+                                          "teachers.1.base_url": url, "judge.base_url": url,
+                                          "teachers.0.timeout_s": 2, "teachers.1.timeout_s": 2,
+                                          "judge.timeout_s": 2, "llm.max_retries": 10})
+        cfg = load_config(path)
+        store = store_for(cfg)
+        shards = run_step("data.prompts", cfg, store=store, run_id="faults").outputs["shards"]
+        kept = []
+        for shard in shards:
+            answers = run_step("data.generate", cfg, {"shard": shard}, store=store, run_id="faults")
+            kept.append(run_step("data.score", cfg, {"answers": answers.outputs["answers"]}, store=store,
+                                 run_id="faults").outputs["kept"])
+        deduped = run_step("data.dedup", cfg, {"scored": kept}, store=store, run_id="faults")
+        stats = run_step("data.publish", cfg, {"deduped": deduped.outputs["deduped"]}, store=store,
+                         run_id="faults").metrics
+        seen = proxy_stats(f"http://127.0.0.1:{port}")
+    finally:
+        stop(proc)
+    assert stats["answers_generated"] == 8 and stats["judged"] == 8
+    counted = {k: 0 for k in ("429", "5xx", "timeout", "unparseable")}
+    for per_step in stats["faults"].values():
+        for per_endpoint in per_step.values():
+            for k in counted:
+                counted[k] += per_endpoint.get(k, 0)
+    assert sum(seen["faults"].values()) > 0
+    assert counted["429"] == seen["faults"]["429"]
+    assert counted["5xx"] == seen["faults"]["500"]
+    assert counted["timeout"] == seen["faults"]["hang"]
+    assert counted["unparseable"] >= seen["faults"]["garbage"]
+
+
+def test_budget_stops_new_calls_and_keeps_paid_results(llm_server, s3_server, write_config, store_for):
+    os.environ["COGUMI_LLM_URL"] = llm_server
+    budget = 0.0015
+    path = write_config("p0-budget", {**SMALL, "llm.budget_usd": budget})
+    cfg = load_config(path)
+    store = store_for(cfg)
+    shards = run_step("data.prompts", cfg, store=store, run_id="budget").outputs["shards"]
+    with pytest.raises(StepFailed, match=r"budget of \$0\.0015 reached"):
+        for shard in shards:
+            run_step("data.generate", cfg, {"shard": shard}, store=store, run_id="budget")
+    rows = read_run_ledger(store, store.uri("p0-budget", "_runs", "budget", "ledger"))
+    paid = [r["usd"] for r in sorted(rows, key=lambda r: r["ts"]) if not r["cached"]]
+    assert paid, "some calls were made before the budget ran out"
+    # every call but the last started under the budget (concurrency 1: one call in flight at most)
+    assert sum(paid[:-1]) < budget <= sum(paid)
+    cached = list(store.list(store.uri("p0-budget", "_llm_cache") + "/"))
+    assert len(cached) == len(paid), "every paid answer is kept in the response cache"

@@ -1,0 +1,106 @@
+"""A fault-injecting reverse proxy for OpenAI-compatible servers, on loopback only.
+
+With probability ``fault_rate`` (seeded, so the sequence is reproducible) a request to
+``/v1/chat/completions`` gets, instead of the upstream's answer, one of: 429 (Retry-After: 0),
+500, a hang longer than the client's timeout, or a 200 with a garbage body. Everything else is
+forwarded. At 0% it is a request counter. ``GET /_stats`` returns the counts, ``POST /_reset``
+zeroes them.
+
+    python -m tests.servers.fault_proxy --upstream http://127.0.0.1:8080 --port 9000 --fault-rate 0.2
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import urllib.request
+from pathlib import Path
+
+FAULTS = ("429", "500", "hang", "garbage")
+
+
+def build_app(upstream: str, fault_rate: float, seed: int, hang_s: float):
+    import httpx
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse, Response
+    from starlette.routing import Route
+
+    rng = random.Random(seed)
+    stats: dict = {"requests": 0, "forwarded": 0, "faults": {k: 0 for k in FAULTS}}
+    client = httpx.AsyncClient(base_url=upstream, timeout=600)
+
+    async def get_stats(request: Request) -> Response:
+        return JSONResponse(stats)
+
+    async def reset(request: Request) -> Response:
+        stats.update({"requests": 0, "forwarded": 0, "faults": {k: 0 for k in FAULTS}})
+        return JSONResponse(stats)
+
+    async def proxy(request: Request) -> Response:
+        path = request.url.path
+        body = await request.body()
+        if path.endswith("/chat/completions"):
+            stats["requests"] += 1
+            if rng.random() < fault_rate:
+                kind = rng.choice(FAULTS)
+                stats["faults"][kind] += 1
+                if kind == "429":
+                    return JSONResponse({"error": {"message": "rate limited"}}, 429, headers={"Retry-After": "0"})
+                if kind == "500":
+                    return JSONResponse({"error": {"message": "injected"}}, 500)
+                if kind == "hang":
+                    await asyncio.sleep(hang_s)
+                    return JSONResponse({"error": {"message": "too late"}}, 504)
+                return Response(b"<html>definitely not json", 200, media_type="application/json")
+            stats["forwarded"] += 1
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in ("host", "content-length")}
+        upstream_resp = await client.request(request.method, path, content=body, headers=headers,
+                                             params=request.query_params)
+        drop = ("content-length", "transfer-encoding", "content-encoding", "connection")
+        return Response(upstream_resp.content, upstream_resp.status_code,
+                        headers={k: v for k, v in upstream_resp.headers.items() if k.lower() not in drop})
+
+    return Starlette(routes=[
+        Route("/_stats", get_stats, methods=["GET"]),
+        Route("/_reset", reset, methods=["POST"]),
+        Route("/{path:path}", proxy, methods=["GET", "POST", "PUT", "DELETE"]),
+    ])
+
+
+def start_fault_proxy(upstream: str, port: int, fault_rate: float, seed: int, hang_s: float, log_path: Path):
+    """Start the proxy as a detached process on 127.0.0.1:port and wait until it answers."""
+    import sys
+
+    from cogumi_tasks.stack.services import spawn, wait_http
+
+    cmd = [sys.executable, "-m", "tests.servers.fault_proxy", "--upstream", upstream, "--port", str(port),
+           "--fault-rate", str(fault_rate), "--seed", str(seed), "--hang-s", str(hang_s)]
+    proc = spawn(cmd, Path(log_path), cwd=Path(__file__).resolve().parents[2])
+    wait_http(f"http://127.0.0.1:{port}/_stats", timeout_s=30, proc=proc)
+    return proc
+
+
+def proxy_stats(base: str) -> dict:
+    with urllib.request.urlopen(f"{base}/_stats", timeout=5) as resp:
+        return json.loads(resp.read())
+
+
+def main() -> None:
+    import uvicorn
+
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--upstream", required=True)
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--fault-rate", type=float, default=0.2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--hang-s", type=float, default=30.0)
+    a = p.parse_args()
+    uvicorn.run(build_app(a.upstream, a.fault_rate, a.seed, a.hang_s), host="127.0.0.1", port=a.port,
+                log_level="warning")
+
+
+if __name__ == "__main__":
+    main()
