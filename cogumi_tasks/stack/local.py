@@ -143,6 +143,7 @@ def env(settings: Settings | None = None) -> dict[str, str]:
         "CORE__PLUGINS_FOLDER": s.plugins_folder,
         "CORE__LOAD_EXAMPLES": "False",
         "CORE__EXECUTOR": "LocalExecutor",
+        "CORE__UNIT_TEST_MODE": "False",
         "CORE__PARALLELISM": s.parallelism,
         "CORE__MAX_ACTIVE_TASKS_PER_DAG": s.parallelism,
         "CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",

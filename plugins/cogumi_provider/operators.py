@@ -1,7 +1,7 @@
 """CogumiStepOperator: run one registered cogumi step, wherever the config says it runs.
 
 ``compute: local`` and ``gpu_queue`` run the step in the worker process (a ``gpu_queue`` task has
-been routed to queue ``gpu`` at parse time, see :func:`cogumi_provider.placement.queue_for`);
+been routed to queue ``gpu`` at parse time, see :func:`cogumi_provider.placement.placement`);
 ``compute: kubernetes`` builds a KubernetesPodOperator that runs ``cogumi run-step`` in a GPU pod.
 Only URIs go through XCom: the return value holds the manifest URI and each output's URI(s), and
 each output is also pushed under its own key so ``task.output["shards"]`` can be expanded.

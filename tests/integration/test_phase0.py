@@ -88,9 +88,11 @@ def test_dag_runs_and_publishes_consistent_counts(baseline):
     assert s["final_records"] == s["passed_judge"] - s["exact_duplicates"] - s["near_duplicates"]
     rows = [json.loads(x) for x in store.get_bytes(m["outputs"]["dataset"]).decode().splitlines()]
     assert len(rows) == s["final_records"]
+    threshold = load_config(baseline["path"]).dataset.score.threshold
+    assert rows, "the tiny judge threshold keeps parseable verdicts"
     for r in rows:
         assert set(r) == {"id", "prompt", "response", "domain", "teacher", "model", "judge_score", "judge_reason"}
-        assert r["judge_score"] >= 7 and r["response"]
+        assert r["judge_score"] >= threshold and r["response"]
     # every call reached the model once: 10 answers + one verdict per answer
     assert baseline["calls"] == 10 + s["answers_generated"]
     ledger = read_run_ledger(store, store.uri("p0-base", "_runs"))
@@ -134,6 +136,12 @@ def test_killed_generate_resumes_without_rerequesting_and_matches(baseline, dagb
 
     run = _run_dag(dagbag, path)
     assert run.state == "success"
+    def answers(name: str) -> list[bytes]:
+        manifests = [store.get_json(u) for u in store.list(store.uri(name, "data.generate") + "/")
+                     if u.endswith("_manifest.json")]
+        return sorted(store.get_bytes(m["outputs"]["answers"]) for m in manifests)
+
+    assert answers("p0-kill") == answers("p0-base") and len(answers("p0-kill")) == 2
     killed = _publish_manifest(store, "p0-kill")
     assert store.get_bytes(killed["outputs"]["dataset"]) == store.get_bytes(baseline["manifest"]["outputs"]["dataset"])
 
