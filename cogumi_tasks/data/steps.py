@@ -43,6 +43,21 @@ class PromptRecord(BaseModel):
         return v
 
 
+def balanced_head(records: list[PromptRecord], n: int) -> list[PromptRecord]:
+    """The first ``n`` records taking domains in turn (file order within a domain), so a small
+    limit still covers every domain; returned in file order."""
+    by_domain: dict[str, list[int]] = {}
+    for i, r in enumerate(records):
+        by_domain.setdefault(r.domain, []).append(i)
+    picked: list[int] = []
+    queues = [list(reversed(ix)) for ix in by_domain.values()]
+    while len(picked) < n and any(queues):
+        for q in queues:
+            if q and len(picked) < n:
+                picked.append(q.pop())
+    return [records[i] for i in sorted(picked)]
+
+
 def split_by_weight(ids: list[str], weights: dict[str, float]) -> dict[str, str]:
     """Assign each id to a teacher so counts follow the weights exactly (largest remainder),
     in a deterministic order that does not depend on the file's order."""
@@ -63,7 +78,8 @@ def split_by_weight(ids: list[str], weights: dict[str, float]) -> dict[str, str]
 @step("data.prompts", version=1, reads=("dataset.prompts", "teachers"),
       config_inputs={"source": "dataset.prompts.source"})
 def prompts(ctx: StepContext) -> StepOutput:
-    """Validate the prompt JSONL, assign teachers by the configured mix, and shard.
+    """Validate the prompt JSONL, assign teachers by the configured mix, and shard. A ``limit``
+    takes the first prompts of each domain in turn.
 
     Inputs: ``source`` (s3://, a local path, or builtin:<name>). Outputs: ``prompts`` (all used
     prompts with their teacher), ``shards`` (one JSONL per shard), ``quarantine`` (bad lines).
@@ -84,7 +100,7 @@ def prompts(ctx: StepContext) -> StepOutput:
     quarantine.write(ctx.out("quarantine.jsonl"))
     check_error_rate(f"prompts from {source}", len(quarantine), total, cfg.max_error_rate, quarantine)
 
-    used = unique[: cfg.limit] if cfg.limit else unique
+    used = balanced_head(unique, cfg.limit) if cfg.limit else unique
     teacher_of = split_by_weight([r.id for r in used], {t.name: t.weight for t in ctx.config.teachers})
     rows = [{**r.model_dump(), "teacher": teacher_of[r.id]} for r in used]
     write_jsonl(ctx.out("prompts.jsonl"), rows)

@@ -1,10 +1,14 @@
-"""The OpenAI Batch API path, for teachers configured with ``batch: true``.
+"""The OpenAI Batch API path, for endpoints configured with ``batch: true``.
 
 Cache hits are served first. The rest go into one JSONL (custom_id = request hash), are uploaded,
-and a batch is created; its id is stored at ``state_uri`` *before* polling, so a restarted task
-resumes polling the same batch and never uploads twice. Results map back by custom_id, are
-validated, priced at the batch discount and cached. Requests that failed inside the batch or fail
-validation fall back to the normal per-request path.
+and a batch is created; ``{"batch_id", "input_file_id", "custom_ids"}`` is stored at ``state_uri``
+*before* polling, so a restarted task resumes polling the same batch and never uploads twice.
+Results map back by custom_id, are validated, priced at the batch discount and cached.
+
+Fallback: a request whose batch line failed (non-200, error, missing from the output, batch
+failed/expired/cancelled), whose answer fails ``validate``, or that is not in the resumed batch's
+custom_ids goes through :meth:`LLMClient.chat_many` (the normal, undiscounted path with retries).
+Budget: checked once before creating a batch; if spent, the uncached requests get BudgetExceeded.
 """
 
 from __future__ import annotations
@@ -18,107 +22,149 @@ from collections.abc import Callable
 from typing import Any
 
 from cogumi_tasks.core.artifacts import ArtifactStore
+from cogumi_tasks.core.ledger import BudgetExceeded
 from cogumi_tasks.llm.client import ChatRequest, ChatResult, LLMCallFailed, LLMClient
 
 log = logging.getLogger("cogumi.llm")
 
 DONE = {"completed", "failed", "expired", "cancelled"}
+CHAT_URL = "/v1/chat/completions"
 
 
 def batch_jsonl(client: LLMClient, reqs: list[ChatRequest]) -> bytes:
-    lines = [
-        json.dumps({"custom_id": r.key(client.endpoint.model), "method": "POST", "url": "/v1/chat/completions",
-                    "body": r.body(client.endpoint.model)}, sort_keys=True)
-        for r in reqs
-    ]
+    """The Batch API input file: one request per line, custom_id = request hash."""
+    model = client.endpoint.model
+    lines = [json.dumps({"custom_id": r.key(model), "method": "POST", "url": CHAT_URL, "body": r.body(model)},
+                        sort_keys=True) for r in reqs]
     return ("\n".join(lines) + "\n").encode()
 
 
 async def _submit(client: LLMClient, reqs: list[ChatRequest], state_uri: str, store: ArtifactStore) -> dict:
-    client.ledger.check_budget()
     upload = await client.openai.files.create(file=("batch.jsonl", io.BytesIO(batch_jsonl(client, reqs))),
                                               purpose="batch")
-    batch = await client.openai.batches.create(input_file_id=upload.id, endpoint="/v1/chat/completions",
-                                               completion_window="24h")
+    batch = await client.openai.batches.create(input_file_id=upload.id, endpoint=CHAT_URL, completion_window="24h")
     state = {"batch_id": batch.id, "input_file_id": upload.id, "created": time.time(),
-             "custom_ids": [r.key(client.endpoint.model) for r in reqs]}
+             "endpoint": client.endpoint.name, "custom_ids": [r.key(client.endpoint.model) for r in reqs]}
     await asyncio.to_thread(store.put_json, state_uri, state)
-    log.info("%s: batch %s created with %d requests", client.endpoint.name, batch.id, len(reqs))
+    log.info("%s: batch %s created with %d requests (state at %s)", client.endpoint.name, batch.id, len(reqs),
+             state_uri)
     return state
 
 
-async def _wait(client: LLMClient, batch_id: str) -> Any:
+async def _wait(client: LLMClient, batch_id: str, state_uri: str) -> Any:
+    """Poll until the batch is done; transient errors while polling are logged and polled again."""
+    import openai
+
+    name = client.endpoint.name
     deadline = time.monotonic() + client.llm.batch_timeout_s
+    last_status = None
     while True:
-        batch = await client.openai.batches.retrieve(batch_id)
-        counts = batch.request_counts
-        log.info("%s: batch %s %s (%s/%s done)", client.endpoint.name, batch_id, batch.status,
-                 getattr(counts, "completed", "?"), getattr(counts, "total", "?"))
-        if batch.status in DONE:
-            return batch
+        try:
+            batch = await client.openai.batches.retrieve(batch_id)
+        except openai.NotFoundError:
+            raise LLMCallFailed(f"{name}: batch {batch_id} (from {state_uri}) is unknown to {client.endpoint.base_url};"
+                                " delete that state object to submit a new batch") from None
+        except (openai.APIConnectionError, openai.APITimeoutError, openai.InternalServerError,
+                openai.RateLimitError) as exc:
+            log.warning("%s: polling batch %s failed (%s); trying again", name, batch_id, type(exc).__name__)
+            batch = None
+        if batch is not None:
+            counts = batch.request_counts
+            if batch.status != last_status or client.progress:
+                log.info("%s: batch %s %s (%s/%s done, %s failed)", name, batch_id, batch.status,
+                         getattr(counts, "completed", "?"), getattr(counts, "total", "?"),
+                         getattr(counts, "failed", "?"))
+                last_status = batch.status
+            if batch.status in DONE:
+                return batch
         if time.monotonic() > deadline:
-            raise LLMCallFailed(f"{client.endpoint.name}: batch {batch_id} not done after "
-                                f"{client.llm.batch_timeout_s:.0f}s (still {batch.status}); a re-run resumes it")
+            raise LLMCallFailed(f"{name}: batch {batch_id} not done after {client.llm.batch_timeout_s:.0f}s; "
+                                "a re-run resumes polling it")
         await asyncio.sleep(client.llm.batch_poll_s)
 
 
-async def _read_output(client: LLMClient, file_id: str | None) -> dict[str, dict]:
+async def _read_lines(client: LLMClient, file_id: str | None) -> dict[str, dict]:
     if not file_id:
         return {}
     content = await client.openai.files.content(file_id)
-    out = {}
-    for line in content.text.splitlines():
-        if line.strip():
-            row = json.loads(line)
-            out[row["custom_id"]] = row
-    return out
+    rows = (json.loads(line) for line in content.text.splitlines() if line.strip())
+    return {row["custom_id"]: row for row in rows}
+
+
+def _answer(row: dict | None) -> tuple[str, int, int] | str:
+    """(text, prompt_tokens, completion_tokens) from an output line, or why there is none."""
+    if row is None:
+        return "missing from the batch output"
+    if row.get("error"):
+        return f"batch error {row['error']}"
+    response = row.get("response") or {}
+    if response.get("status_code") != 200:
+        return f"batch line HTTP {response.get('status_code')}"
+    try:
+        body = response["body"]
+        text = body["choices"][0]["message"].get("content") or ""
+    except (KeyError, IndexError, TypeError):
+        return "batch line body is not a chat completion"
+    usage = body.get("usage") or {}
+    return text, int(usage.get("prompt_tokens", 0) or 0), int(usage.get("completion_tokens", 0) or 0)
 
 
 async def run_batch(client: LLMClient, reqs: list[ChatRequest], *, state_uri: str, store: ArtifactStore,
                     validate: Callable[[str], Any] | None = None) -> list[ChatResult | Exception]:
-    """Answer ``reqs`` through the provider's Batch API (see the module docstring)."""
+    """Answer ``reqs`` through the endpoint's Batch API (see the module docstring for fallback)."""
+    model = client.endpoint.model
     results: list[ChatResult | Exception | None] = [None] * len(reqs)
     todo: list[int] = []
     for i, req in enumerate(reqs):
-        hit = await asyncio.to_thread(client._from_cache, req, req.key(client.endpoint.model), validate)
+        hit = await asyncio.to_thread(client._from_cache, req.key(model), validate)
         if hit is not None:
             results[i] = hit
         else:
             todo.append(i)
-    if todo:
-        state = await asyncio.to_thread(store.get_json, state_uri) if store.exists(state_uri) else None
-        if state is None:
-            state = await _submit(client, [reqs[i] for i in todo], state_uri, store)
-        else:
-            log.info("%s: resuming batch %s", client.endpoint.name, state["batch_id"])
-        batch = await _wait(client, state["batch_id"])
-        rows = await _read_output(client, batch.output_file_id)
-        fallback = []
-        for i in todo:
-            key = reqs[i].key(client.endpoint.model)
-            row = rows.get(key)
-            response = (row or {}).get("response") or {}
-            if response.get("status_code") != 200:
-                fallback.append(i)
-                continue
-            body = response["body"]
-            text = body["choices"][0]["message"].get("content") or ""
-            usage = body.get("usage") or {}
-            p_tok, c_tok = usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)
-            try:
-                parsed = validate(text) if validate else None
-            except ValueError:
-                client.stats["unparseable"] += 1
-                fallback.append(i)
-                continue
-            await asyncio.to_thread(client.store_result, key, text, p_tok, c_tok, True)
-            results[i] = ChatResult(text, p_tok, c_tok, False, 1, key, parsed)
-        if fallback:
-            log.info("%s: %d batch requests failed or were unparseable; retrying them one by one",
-                     client.endpoint.name, len(fallback))
-            again = await client.chat_many([reqs[i] for i in fallback], validate=validate)
-            for i, res in zip(fallback, again, strict=True):
-                results[i] = res
-        client.ledger.flush()
-    assert all(r is not None for r in results)
+    if not todo:
+        await asyncio.to_thread(client.ledger.flush)
+        return results  # type: ignore[return-value]
+
+    state = await asyncio.to_thread(store.get_json, state_uri) if await asyncio.to_thread(
+        store.exists, state_uri) else None
+    if state is None:
+        try:
+            await asyncio.to_thread(client.ledger.check_budget)
+        except BudgetExceeded as exc:
+            for i in todo:
+                results[i] = exc
+            await asyncio.to_thread(client.ledger.flush)
+            return results  # type: ignore[return-value]
+        state = await _submit(client, [reqs[i] for i in todo], state_uri, store)
+    else:
+        log.info("%s: resuming batch %s from %s", client.endpoint.name, state["batch_id"], state_uri)
+    batch = await _wait(client, state["batch_id"], state_uri)
+    rows = await _read_lines(client, batch.output_file_id)
+    rows.update({k: v for k, v in (await _read_lines(client, batch.error_file_id)).items() if k not in rows})
+
+    fallback: list[int] = []
+    for i in todo:
+        key = reqs[i].key(model)
+        got = _answer(rows.get(key))
+        if isinstance(got, str):
+            log.debug("%s: %s: %s", client.endpoint.name, key[:12], got)
+            fallback.append(i)
+            continue
+        text, p_tok, c_tok = got
+        try:
+            parsed = validate(text) if validate else None
+        except ValueError:
+            client.stats["unparseable"] += 1
+            client.record_paid(key, p_tok, c_tok, True)  # paid for, though unusable
+            fallback.append(i)
+            continue
+        await asyncio.to_thread(client.store_result, key, text, p_tok, c_tok, True)
+        results[i] = ChatResult(text, p_tok, c_tok, False, 1, key, parsed)
+    log.info("%s: batch %s %s: %d answers, %d to retry one by one", client.endpoint.name, state["batch_id"],
+             batch.status, len(todo) - len(fallback), len(fallback))
+    if fallback:
+        again = await client.chat_many([reqs[i] for i in fallback], validate=validate)
+        for i, res in zip(fallback, again, strict=True):
+            results[i] = res
+    await asyncio.to_thread(client.ledger.flush)
     return results  # type: ignore[return-value]

@@ -2,7 +2,12 @@
 
 Bounded concurrency; retries with full-jitter exponential backoff on 429, 5xx, timeouts, connection
 errors and unparseable output; a response cache keyed by request hash (a retried or re-run step
-never pays twice); a cost-ledger row per call; the run budget checked before every network call.
+never pays twice); a cost-ledger row per paid call; the run budget checked before every network call.
+
+Budget semantics of :meth:`LLMClient.chat_many`: once :class:`BudgetExceeded` is raised, no new
+request starts; requests in flight finish and are recorded (and cached); every request that did not
+start gets the ``BudgetExceeded`` instance in its slot of the returned list. Nothing is re-raised:
+the caller keeps the completed results and fails the task with the budget message.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ log = logging.getLogger("cogumi.llm")
 
 LOOPBACK = ("http://127.0.0.1", "http://localhost", "http://[::1]")
 FAULT_KINDS = ("429", "5xx", "timeout", "connection", "unparseable")
+FLUSH_EVERY = 25
+PROGRESS_EVERY_S = 5.0
 
 
 class LLMCallFailed(RuntimeError):
@@ -39,6 +46,8 @@ class _Retryable(Exception):
 
 @dataclass(frozen=True)
 class ChatRequest:
+    """One chat completion request; ``response_format`` is passed to the endpoint as given."""
+
     messages: list[dict]
     max_tokens: int
     temperature: float = 0.0
@@ -51,6 +60,7 @@ class ChatRequest:
         return hashlib.sha256(body.encode()).hexdigest()
 
     def body(self, model: str) -> dict:
+        """The JSON body of ``POST /v1/chat/completions``."""
         out: dict[str, Any] = {"model": model, "messages": self.messages, "max_tokens": self.max_tokens,
                                "temperature": self.temperature}
         if self.seed is not None:
@@ -72,22 +82,38 @@ class ChatResult:
 
 
 def resolve_api_key(endpoint: EndpointConfig) -> str:
-    """The endpoint's key from the environment variable it names; loopback servers need none."""
+    """The key from the environment variable the endpoint names; loopback servers get ``sk-local``.
+
+    Airflow connections (``conn_id``) are resolved by the operator, which passes ``api_key`` itself.
+    """
+    loopback = endpoint.base_url.startswith(LOOPBACK)
     if endpoint.api_key_env:
         key = os.environ.get(endpoint.api_key_env)
         if key:
             return key
-        if not endpoint.base_url.startswith(LOOPBACK):
-            raise LLMCallFailed(f"{endpoint.name}: set the environment variable {endpoint.api_key_env} "
-                                "(or give the endpoint an Airflow connection with conn_id)")
-    if endpoint.base_url.startswith(LOOPBACK):
+        if not loopback:
+            raise LLMCallFailed(f"endpoint {endpoint.name}: environment variable {endpoint.api_key_env} is not "
+                                "set (or give the endpoint an Airflow connection with conn_id)")
+    if loopback:
         return "sk-local"
-    raise LLMCallFailed(f"{endpoint.name}: no api_key_env or conn_id for {endpoint.base_url}")
+    raise LLMCallFailed(f"endpoint {endpoint.name}: no api_key_env or conn_id for {endpoint.base_url}")
 
 
 def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random) -> float:
     """Full jitter: uniform in [0, min(cap, base * 2**attempt)]."""
     return rng.uniform(0, min(cap, base * (2**attempt)))
+
+
+def _retry_after(headers: Any) -> float | None:
+    """Seconds from ``retry-after-ms`` or ``retry-after`` (numeric form only)."""
+    for name, scale in (("retry-after-ms", 1e-3), ("retry-after", 1.0)):
+        raw = headers.get(name)
+        if raw is not None:
+            try:
+                return max(0.0, float(raw) * scale)
+            except ValueError:
+                continue
+    return None
 
 
 class LLMClient:
@@ -109,29 +135,39 @@ class LLMClient:
     async def aclose(self) -> None:
         await self.openai.close()
 
-    # ------------------------------------------------------------ one call
-    def _from_cache(self, req: ChatRequest, key: str, validate: Callable[[str], Any] | None) -> ChatResult | None:
+    # ------------------------------------------------------------ cache and ledger
+    def _from_cache(self, key: str, validate: Callable[[str], Any] | None) -> ChatResult | None:
+        """A cached answer (ledger row with cost 0), or None. A cached text validate() rejects is a miss."""
         if self.cache is None:
             return None
         hit = self.cache.get(key)
         if hit is None:
             return None
-        parsed = validate(hit["text"]) if validate else None
+        try:
+            parsed = validate(hit["text"]) if validate else None
+        except ValueError as exc:
+            log.warning("%s: cached answer %s fails validation (%s); asking again", self.endpoint.name,
+                        key[:12], exc)
+            return None
         self.stats["cache_hits"] += 1
         self.ledger.record(step=self.step, endpoint=self.endpoint.name, model=self.endpoint.model,
                            price=self.endpoint.price, prompt_tokens=hit["prompt_tokens"],
                            completion_tokens=hit["completion_tokens"], cached=True, request_hash=key)
         return ChatResult(hit["text"], hit["prompt_tokens"], hit["completion_tokens"], True, 0, key, parsed)
 
-    def store_result(self, key: str, text: str, prompt_tokens: int, completion_tokens: int, batch: bool) -> None:
-        """Ledger row and cache entry for a paid answer (also used by the batch path)."""
+    def record_paid(self, key: str, prompt_tokens: int, completion_tokens: int, batch: bool) -> None:
         self.ledger.record(step=self.step, endpoint=self.endpoint.name, model=self.endpoint.model,
                            price=self.endpoint.price, prompt_tokens=prompt_tokens,
                            completion_tokens=completion_tokens, batch=batch, request_hash=key)
+
+    def store_result(self, key: str, text: str, prompt_tokens: int, completion_tokens: int, batch: bool) -> None:
+        """Ledger row and cache entry for a paid, validated answer (also used by the batch path)."""
+        self.record_paid(key, prompt_tokens, completion_tokens, batch)
         if self.cache is not None:
             self.cache.put(key, {"text": text, "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                                  "model": self.endpoint.model, "created": time.time()})
 
+    # ------------------------------------------------------------ one call
     async def _once(self, req: ChatRequest) -> tuple[str, int, int]:
         import openai
 
@@ -144,31 +180,38 @@ class LLMClient:
         except openai.APIStatusError as exc:
             status = exc.status_code
             if status == 429:
-                after = exc.response.headers.get("retry-after")
-                raise _Retryable("429", str(exc), float(after) if after and after.isdigit() else None) from None
-            if status >= 500 or status == 408:
-                raise _Retryable("5xx" if status >= 500 else "timeout", f"HTTP {status}") from None
-            raise LLMCallFailed(f"{self.endpoint.name}: HTTP {status}: {exc.message}") from None
+                raise _Retryable("429", f"HTTP 429: {exc.message}", _retry_after(exc.response.headers)) from None
+            if status >= 500:
+                raise _Retryable("5xx", f"HTTP {status}: {exc.message}") from None
+            if status == 408:
+                raise _Retryable("timeout", "HTTP 408") from None
+            self.stats["failed"] += 1
+            raise LLMCallFailed(f"endpoint {self.endpoint.name} ({self.endpoint.base_url}) refused the request: "
+                                f"HTTP {status}: {exc.message}") from None
         try:
             resp = raw.parse()
-            choice = resp.choices[0]
-            text = choice.message.content or ""
+            text = resp.choices[0].message.content or ""
             usage = resp.usage
-        except Exception as exc:  # a 200 with a body that is not a chat completion
-            raise _Retryable("unparseable", f"bad response body: {type(exc).__name__}") from None
+        except Exception as exc:  # a 200 whose body is not a chat completion
+            raise _Retryable("unparseable", f"bad response body ({type(exc).__name__})") from None
         return text, getattr(usage, "prompt_tokens", 0) or 0, getattr(usage, "completion_tokens", 0) or 0
 
     async def chat(self, req: ChatRequest, validate: Callable[[str], Any] | None = None) -> ChatResult:
-        """One answer: from the cache, or from the endpoint with retries. Raises BudgetExceeded
-        before a new call once the run's budget is spent, LLMCallFailed after the last retry."""
+        """One answer: from the cache, or from the endpoint with retries.
+
+        Raises :class:`BudgetExceeded` (never retried) before a network call once the run's budget is
+        spent, :class:`LLMCallFailed` after the last retry or on a 4xx other than 408/429.
+        ``validate(text)`` raising ValueError counts as unparseable output and is retried; the paid
+        call is still in the ledger, but only validated answers are cached.
+        """
         key = req.key(self.endpoint.model)
-        cached = await asyncio.to_thread(self._from_cache, req, key, validate)
+        cached = await asyncio.to_thread(self._from_cache, key, validate)
         if cached is not None:
             return cached
         last = "no attempt"
         async with self._sem:
             for attempt in range(self.llm.max_retries + 1):
-                self.ledger.check_budget()
+                await asyncio.to_thread(self.ledger.check_budget)
                 self.stats["calls"] += 1
                 try:
                     text, p_tok, c_tok = await self._once(req)
@@ -177,10 +220,8 @@ class LLMClient:
                         try:
                             parsed = validate(text)
                         except ValueError as exc:
-                            self.ledger.record(step=self.step, endpoint=self.endpoint.name,
-                                               model=self.endpoint.model, price=self.endpoint.price,
-                                               prompt_tokens=p_tok, completion_tokens=c_tok, request_hash=key)
-                            raise _Retryable("unparseable", str(exc)) from None
+                            self.record_paid(key, p_tok, c_tok, False)
+                            raise _Retryable("unparseable", f"validation: {exc}") from None
                     await asyncio.to_thread(self.store_result, key, text, p_tok, c_tok, False)
                     return ChatResult(text, p_tok, c_tok, False, attempt + 1, key, parsed)
                 except _Retryable as exc:
@@ -192,22 +233,25 @@ class LLMClient:
                     delay = backoff_delay(attempt, self.llm.backoff_base_s, self.llm.backoff_max_s, self.rng)
                     if exc.retry_after is not None:
                         delay = max(delay, min(exc.retry_after, self.llm.backoff_max_s))
-                    log.debug("%s: %s, retry %d in %.2fs", self.endpoint.name, last, attempt + 1, delay)
+                    log.debug("%s: %s; retry %d in %.2fs", self.endpoint.name, last, attempt + 1, delay)
                     await asyncio.sleep(delay)
         self.stats["failed"] += 1
-        raise LLMCallFailed(f"{self.endpoint.name}: gave up after {self.llm.max_retries + 1} attempts; last {last}")
+        raise LLMCallFailed(f"endpoint {self.endpoint.name}: gave up after {self.llm.max_retries + 1} attempts; "
+                            f"last {last}")
 
     # ------------------------------------------------------------ many calls
     async def chat_many(self, reqs: list[ChatRequest], validate: Callable[[str], Any] | None = None,
                         on_result: Callable[[int, ChatResult], None] | None = None) -> list[ChatResult | Exception]:
-        """Answer every request concurrently (bounded). A failed request yields its exception in
-        the list; once the budget is spent, requests not yet started yield BudgetExceeded while
-        those in flight finish and are recorded."""
+        """Answer every request concurrently (at most ``max_concurrency`` in flight).
+
+        A failed request yields its exception in its slot; the others go on. Once the budget is
+        spent, requests not yet started yield the BudgetExceeded instance while those in flight
+        finish and are recorded. ``on_result(i, result)`` is called as each answer arrives.
+        """
         results: list[ChatResult | Exception | None] = [None] * len(reqs)
         spent: list[BudgetExceeded] = []
         done = 0
-        started = time.monotonic()
-        last_log = started
+        started = last_log = time.monotonic()
 
         async def one(i: int, req: ChatRequest) -> None:
             nonlocal done, last_log
@@ -215,27 +259,29 @@ class LLMClient:
                 results[i] = spent[0]
                 return
             try:
-                res = await self.chat(req, validate)
-                results[i] = res
-                if on_result:
-                    on_result(i, res)
+                res: ChatResult | Exception = await self.chat(req, validate)
             except BudgetExceeded as exc:
                 spent.append(exc)
-                results[i] = exc
-            except Exception as exc:  # recorded per request; the others go on
-                results[i] = exc
+                res = exc
+            except Exception as exc:  # recorded in its slot; the others go on
+                res = exc
+            results[i] = res
+            if on_result and isinstance(res, ChatResult):
+                on_result(i, res)
             done += 1
-            if done % 25 == 0:
+            if done % FLUSH_EVERY == 0:
                 await asyncio.to_thread(self.ledger.flush)
             now = time.monotonic()
-            if self.progress and (now - last_log >= 5 or done == len(reqs)):
+            if self.progress and (now - last_log >= PROGRESS_EVERY_S or done == len(reqs)):
                 last_log = now
-                rate = done / max(now - started, 1e-9)
                 faults = sum(self.stats[k] for k in FAULT_KINDS)
-                log.info("%s [%s]: %d/%d done (%.2f/s), %d from cache, %d faults retried, $%.5f spent",
-                         self.step, self.endpoint.name, done, len(reqs), rate, self.stats["cache_hits"],
-                         faults, self.ledger.spent_usd)
+                log.info("%s [%s]: %d/%d done (%.2f/s), %d from cache, %d faults, %d retries, %d failed, "
+                         "$%.5f spent", self.step, self.endpoint.name, done, len(reqs),
+                         done / max(now - started, 1e-9), self.stats["cache_hits"], faults,
+                         self.stats["retries"], self.stats["failed"], self.ledger.spent_usd)
 
-        await asyncio.gather(*(one(i, r) for i, r in enumerate(reqs)))
-        self.ledger.flush()
+        try:
+            await asyncio.gather(*(one(i, r) for i, r in enumerate(reqs)))
+        finally:
+            await asyncio.to_thread(self.ledger.flush)
         return [r if r is not None else spent[0] for r in results]

@@ -220,6 +220,8 @@ def print_report(manifest: dict, title: str) -> None:
     rows = _flatten(manifest.get("metrics", {}))
     if "cost" in manifest and not any(k.startswith("cost.") for k, _ in rows):
         rows += _flatten(manifest["cost"], "cost.")
+    # nested detail (per endpoint, zero counters) stays in the manifest; the table shows what matters
+    rows = [(k, v) for k, v in rows if ".per_endpoint." not in k and not (k.count(".") >= 2 and v == 0)]
     for key, value in rows:
         metrics.add_row(key, f"{value:.6g}" if isinstance(value, float) else str(value))
     console.print(metrics)
