@@ -20,7 +20,7 @@ import os
 import random
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from cogumi_tasks.core.config import EndpointConfig, LLMConfig
@@ -31,6 +31,7 @@ log = logging.getLogger("cogumi.llm")
 LOOPBACK = ("http://127.0.0.1", "http://localhost", "http://[::1]")
 FAULT_KINDS = ("429", "5xx", "timeout", "connection", "unparseable")
 FLUSH_EVERY = 25
+RESAMPLE_TEMPERATURE = 0.7  # after a rejected answer; at temperature 0 a retry would repeat it
 PROGRESS_EVERY_S = 5.0
 
 
@@ -168,6 +169,12 @@ class LLMClient:
                                  "model": self.endpoint.model, "created": time.time()})
 
     # ------------------------------------------------------------ one call
+    @staticmethod
+    def resample(req: ChatRequest, n: int) -> ChatRequest:
+        """The request for the retry after the ``n``-th rejected answer: another seed, and a
+        temperature of at least RESAMPLE_TEMPERATURE (the cache key stays the original's)."""
+        return replace(req, seed=(req.seed or 0) + n, temperature=max(req.temperature, RESAMPLE_TEMPERATURE))
+
     async def _once(self, req: ChatRequest) -> tuple[str, int, int]:
         import openai
 
@@ -201,10 +208,13 @@ class LLMClient:
 
         Raises :class:`BudgetExceeded` (never retried) before a network call once the run's budget is
         spent, :class:`LLMCallFailed` after the last retry or on a 4xx other than 408/429.
-        ``validate(text)`` raising ValueError counts as unparseable output and is retried; the paid
-        call is still in the ledger, but only validated answers are cached.
+        ``validate(text)`` raising ValueError counts as unparseable output and is retried with
+        :meth:`resample` (the paid call is still in the ledger); only validated answers are cached,
+        under the original request's key.
         """
         key = req.key(self.endpoint.model)
+        rejected = 0
+        sent = req
         cached = await asyncio.to_thread(self._from_cache, key, validate)
         if cached is not None:
             return cached
@@ -214,13 +224,15 @@ class LLMClient:
                 await asyncio.to_thread(self.ledger.check_budget)
                 self.stats["calls"] += 1
                 try:
-                    text, p_tok, c_tok = await self._once(req)
+                    text, p_tok, c_tok = await self._once(sent)
                     parsed = None
                     if validate:
                         try:
                             parsed = validate(text)
                         except ValueError as exc:
                             self.record_paid(key, p_tok, c_tok, False)
+                            rejected += 1
+                            sent = self.resample(req, rejected)
                             raise _Retryable("unparseable", f"validation: {exc}") from None
                     await asyncio.to_thread(self.store_result, key, text, p_tok, c_tok, False)
                     return ChatResult(text, p_tok, c_tok, False, attempt + 1, key, parsed)

@@ -1,0 +1,197 @@
+"""The LLM client and the Batch API path against the real llama.cpp server (SmolLM2-135M), with the
+fault proxy or the test batch server in front, and the response cache, ledger and batch state in S3.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import uuid
+
+import pytest
+
+from cogumi_tasks.core.artifacts import ArtifactStore
+from cogumi_tasks.core.config import EndpointConfig, LLMConfig, StorageConfig, config_dir
+from cogumi_tasks.core.ledger import CostLedger, ResponseCache, load_prices, read_run_ledger
+from cogumi_tasks.llm.batch import run_batch
+from cogumi_tasks.llm.client import ChatRequest, ChatResult, LLMClient
+from tests.servers.batch_server import batch_stats, start_batch_server
+from tests.servers.fault_proxy import proxy_stats, start_fault_proxy
+
+pytestmark = pytest.mark.stack
+
+PRICE = "local-as-gpt-4o-mini"
+
+
+@pytest.fixture(scope="module")
+def store(s3_server) -> ArtifactStore:
+    s = ArtifactStore(StorageConfig(bucket="cogumi-test", endpoint_url=s3_server.endpoint), s3_server.credentials())
+    s.ensure_bucket()
+    return s
+
+
+@pytest.fixture(scope="module")
+def llm(llm_server) -> str:
+    """The llama.cpp server, warmed up: its first answer (model paging in) can take seconds."""
+    import httpx
+
+    httpx.post(llm_server + "/chat/completions", timeout=120, json={
+        "model": "smollm2-135m", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}]}).raise_for_status()
+    return llm_server
+
+
+@pytest.fixture(scope="module")
+def batch_server(llm, tmp_root):
+    from cogumi_tasks.stack.services import free_port, stop
+
+    port = free_port()
+    proc = start_batch_server(llm, port, tmp_root / "logs" / "batch-server.log",
+                              state_dir=tmp_root / "batch-server", line_delay_s=0.2)
+    yield f"http://127.0.0.1:{port}/v1"
+    stop(proc)
+
+
+def prompts(tag: str, n: int) -> list[ChatRequest]:
+    return [ChatRequest(messages=[{"role": "user", "content": f"{tag}: say the number {i} in words."}],
+                        max_tokens=16, seed=0) for i in range(n)]
+
+
+def make_client(store: ArtifactStore, base_url: str, prefix: str, *, llm: LLMConfig, timeout: float = 60,
+                concurrency: int = 2, batch: bool = False) -> LLMClient:
+    endpoint = EndpointConfig(name="local", base_url=base_url, model="smollm2-135m", price=PRICE, timeout_s=timeout,
+                              max_concurrency=concurrency, batch=batch)
+    ledger = CostLedger(load_prices(config_dir() / "prices.yaml"), 1.0, store=store,
+                        ledger_prefix=store.uri(prefix, "ledger"), part="t")
+    return LLMClient(endpoint, llm, ledger, step="test", cache=ResponseCache(store, store.uri(prefix, "cache")),
+                     rng=random.Random(0), progress=True)
+
+
+async def closing(client: LLMClient, coro):
+    try:
+        return await coro
+    finally:
+        await client.aclose()
+
+
+def test_faults_are_retried_counted_and_cached(llm, store, tmp_root):
+    from cogumi_tasks.stack.services import free_port, stop
+
+    port = free_port()
+    # seed 23 at 20%: one 429, one 500, one hang and two garbage bodies before the 12th success
+    proc = start_fault_proxy(llm.removesuffix("/v1"), port, fault_rate=0.2, seed=23, hang_s=6,
+                             log_path=tmp_root / "logs" / "llm-faults.log")
+    proxy = f"http://127.0.0.1:{port}"
+    prefix = f"faults-{uuid.uuid4().hex[:6]}"
+    cfg = LLMConfig(max_retries=10, backoff_base_s=0.05, backoff_max_s=1.0)
+    reqs = prompts("faults", 12)
+    try:
+        client = make_client(store, proxy + "/v1", prefix, llm=cfg, timeout=4)
+        results = asyncio.run(closing(client, client.chat_many(reqs)))
+        seen = proxy_stats(proxy)
+        again = make_client(store, proxy + "/v1", prefix, llm=cfg, timeout=4)
+        second = asyncio.run(closing(again, again.chat_many(reqs)))
+        after = proxy_stats(proxy)
+    finally:
+        stop(proc)
+    assert all(isinstance(r, ChatResult) and r.text for r in results), results
+    s = client.stats
+    assert sum(seen["faults"].values()) == 5
+    assert (s["429"], s["5xx"], s["timeout"], s["unparseable"], s["connection"]) == (
+        seen["faults"]["429"], seen["faults"]["500"], seen["faults"]["hang"], seen["faults"]["garbage"], 0)
+    assert s["calls"] == seen["requests"] and seen["forwarded"] == 12 and s["failed"] == 0
+    assert s["retries"] == sum(seen["faults"].values())
+    rows = read_run_ledger(store, store.uri(prefix, "ledger"))  # both clients' parts, from S3
+    paid, free = [r for r in rows if not r["cached"]], [r for r in rows if r["cached"]]
+    assert len(paid) == 12 and all(r["usd"] > 0 and not r["batch"] for r in paid)
+    assert len(free) == 12 and all(r["usd"] == 0 for r in free)
+    # the re-run is served from the S3 cache: no request reaches the proxy, nothing is paid
+    assert after == seen
+    assert all(r.cached for r in second) and [r.text for r in second] == [r.text for r in results]
+    assert again.stats["cache_hits"] == 12 and again.ledger.spent_usd == 0
+
+
+def _output_by_custom_id(client: LLMClient, batch_id: str) -> dict[str, str]:
+    async def read() -> dict[str, str]:
+        batch = await client.openai.batches.retrieve(batch_id)
+        content = await client.openai.files.content(batch.output_file_id)
+        rows = [json.loads(x) for x in content.text.splitlines() if x.strip()]
+        return {r["custom_id"]: r["response"]["body"]["choices"][0]["message"]["content"] for r in rows}
+
+    return asyncio.run(closing(client, read()))
+
+
+def test_batch_maps_back_by_custom_id_and_falls_back(batch_server, store):
+    prefix = f"batch-{uuid.uuid4().hex[:6]}"
+    llm = LLMConfig(batch_poll_s=0.2, batch_timeout_s=120)
+    reqs = prompts("batch", 4)
+    state_uri = store.uri(prefix, "state.json")
+    seen: list[str] = []
+
+    def reject_first(text: str) -> str:  # the first answer validated is rejected once
+        seen.append(text)
+        if len(seen) == 1:
+            raise ValueError("rejected once")
+        return text.upper()
+
+    before = batch_stats(batch_server)
+    client = make_client(store, batch_server, prefix, llm=llm, batch=True)
+    results = asyncio.run(closing(client, run_batch(client, reqs, state_uri=state_uri, store=store,
+                                                    validate=reject_first)))
+    after = batch_stats(batch_server)
+    assert {k: after[k] - before[k] for k in after} == {"batches_created": 1, "files_uploaded": 1,
+                                                        "lines_executed": 4, "chat_proxied": 1}
+    assert all(isinstance(r, ChatResult) for r in results), results
+    state = store.get_json(state_uri)
+    assert state["custom_ids"] == [r.key("smollm2-135m") for r in reqs]
+    out = _output_by_custom_id(make_client(store, batch_server, prefix, llm=llm, batch=True), state["batch_id"])
+    for req, res in zip(reqs, results, strict=True):
+        assert res.request_hash == req.key("smollm2-135m") and res.text == out[res.request_hash]
+        assert res.parsed == res.text.upper()
+    assert client.stats["unparseable"] == 1 and results[0].attempts == 1
+    rows = client.ledger.rows
+    assert [r["batch"] for r in rows].count(True) == 4 and [r["batch"] for r in rows].count(False) == 1
+    price = client.ledger.price(PRICE)
+    for r in rows:
+        assert r["usd"] == pytest.approx(price.cost(r["prompt_tokens"], r["completion_tokens"], r["batch"]))
+
+    # a re-run with a new state object is answered from the cache: no new batch
+    again = make_client(store, batch_server, prefix, llm=llm, batch=True)
+    cached = asyncio.run(closing(again, run_batch(again, reqs, state_uri=store.uri(prefix, "other.json"),
+                                                  store=store)))
+    assert all(r.cached for r in cached) and batch_stats(batch_server) == after
+    assert not store.exists(store.uri(prefix, "other.json"))
+
+
+def test_batch_resumes_after_interruption(batch_server, store):
+    prefix = f"resume-{uuid.uuid4().hex[:6]}"
+    llm = LLMConfig(batch_poll_s=0.2, batch_timeout_s=120)
+    reqs = prompts("resume", 4)
+    state_uri = store.uri(prefix, "state.json")
+    before = batch_stats(batch_server)
+
+    async def interrupted() -> str:
+        """Run until the batch state is stored, then cancel: a task killed while polling."""
+        client = make_client(store, batch_server, prefix, llm=llm, batch=True)
+        task = asyncio.create_task(run_batch(client, reqs, state_uri=state_uri, store=store))
+        while not await asyncio.to_thread(store.exists, state_uri):
+            await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        status = (await client.openai.batches.retrieve(store.get_json(state_uri)["batch_id"])).status
+        await client.aclose()
+        assert client.ledger.rows == []
+        return status
+
+    assert asyncio.run(interrupted()) in ("validating", "in_progress")
+    client = make_client(store, batch_server, prefix, llm=llm, batch=True)
+    results = asyncio.run(closing(client, run_batch(client, reqs, state_uri=state_uri, store=store)))
+    after = batch_stats(batch_server)
+    assert {k: after[k] - before[k] for k in after} == {"batches_created": 1, "files_uploaded": 1,
+                                                        "lines_executed": 4, "chat_proxied": 0}
+    state = store.get_json(state_uri)
+    out = _output_by_custom_id(make_client(store, batch_server, prefix, llm=llm, batch=True), state["batch_id"])
+    assert [r.request_hash for r in results] == [q.key("smollm2-135m") for q in reqs] == state["custom_ids"]
+    assert all(r.text == out[r.request_hash] and not r.cached for r in results)
+    assert len(client.ledger.rows) == 4 and all(r["batch"] for r in client.ledger.rows)
