@@ -15,7 +15,9 @@ PYTEST_ARGS ?=
 install: $(STAMP)
 
 $(STAMP): pyproject.toml requirements.lock
-	@command -v docker-compose >/dev/null || { [ "$$(id -u)" = 0 ] && apt-get install -y -qq docker-compose >/dev/null; } \
+	@# Debian's docker-compose validates docker-compose.yaml in the tests (no engine needed)
+	@command -v docker-compose >/dev/null || { [ "$$(id -u)" = 0 ] && { apt-get install -y -qq docker-compose \
+	  || { apt-get update -qq && apt-get install -y -qq docker-compose; }; } >/dev/null; } \
 	  || echo "note: docker-compose (Debian package) not installed; the compose test will fail"
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@test -x $(UV) || $(VENV)/bin/pip install -q uv==0.13.9

@@ -219,7 +219,7 @@ def dedup_text(row: dict, field: str) -> str:
 FINAL_FIELDS = ("id", "prompt", "response", "domain", "teacher", "model", "judge_score", "judge_reason")
 
 
-@step("data.publish", version=1, reads=("name",))
+@step("data.publish", version=2, reads=("name",))
 def publish(ctx: StepContext) -> StepOutput:
     """The curated dataset with its stats and every quarantined record of the run's lineage.
 
@@ -262,6 +262,13 @@ def _add(into: dict, other: dict) -> dict:
     return into
 
 
+def _merge_hist(manifests: list[dict]) -> dict:
+    out: dict = {}
+    for m in manifests:
+        _add(out, m["metrics"].get("score_histogram", {}))
+    return out
+
+
 def phase0_stats(by_step: dict[str, list[dict]], rows: list[dict]) -> dict:
     """Counts of every stage, faults retried, and cost, summed over the lineage's manifests."""
     gen, sco, ded = by_step.get("data.generate", []), by_step.get("data.score", []), by_step.get("data.dedup", [])
@@ -282,6 +289,7 @@ def phase0_stats(by_step: dict[str, list[dict]], rows: list[dict]) -> dict:
         "exact_duplicates": _sum(ded, "exact_duplicates"),
         "near_duplicates": _sum(ded, "near_duplicates"),
         "final_records": len(rows),
+        "judge_score_histogram": _merge_hist(sco),
         "per_domain": dict(Counter(r["domain"] for r in rows)),
         "per_teacher": dict(Counter(r["teacher"] for r in rows)),
         "faults": faults,
