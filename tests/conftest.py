@@ -39,20 +39,6 @@ for path in (str(REPO), str(REPO / "plugins")):
         sys.path.insert(0, path)
 
 
-def pick_base_port(span: int = 8, grpc_offset: int = 10000) -> int:
-    """A base port whose derived ports (SeaweedFS opens ~14) are all free."""
-    import random
-
-    from cogumi_tasks.stack.services import S3Ports, port_is_free
-
-    rng = random.Random()
-    for _ in range(200):
-        base = rng.randrange(20000, 22000)
-        if all(port_is_free(p) for p in S3Ports(base).all()):
-            return base
-    raise RuntimeError("no free port range for the S3 server")
-
-
 @dataclass
 class S3Server:
     endpoint: str
@@ -72,9 +58,10 @@ def tmp_root() -> Path:
 def s3_server(tmp_root: Path):
     """A real S3 API (SeaweedFS) on 127.0.0.1 with real credentials; env set for boto3."""
     from cogumi_tasks.stack.services import start_s3, stop
+    from tests.servers.procs import pick_base_port
 
     access, secret = "cogumi-test", secrets.token_hex(16)
-    port = pick_base_port()
+    port = pick_base_port(lo=20000, hi=22000)
     proc = start_s3(tmp_root / "s3", port, access, secret, tmp_root / "logs" / "s3.log")
     os.environ.update({"AWS_ACCESS_KEY_ID": access, "AWS_SECRET_ACCESS_KEY": secret,
                        "COGUMI_S3_ENDPOINT": f"http://127.0.0.1:{port}"})

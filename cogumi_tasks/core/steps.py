@@ -131,6 +131,15 @@ class StepContext:
         local = resolve_local(uri)
         return local if local is not None else self.store.fetch(uri, self.tmp_dir / "inputs")
 
+    def fetch_dir(self, uri: str) -> Path:
+        """A local copy of a directory input (an s3:// prefix, verified) or a local directory."""
+        if uri.startswith("s3://"):
+            return self.store.fetch_prefix(uri, self.tmp_dir / "inputs")
+        path = Path(uri.removeprefix("file://"))
+        if not path.is_dir():
+            raise StepFailed(f"input {uri}: not a directory")
+        return path
+
     def input_list(self, name: str) -> list[str]:
         value = self.inputs.get(name)
         if value is None:

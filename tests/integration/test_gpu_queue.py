@@ -4,10 +4,7 @@ over HTTP) runs it against an isolated local stack (temporary COGUMI_HOME, free 
 
 from __future__ import annotations
 
-import random
-import re
 import secrets
-import subprocess
 import textwrap
 import time
 from pathlib import Path
@@ -19,7 +16,7 @@ import yaml
 from cogumi_tasks.core.config import apply_overrides
 from cogumi_tasks.stack import local, services
 from cogumi_tasks.stack.demo import AirflowREST, follow
-from cogumi_tasks.stack.services import S3Ports
+from tests.servers.procs import descendants, listening, pick_base_port
 
 REPO = Path(__file__).resolve().parents[2]
 DAG_ID = "cogumi_gpu_queue_check"
@@ -46,41 +43,6 @@ def _gpu_config(folder: Path, name: str) -> str:
     return str(path)
 
 
-def _free_base() -> int:
-    """A base port whose SeaweedFS family and +20 (llama.cpp), +21 (Airflow) are all free."""
-    for _ in range(200):
-        base = random.randrange(22000, 24000)
-        if all(services.port_is_free(p) for p in S3Ports(base).all() + [base + 20, base + 21]):
-            return base
-    raise RuntimeError("no free port family found")
-
-
-def _descendants(pid: int) -> set[int]:
-    parent: dict[int, int] = {}
-    for p in Path("/proc").iterdir():
-        if p.name.isdigit():
-            try:
-                parent[int(p.name)] = int((p / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-    out, grew = {pid}, True
-    while grew:
-        new = {c for c, pp in parent.items() if pp in out} - out
-        out |= new
-        grew = bool(new)
-    return out
-
-
-def _listening(pids: set[int]) -> list[tuple[str, int, int]]:
-    """(address, port, pid) of every listening TCP/UDP socket owned by ``pids``."""
-    out = subprocess.run(["ss", "-lntupH"], capture_output=True, text=True, check=True).stdout
-    found = []
-    for line in out.splitlines():
-        addr, _, port = line.split()[4].rpartition(":")
-        found += [(addr, int(port), pid) for pid in map(int, re.findall(r"pid=(\d+)", line)) if pid in pids]
-    return found
-
-
 @pytest.fixture(scope="module")
 def gpu_stack(tmp_path_factory):
     """The stack with LocalExecutor + EdgeExecutor and the Edge API on, a gpu_queue deployment config,
@@ -90,7 +52,7 @@ def gpu_stack(tmp_path_factory):
     dags.mkdir()
     (dags / "cogumi_gpu_queue_check.py").write_text(textwrap.dedent(GPU_DAG))
     config = _gpu_config(root, f"gpuq-{secrets.token_hex(4)}")
-    base = _free_base()
+    base = pick_base_port((20, 21), 22000, 24000)
     airflow_url = f"http://127.0.0.1:{base + 21}"
     extra = {
         "AIRFLOW__CORE__EXECUTOR": f"LocalExecutor,{EDGE_EXECUTOR}",
@@ -147,13 +109,19 @@ def test_gpu_queue_runs_on_edge_worker(gpu_stack):
     assert ti["executor"] == "EdgeExecutor"
 
     # The Edge worker, not the LocalExecutor, ran it: its job record names our worker.
-    jobs = [j for j in _edge(api, "jobs", dag_id_pattern=DAG_ID)["jobs"] if j["run_id"] == run_id]
-    assert [(j["task_id"], j["queue"], j["state"], j["edge_worker"]) for j in jobs] == [
-        ("prompts", "gpu", "success", gpu_stack.worker_name)]
+    # (the job's own state is reported by the worker a moment after the task instance's)
+    deadline = time.monotonic() + 30
+    while True:
+        jobs = [j for j in _edge(api, "jobs", dag_id_pattern=DAG_ID)["jobs"] if j["run_id"] == run_id]
+        seen = [(j["task_id"], j["queue"], j["state"], j["edge_worker"]) for j in jobs]
+        if seen != [("prompts", "gpu", "running", gpu_stack.worker_name)] or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert seen == [("prompts", "gpu", "success", gpu_stack.worker_name)]
 
     # The worker ran it over HTTP, listening on nothing.
     assert gpu_stack.worker.poll() is None
-    assert _listening(_descendants(gpu_stack.worker.pid)) == []
+    assert listening(descendants({gpu_stack.worker.pid})) == []
 
     shards = api.xcom(DAG_ID, run_id, "prompts")
     assert isinstance(shards, list) and len(shards) == 2

@@ -4,20 +4,17 @@ and throwaway DAGs in a temporary dags folder (so it does not depend on the pipe
 from __future__ import annotations
 
 import os
-import random
-import re
 import socket
 import stat
-import subprocess
 import textwrap
 import time
-from pathlib import Path
 
 import pytest
 
 from cogumi_tasks.stack import local, services
 from cogumi_tasks.stack.demo import AirflowREST, follow, run_demo
-from cogumi_tasks.stack.services import S3Ports, ServiceError
+from cogumi_tasks.stack.services import ServiceError
+from tests.servers.procs import descendants, listening, pick_base_port
 
 pytestmark = pytest.mark.stack
 
@@ -53,23 +50,13 @@ with DAG("cogumi_smoke_fail", schedule=None, catchup=False):
 '''
 
 
-def _free_base() -> int:
-    """A base port whose SeaweedFS family (+0..7, +10000..10005) and +20, +21 are all free, < 32768."""
-    for _ in range(200):
-        base = random.randrange(20000, 22000)
-        ports = S3Ports(base).all() + [base + 20, base + 21]
-        if all(services.port_is_free(p) for p in ports):
-            return base
-    raise RuntimeError("no free port family found")
-
-
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     root = tmp_path_factory.mktemp("stack")
     dags = root / "dags"
     dags.mkdir()
     (dags / "cogumi_smoke.py").write_text(textwrap.dedent(SMOKE_DAGS))
-    base = _free_base()
+    base = pick_base_port((20, 21), 20000, 22000)
     settings = local.Settings.from_env({}, home=root / "home", s3_port=base, llm_port=base + 20,
                                        airflow_port=base + 21, dags_folder=dags)
     t0 = time.monotonic()
@@ -81,41 +68,12 @@ def stack(tmp_path_factory):
         local.down(settings)
 
 
-def _descendants(pids: set[int]) -> set[int]:
-    parent: dict[int, int] = {}
-    for p in Path("/proc").iterdir():
-        if p.name.isdigit():
-            try:
-                parent[int(p.name)] = int((p / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-    out, grew = set(pids), True
-    while grew:
-        new = {c for c, pp in parent.items() if pp in out} - out
-        out |= new
-        grew = bool(new)
-    return out
-
-
-def _listening(pids: set[int]) -> list[tuple[str, int, int]]:
-    """(address, port, pid) of every listening TCP socket owned by ``pids``."""
-    out = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, check=True).stdout
-    found = []
-    for line in out.splitlines():
-        fields = line.split()
-        addr, _, port = fields[3].rpartition(":")
-        for pid in map(int, re.findall(r"pid=(\d+)", line)):
-            if pid in pids:
-                found.append((addr, int(port), pid))
-    return found
-
-
 def test_up_binds_loopback_only(stack):
     settings, pids = stack
     assert set(pids) == set(local.SERVICES)
     assert all(local.pid_alive(r["pid"]) for r in pids.values())
-    ours = _descendants({r["pid"] for r in pids.values()})
-    sockets = _listening(ours)
+    ours = descendants({r["pid"] for r in pids.values()})
+    sockets = listening(ours)
     ports = {p for _, p, _ in sockets}
     assert {settings.s3_port, settings.llm_port, settings.airflow_port} <= ports
     assert all(addr == "127.0.0.1" for addr, _, _ in sockets), sockets
@@ -180,7 +138,7 @@ def test_run_demo_report(stack, capsys):
 def test_port_conflict_is_clear(stack, tmp_path):
     settings, _ = stack
     with socket.socket() as blocker:
-        port = _free_base()
+        port = pick_base_port((20, 21), 20000, 22000)
         blocker.bind(("127.0.0.1", port))
         blocker.listen()
         other = local.Settings.from_env({}, home=tmp_path / "home", s3_port=port)
