@@ -1,7 +1,7 @@
 """The ``cogumi`` command: run any step the same way everywhere, and drive the local stack.
 
     cogumi run-step data.dedup --config tiny --input scored=s3://... --run-id R --output-json out.json
-    cogumi steps | cogumi status [--config tiny] | cogumi stack up|down|status | cogumi demo
+    cogumi steps | cogumi status [--config tiny] | cogumi report [RUN] | cogumi stack up|down|status | cogumi demo
 """
 
 from __future__ import annotations
@@ -84,6 +84,24 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    """One self-contained HTML page (and JSON) for a pipeline run, built from its manifests in S3."""
+    from cogumi_tasks.core.artifacts import ArtifactStore
+    from cogumi_tasks.core.config import config_dir
+    from cogumi_tasks.eval.report import write_report
+
+    config = load_config(args.config, parse_set_flags(args.set))
+    store = ArtifactStore(config.storage)
+    targets = Path(args.targets) if args.targets else config_dir() / "plan_targets.yaml"
+    try:
+        html_path, json_path = write_report(store, config.name, args.run_id, Path(args.out_dir), targets)
+    except LookupError as exc:
+        print(f"cogumi report: {exc}", file=sys.stderr)
+        return 1
+    print(f"report: {html_path}\nnumbers: {json_path}")
+    return 0
+
+
 def cmd_stack(args: argparse.Namespace) -> int:
     from cogumi_tasks.stack.local import cli_stack
 
@@ -119,6 +137,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--set", action="append", default=[])
     s.add_argument("--runs", type=int, default=5, help="how many recent runs' ledgers to total")
     s.set_defaults(fn=cmd_status)
+
+    rp = sub.add_parser("report", help="the run report (HTML + JSON) from the manifests in S3")
+    rp.add_argument("run_id", nargs="?", default=None, help="an Airflow run id (default: the latest run)")
+    rp.add_argument("--config", default="tiny")
+    rp.add_argument("--set", action="append", default=[])
+    rp.add_argument("--out-dir", default=".cogumi/reports")
+    rp.add_argument("--targets", help="plan targets YAML (default: configs/plan_targets.yaml)")
+    rp.set_defaults(fn=cmd_report)
 
     st = sub.add_parser("stack", help="the local stack on 127.0.0.1")
     st.add_argument("action", choices=["up", "down", "status"])

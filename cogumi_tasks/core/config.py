@@ -225,7 +225,7 @@ def resolve_config_path(name_or_path: str) -> Path:
         return p
     candidate = config_dir() / f"{name_or_path}.yaml"
     if not candidate.exists():
-        known = sorted(x.stem for x in config_dir().glob("*.yaml") if x.stem != "prices")
+        known = sorted(x.stem for x in config_dir().glob("*.yaml") if x.stem not in ("prices", "plan_targets"))
         raise ConfigError(f"no config {name_or_path!r}: looked for {candidate}; known: {known}")
     return candidate
 

@@ -250,6 +250,7 @@ def run_step(
     manifest = None if force else store.verify_manifest(prefix)
     if manifest is not None:
         log.info("%s: cached result at %s (cache key %s): skipped", name, prefix, key[:20])
+        _record_use(store, config, run_id, name, prefix)
         return StepResult(name, manifest["outputs"], manifest["metrics"], join_uri(prefix, "_manifest.json"), True)
 
     log.info("%s: running, outputs go to %s", name, prefix)
@@ -292,8 +293,22 @@ def run_step(
             },
         )
         shutil.rmtree(ctx.out_dir, ignore_errors=True)
+    _record_use(store, config, run_id, name, prefix)
     log.info("%s: published %d files in %.1fs", name, len(manifest["files"]), finished - started)
     return StepResult(name, outputs, result.metrics, join_uri(prefix, "_manifest.json"), False)
+
+
+def _record_use(store: ArtifactStore, config: PipelineConfig, run_id: str, name: str, prefix: str) -> None:
+    """Note under ``_runs/<run_id>/steps/`` that this run used this result (fresh or cached)."""
+    marker = f"{safe_name(name)}-{prefix.rsplit('/', 1)[1]}.json"
+    marker = store.uri(config.name, "_runs", safe_name(run_id), "steps", marker)
+    store.put_json(marker, {"step": name, "manifest": join_uri(prefix, "_manifest.json"), "at": time.time()})
+
+
+def used_manifests(store: ArtifactStore, pipeline_uri: str, run_id: str) -> list[str]:
+    """Manifest URIs of every step result run ``run_id`` used, cached ones included."""
+    prefix = join_uri(pipeline_uri, "_runs", safe_name(run_id), "steps") + "/"
+    return [store.get_json(u)["manifest"] for u in store.list(prefix)]
 
 
 def _record_failure(ctx: StepContext, exc: BaseException) -> None:

@@ -1,0 +1,476 @@
+"""One self-contained HTML report (plus JSON with the same numbers) for a pipeline run.
+
+A run's report holds every step result it used: the manifests it published and, through their
+inputs, the cached results of earlier runs it reused. Steps are grouped by phase (the step name's
+prefix); each shows its metrics, timings and cost, and plots are drawn where the data exists. The
+plan's promised figures (``configs/plan_targets.yaml``) stand beside what was measured, or say
+"not measured yet": no figure is ever filled in.
+"""
+
+from __future__ import annotations
+
+import base64
+import fnmatch
+import html
+import io
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cogumi_tasks.core.artifacts import MANIFEST, ArtifactStore, join_uri, parent_uri
+from cogumi_tasks.core.steps import safe_name, used_manifests
+
+PHASES = {"data": "Phase 0: dataset", "train": "Phase 1: training", "compress": "Phase 2: compression",
+          "modifiers": "Phase 3: modifiers", "routing": "Phase 4: routing", "serve": "Phase 5: serving",
+          "eval": "Evaluation"}
+NOT_MEASURED = "not measured yet"
+OPS = {">": lambda a, b: a > b, ">=": lambda a, b: a >= b, "<": lambda a, b: a < b, "<=": lambda a, b: a <= b,
+       "==": lambda a, b: math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12),
+       "between": lambda a, b: b[0] <= a <= b[1]}
+
+
+# ---------------------------------------------------------------- collecting a run
+def _all_manifests(store: ArtifactStore, pipeline: str) -> list[dict]:
+    """Every published manifest ``<pipeline>/<step>/<key>/_manifest.json`` (skips ``_runs``, caches)."""
+    bucket = store.storage.bucket
+    base = f"{pipeline.strip('/')}/"
+    step_dirs: list[str] = []
+    for page in store.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=base, Delimiter="/"):
+        step_dirs += [p["Prefix"] for p in page.get("CommonPrefixes", [])]
+    out = []
+    for step_dir in step_dirs:
+        if step_dir[len(base):].startswith("_"):
+            continue
+        for uri in store.list(f"s3://{bucket}/{step_dir}"):
+            rel = uri[len(f"s3://{bucket}/{step_dir}"):].split("/")
+            if len(rel) == 2 and rel[1] == MANIFEST:
+                out.append(store.get_json(uri))
+    return out
+
+
+def _ancestors(store: ArtifactStore, roots: list[dict], by_prefix: dict[str, dict]) -> list[dict]:
+    """Lineage of ``roots`` resolved against manifests already read (S3 only for other pipelines)."""
+    seen = {m["prefix"] for m in roots}
+    queue, out = list(roots), []
+    while queue:
+        current = queue.pop(0)
+        for value in current.get("inputs", {}).values():
+            for uri in [value] if isinstance(value, str) else value:
+                if not isinstance(uri, str) or not uri.startswith("s3://"):
+                    continue
+                parent, prefix = None, parent_uri(uri)
+                while prefix.count("/") > 3 and parent is None:
+                    parent, prefix = by_prefix.get(prefix), parent_uri(prefix)
+                parent = parent or store.producer_manifest(uri)
+                if parent is not None and parent["prefix"] not in seen:
+                    seen.add(parent["prefix"])
+                    out.append(parent)
+                    queue.append(parent)
+    return out
+
+
+def collect_run(store: ArtifactStore, pipeline: str, run_id: str | None = None) -> dict:
+    """The manifests run ``run_id`` published or reused (cache hits) plus their lineage, and the
+    run's cost ledger.
+
+    ``run_id`` None picks the run of the most recently finished manifest.
+    """
+    from cogumi_tasks.core.ledger import read_run_ledger, summarize
+
+    manifests = _all_manifests(store, pipeline)
+    if run_id is None:
+        if not manifests:
+            raise LookupError(f"no step results under {store.uri(pipeline)}/: nothing to report")
+        run_id = max(manifests, key=lambda m: m["timings"]["finished"])["run_id"]
+    by_prefix = {m["prefix"]: m for m in manifests}
+    used_prefixes = {u.rsplit("/", 1)[0] for u in used_manifests(store, store.uri(pipeline), run_id)}
+    own = [m for m in manifests if m.get("run_id") == run_id or m["prefix"] in used_prefixes]
+    used = own + _ancestors(store, own, by_prefix)
+    rows = read_run_ledger(store, store.uri(pipeline, "_runs", safe_name(run_id), "ledger"))
+    return {"pipeline": pipeline, "run_id": run_id,
+            "manifests": sorted(used, key=lambda m: m.get("timings", {}).get("finished", 0)),
+            "ledger": summarize(rows)}
+
+
+# ---------------------------------------------------------------- targets
+def load_targets(path: str | Path) -> dict:
+    """Read and check ``plan_targets.yaml``; returns ``{"targets": [...]}``."""
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    targets = data.get("targets")
+    if not isinstance(targets, list):
+        raise ValueError(f"{path}: expected a top-level 'targets:' list")
+    for i, t in enumerate(targets):
+        where = f"{path}: target #{i + 1} ({t.get('id', '?') if isinstance(t, dict) else t!r})"
+        if not isinstance(t, dict):
+            raise ValueError(f"{where}: expected a mapping")
+        missing = [k for k in ("id", "phase", "promised", "step", "path") if k not in t]
+        if missing:
+            raise ValueError(f"{where}: missing {', '.join(missing)}")
+        check = t.get("check")
+        if check is not None:
+            if check.get("op") not in OPS:
+                raise ValueError(f"{where}: check.op must be one of {sorted(OPS)}, got {check.get('op')!r}")
+            want_pair = check["op"] == "between"
+            value = check.get("value")
+            if want_pair != (isinstance(value, list) and len(value) == 2):
+                raise ValueError(f"{where}: check.value must be {'[lo, hi]' if want_pair else 'a number'}")
+    return {"targets": targets}
+
+
+def _lookup(obj: Any, path: list[str]) -> tuple[bool, Any]:
+    for key in path:
+        if isinstance(obj, dict) and key in obj:
+            obj = obj[key]
+        elif isinstance(obj, list) and key.isdigit() and int(key) < len(obj):
+            obj = obj[int(key)]
+        else:
+            return False, None
+    return True, obj
+
+
+def evaluate_targets(manifests: list[dict], targets: dict) -> list[dict]:
+    """Each target with what was measured (from the latest matching manifest) and whether it is met."""
+    out = []
+    for t in targets.get("targets", []):
+        path = str(t["path"]).split("/")
+        row = {k: t.get(k) for k in ("id", "phase", "promised", "step", "path", "check", "note")}
+        row.update(measured=None, ci=None, source=None, status=NOT_MEASURED)
+        for m in sorted(manifests, key=lambda m: m.get("timings", {}).get("finished", 0), reverse=True):
+            found, value = _lookup(m, path) if fnmatch.fnmatchcase(m["step"], t["step"]) else (False, None)
+            if not found or value is None:
+                continue
+            _, parent = _lookup(m, path[:-1])
+            row.update(measured=value, source=f"{m['step']} ({'configured' if path[0] == 'config' else 'measured'})",
+                       ci=parent.get("ci") if isinstance(parent, dict) else None, status="no check")
+            check = t.get("check")
+            if check and _is_number(value):
+                row["status"] = "met" if OPS[check["op"]](value, check["value"]) else "not met"
+                ci, bound = row["ci"], check["value"]
+                if isinstance(ci, list) and len(ci) == 2 and _is_number(bound) and ci[0] <= bound <= ci[1]:
+                    row["status"] += " (the CI includes the target)"
+            break
+        out.append(row)
+    return out
+
+
+# ---------------------------------------------------------------- flattening and formatting
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def fmt(v: Any) -> str:
+    """How a value is printed in the HTML (tests use it to find the JSON's numbers there)."""
+    if isinstance(v, bool) or v is None:
+        return str(v).lower() if v is not None else "-"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        return f"{v:.1f}" if abs(v) >= 1e4 else f"{v:.4g}"
+    if isinstance(v, list | dict):
+        return json.dumps(v, separators=(", ", ": "))
+    return str(v)
+
+
+def flatten(obj: Any, prefix: str = "", max_list: int = 12) -> dict[str, Any]:
+    """Nested dicts as dotted keys; short lists inline, lists of dicts indexed, long lists summarized."""
+    out: dict[str, Any] = {}
+    if isinstance(obj, dict):
+        if not obj and prefix:
+            out[prefix] = "{}"
+        for k, v in obj.items():
+            out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k), max_list))
+    elif isinstance(obj, list) and obj and all(isinstance(x, dict) for x in obj) and len(obj) <= max_list:
+        for i, v in enumerate(obj):
+            out.update(flatten(v, f"{prefix}[{i}]", max_list))
+    elif isinstance(obj, list) and (len(obj) > max_list or any(isinstance(x, list | dict) for x in obj)):
+        nums = [x for x in obj if _is_number(x)]
+        span = f", min {fmt(min(nums))}, max {fmt(max(nums))}" if len(nums) == len(obj) else ""
+        out[prefix] = f"[{len(obj)} items{span}; first: {fmt(obj[0])[:60]}, last: {fmt(obj[-1])[:60]}]"
+    else:
+        out[prefix] = obj
+    return out
+
+
+def _when(ts: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ts)) if ts else "-"
+
+
+def phase_of(step: str) -> str:
+    head = step.split(".", 1)[0]
+    return PHASES.get(head, f"Other steps ({head})")
+
+
+# ---------------------------------------------------------------- plots
+def _png(fig: Any) -> str:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _bar(title: str, counts: dict, xlabel: str, ylabel: str = "count", vline: float | None = None) -> str:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 3.2))
+    ax = fig.add_subplot()
+    keys = list(counts)
+    ax.bar([str(k) for k in keys], [counts[k] for k in keys], color="#4a7bb7")
+    if vline is not None:  # between the last bar under the threshold and the first at or above it
+        below = sum(1 for k in keys if float(k) < float(vline))
+        ax.axvline(below - 0.5, color="#c0392b", ls="--", label=f"keep threshold ({fmt(vline)})")
+        ax.legend()
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    return _png(fig)
+
+
+def _pct_plot(pct: dict, gates: dict) -> str:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.5, 3.6))
+    ax = fig.add_subplot()
+    domains = list(pct)
+    vals = [pct[d]["pct"] for d in domains]
+    lo = [max(0.0, pct[d]["pct"] - pct[d].get("ci", [pct[d]["pct"]] * 2)[0]) for d in domains]
+    hi = [max(0.0, pct[d].get("ci", [pct[d]["pct"]] * 2)[1] - pct[d]["pct"]) for d in domains]
+    ax.bar(domains, vals, yerr=[lo, hi], capsize=6, color="#4a7bb7", label="% of reference (95% CI)")
+    labelled = False
+    for i, d in enumerate(domains):
+        if d in gates:
+            ax.hlines(gates[d], i - 0.4, i + 0.4, colors="#c0392b", linestyles="--", label=None if labelled else "gate")
+            labelled = True
+    ax.axhline(100, color="grey", lw=0.8)
+    ax.set(title="% of reference by domain", ylabel="% of reference")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2, frameon=False)
+    return _png(fig)
+
+
+def _curve_plot(title: str, curves: dict[str, list], xlabel: str, ylabel: str) -> str:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.5, 3.4))
+    ax = fig.add_subplot()
+    for label, points in curves.items():
+        ax.plot([p[0] for p in points], [p[1] for p in points], label=label)
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    if len(curves) > 1:
+        ax.legend(fontsize=7)
+    return _png(fig)
+
+
+def _reliability_plot(title: str, rel: dict) -> str:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(4.2, 4.2))
+    ax = fig.add_subplot()
+    ax.plot([0, 1], [0, 1], color="grey", ls="--", label="perfect calibration")
+    ax.plot(rel["confidence"], rel["accuracy"], marker="o", color="#4a7bb7", label="model")
+    ax.set(title=title, xlabel="confidence", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1))
+    ax.legend(loc="upper left", fontsize=8)
+    return _png(fig)
+
+
+def _find_key(obj: Any, key: str, path: str = "") -> list[tuple[str, Any]]:
+    if not isinstance(obj, dict):
+        return []
+    hits = [(f"{path}{key}", obj[key])] if key in obj else []
+    for k, v in obj.items():
+        if k != key:
+            hits += _find_key(v, key, f"{path}{k}.")
+    return hits
+
+
+def make_plots(manifests: list[dict]) -> list[dict]:
+    """Plots for the data present: ``{"id", "phase", "title", "data", "png"}`` each."""
+    plots: list[dict] = []
+    last = {m["step"]: m for m in manifests}  # manifests are sorted: the latest result of each step wins
+
+    def add(pid: str, step: str, title: str, data: Any, draw: Any) -> None:
+        try:
+            plots.append({"id": pid, "phase": phase_of(step), "title": title, "data": data, "png": draw()})
+        except (KeyError, TypeError, ValueError, IndexError) as exc:  # malformed data: say so, keep the report
+            plots.append({"id": pid, "phase": phase_of(step), "title": title, "data": data, "png": None,
+                          "error": f"{type(exc).__name__}: {exc}"})
+
+    pub = last.get("data.publish", {}).get("metrics", {})
+    hist = pub.get("judge_score_histogram")
+    if not hist:
+        hist = {}
+        for m in manifests:
+            for k, v in m["metrics"].get("score_histogram", {}).items() if m["step"] == "data.score" else ():
+                hist[k] = hist.get(k, 0) + v
+    if hist:
+        hist = dict(sorted(hist.items(), key=lambda kv: float(kv[0])))
+        threshold = last.get("data.score", {}).get("config", {}).get("dataset.score", {}).get("threshold")
+        add("judge_score_histogram", "data.score", "Judge scores", hist,
+            lambda: _bar("Judge scores (all judged answers)", hist, "score", vline=threshold))
+    funnel_keys = ("prompts", "answers_generated", "judged", "passed_judge", "final_records")
+    if all(k in pub for k in funnel_keys):
+        funnel = {k: pub[k] for k in funnel_keys}
+        add("funnel", "data.publish", "Records through Phase 0", funnel,
+            lambda: _bar("Records through Phase 0", funnel, "stage", "records"))
+    for key in ("per_domain", "per_teacher"):
+        src = pub.get(key) or last.get("data.prompts", {}).get("metrics", {}).get(key)
+        if src:
+            add(key, "data.publish", f"Records {key.replace('_', ' ')}", src,
+                lambda src=src, key=key: _bar(f"Records {key.replace('_', ' ')}", src, key.split("_", 1)[1]))
+
+    ev = last.get("eval.run", {})
+    pct = ev.get("metrics", {}).get("pct_of_reference") or {}
+    if pct:
+        gates = dict(ev.get("config", {}).get("eval", {}).get("gates", {}))
+        for g in last.get("eval.gate", {}).get("metrics", {}).get("gates", []):
+            gates[g["domain"]] = g["threshold"]
+        add("pct_of_reference", "eval.run", "% of reference by domain", {"pct": pct, "gates": gates},
+            lambda: _pct_plot(pct, gates))
+
+    curves = {f"{m['step']}: {p}": v for m in manifests for p, v in _find_key(m["metrics"], "loss_curve") if v}
+    if curves:
+        step = next(iter(curves)).split(":")[0]
+        add("loss_curves", step, "Loss curves", curves, lambda: _curve_plot("Loss", curves, "step", "loss"))
+    for m in manifests:
+        for p, rel in _find_key(m["metrics"], "reliability"):
+            if isinstance(rel, dict) and rel.get("accuracy") and rel.get("confidence"):
+                add(f"reliability:{m['step']}:{p}", m["step"], f"Reliability: {m['step']} {p}", rel,
+                    lambda m=m, p=p, rel=rel: _reliability_plot(f"{m['step']}: {p}", rel))
+    return plots
+
+
+# ---------------------------------------------------------------- the report
+CSS = """body{font:14px/1.45 system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222;padding:0 1em}
+h1{font-size:1.6em}h2{border-bottom:2px solid #4a7bb7;padding-bottom:.2em;margin-top:2em}h3{margin:1.4em 0 .3em}
+table{border-collapse:collapse;margin:.4em 0 1em;font-size:13px}td,th{border:1px solid #ddd;padding:3px 8px;
+text-align:left;vertical-align:top}th{background:#f2f5f9}td.n{text-align:right;font-variant-numeric:tabular-nums}
+.met{color:#1e7d32;font-weight:600}.notmet{color:#c0392b;font-weight:600}.nm{color:#888;font-style:italic}
+.muted{color:#777;font-size:12px}img{max-width:100%;margin:.3em 1em .3em 0}.plots{display:flex;flex-wrap:wrap}
+code{background:#f4f4f4;padding:0 3px}"""
+
+
+def _e(v: Any) -> str:
+    return html.escape(v if isinstance(v, str) else fmt(v))
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-")
+
+
+def _table(headers: list[str], rows: list[list[Any]]) -> str:
+    head = "".join(f"<th>{_e(h)}</th>" for h in headers)
+    body = "".join(
+        "<tr>" + "".join(f'<td class="n">{_e(c)}</td>' if _is_number(c) else f"<td>{_e(c)}</td>" for c in r) + "</tr>"
+        for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _cost_row(cost: dict) -> list[Any]:
+    return [cost.get(k, 0) for k in ("calls", "cached_calls", "prompt_tokens", "completion_tokens", "usd")]
+
+
+def _step_entry(m: dict, run_id: str) -> dict:
+    t = m.get("timings", {})
+    return {"step": m["step"], "version": m.get("version"), "prefix": m["prefix"], "run_id": m.get("run_id"),
+            "reused": m.get("run_id") != run_id, "phase": phase_of(m["step"]), "timings": t,
+            "cost": m.get("cost") or {}, "metrics": m.get("metrics", {}), "metrics_flat": flatten(m.get("metrics", {})),
+            "outputs": m.get("outputs", {}), "code_version": m.get("code_version")}
+
+
+def build_report(run: dict, targets: dict) -> tuple[str, dict]:
+    """The HTML report and a JSON-able dict with the same numbers (plots as their data, not images)."""
+    run_id = run["run_id"]
+    steps = [_step_entry(m, run_id) for m in run["manifests"]]
+    plots = make_plots(run["manifests"])
+    target_rows = evaluate_targets(run["manifests"], targets)
+    started = [s["timings"].get("started") for s in steps if s["timings"].get("started") and not s["reused"]]
+    finished = [s["timings"].get("finished") for s in steps if s["timings"].get("finished") and not s["reused"]]
+    summary = {"steps": len(steps), "reused_from_earlier_runs": sum(s["reused"] for s in steps),
+               "step_seconds": round(sum(s["timings"].get("seconds", 0) for s in steps if not s["reused"]), 3),
+               "wall_seconds": round(max(finished) - min(started), 3) if started and finished else None,
+               "ledger": run.get("ledger", {})}
+    data = {"pipeline": run["pipeline"], "run_id": run_id, "generated_at": time.time(), "summary": summary,
+            "targets": target_rows, "steps": steps,
+            "plots": [{k: v for k, v in p.items() if k != "png"} for p in plots]}
+
+    order = list(PHASES.values())
+    phases = sorted({s["phase"] for s in steps}, key=lambda p: order.index(p) if p in order else len(order))
+    title = f"Cogumi report: {run['pipeline']} / run {run_id}"
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{_e(title)}</title>",
+             f"<style>{CSS}</style></head><body><h1>{_e(title)}</h1>",
+             f"<p class='muted'>generated {_e(_when(data['generated_at']))} &middot; "
+             + " &middot; ".join(f"<a href='#{_slug(x)}'>{_e(x)}</a>" for x in ["Run summary", "Plan targets", *phases])
+             + "</p>"]
+    if not steps:
+        parts.append("<p class='nm'>No step results under this run id. A run whose every step was cached publishes "
+                     "nothing new: its results carry the run id that first produced them.</p>")
+    ledger = summary["ledger"] or {}
+    parts.append("<h2 id='run-summary'>Run summary</h2>" + _table(["", "value"], [
+        ["step results", summary["steps"]], ["reused from earlier runs", summary["reused_from_earlier_runs"]],
+        ["step seconds (this run)", summary["step_seconds"]], ["wall seconds (this run)", summary["wall_seconds"]],
+        ["LLM calls (ledger)", ledger.get("calls", 0)], ["cached calls", ledger.get("cached_calls", 0)],
+        ["prompt tokens", ledger.get("prompt_tokens", 0)], ["completion tokens", ledger.get("completion_tokens", 0)],
+        ["USD (ledger)", ledger.get("usd", 0.0)]]))
+    if ledger.get("per_endpoint"):
+        parts.append(_table(["endpoint", "calls", "cached", "prompt tokens", "completion tokens", "USD"],
+                            [[k, *_cost_row(v)] for k, v in sorted(ledger["per_endpoint"].items())]))
+
+    parts.append("<h2 id='plan-targets'>Plan targets</h2><p class='muted'>The plan's figures beside this run's. "
+                 "A figure this run did not produce reads <i>not measured yet</i>.</p>")
+    rows = []
+    for t in target_rows:
+        check = t["check"] or {}
+        cls = next((c for k, c in (("not met", "notmet"), ("met", "met"), (NOT_MEASURED, "nm"))
+                    if t["status"].startswith(k)), "")
+        measured = NOT_MEASURED if t["source"] is None else fmt(t["measured"]) + (
+            f" (CI {fmt(t['ci'][0])}-{fmt(t['ci'][1])})" if isinstance(t["ci"], list) and len(t["ci"]) == 2 else "")
+        rows.append(f"<tr><td>{_e(t['phase'])}</td><td>{_e(t['promised'])}</td>"
+                    f"<td>{_e(check.get('op', ''))} {_e(check.get('value', '')) if check else ''}</td>"
+                    f"<td class='{cls}'>{_e(measured)}</td><td class='{cls}'>{_e(t['status'])}</td>"
+                    f"<td class='muted'>{_e(t['source'] or '')} <code>{_e(t['step'])}: {_e(t['path'])}</code>"
+                    f"{'<br>' + _e(t['note']) if t['note'] else ''}</td></tr>")
+    parts.append("<table><tr><th>phase</th><th>promised</th><th>check</th><th>measured</th><th>status</th>"
+                 f"<th>source</th></tr>{''.join(rows)}</table>")
+
+    for phase in phases:
+        parts.append(f"<h2 id='{_slug(phase)}'>{_e(phase)}</h2>")
+        imgs = [p for p in plots if p["phase"] == phase]
+        if imgs:
+            parts.append("<div class='plots'>" + "".join(
+                f"<img alt='{_e(p['title'])}' title='{_e(p['title'])}' src='data:image/png;base64,{p['png']}'>"
+                if p["png"] else f"<p class='nm'>{_e(p['title'])}: not drawn ({_e(p['error'])})</p>"
+                for p in imgs) + "</div>")
+        for s in (s for s in steps if s["phase"] == phase):
+            t = s["timings"]
+            reused = f" &middot; reused from run {_e(s['run_id'])}" if s["reused"] else ""
+            parts.append(f"<h3>{_e(s['step'])} <span class='muted'>v{_e(s['version'])}{reused}</span></h3>"
+                         f"<p class='muted'><code>{_e(s['prefix'])}</code> &middot; code {_e(s['code_version'])}<br>"
+                         f"started {_e(_when(t.get('started')))} &middot; finished {_e(_when(t.get('finished')))}"
+                         f" &middot; {_e(t.get('seconds', '-'))} s</p>")
+            if s["cost"]:
+                parts.append(_table(["calls", "cached", "prompt tokens", "completion tokens", "USD"],
+                                    [_cost_row(s["cost"])]))
+            flat = s["metrics_flat"]
+            parts.append(_table(["metric", "value"], [[k, v] for k, v in flat.items()]) if flat
+                         else "<p class='nm'>no metrics</p>")
+    parts.append("</body></html>")
+    return "\n".join(parts), data
+
+
+def write_report(store: ArtifactStore, pipeline: str, run_id: str | None, out_dir: Path,
+                 targets_path: Path) -> tuple[Path, Path]:
+    """Write ``report-<run>.html`` and ``.json`` under ``out_dir`` and upload both to
+    ``s3://<bucket>/<pipeline>/_reports/<run>/``; returns the local paths."""
+    run = collect_run(store, pipeline, run_id)
+    page, data = build_report(run, load_targets(targets_path))
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    name = safe_name(run["run_id"])
+    html_path, json_path = out_dir / f"report-{name}.html", out_dir / f"report-{name}.json"
+    html_path.write_text(page, encoding="utf-8")
+    json_path.write_text(json.dumps(data, indent=1, sort_keys=True, default=str), encoding="utf-8")
+    for path in (html_path, json_path):
+        store.upload(path, join_uri(store.uri(pipeline, "_reports", name), path.name))
+    return html_path, json_path
