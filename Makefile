@@ -9,16 +9,18 @@ FIND_LINKS := --find-links $(WHEELS) $(if $(PIP_FIND_LINKS),--find-links $(PIP_F
 LLAMA_CPP := llama-cpp-python==0.3.36
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+APT_PACKAGES := docker-compose bubblewrap
 
 .PHONY: install demo test stop status lint bench clean
 
 install: $(STAMP)
 
 $(STAMP): pyproject.toml requirements.lock
-	@# Debian's docker-compose validates docker-compose.yaml in the tests (no engine needed)
-	@command -v docker-compose >/dev/null || { [ "$$(id -u)" = 0 ] && { apt-get install -y -qq docker-compose \
-	  || { apt-get update -qq && apt-get install -y -qq docker-compose; }; } >/dev/null; } \
-	  || echo "note: docker-compose (Debian package) not installed; the compose test will fail"
+	@# Debian packages: docker-compose validates docker-compose.yaml (no engine needed); bubblewrap is
+	@# the sandbox that runs model-written code in the evaluation harness
+	@{ command -v docker-compose && command -v bwrap; } >/dev/null || { [ "$$(id -u)" = 0 ] && \
+	  { apt-get install -y -qq $(APT_PACKAGES) || { apt-get update -qq && apt-get install -y -qq $(APT_PACKAGES); }; } \
+	  >/dev/null; } || echo "note: install the Debian packages $(APT_PACKAGES); tests that need them will fail"
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@test -x $(UV) || $(VENV)/bin/pip install -q uv==0.13.9
 	@# torch first, from the local CPU wheel, so nothing pulls a CUDA build
