@@ -32,7 +32,7 @@ InputValue = str | list[str]
 StepFn = Callable[["StepContext"], "StepOutput"]
 
 # Modules that register steps; imported lazily by get_step().
-STEP_MODULES = ["cogumi_tasks.data.steps"]
+STEP_MODULES = ["cogumi_tasks.data.steps", "cogumi_tasks.eval.steps"]
 
 
 @dataclass

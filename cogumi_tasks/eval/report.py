@@ -234,10 +234,14 @@ def _pct_plot(pct: dict, gates: dict) -> str:
 
     fig = Figure(figsize=(6.5, 3.6))
     ax = fig.add_subplot()
-    domains = list(pct)
+    domains = [d for d in pct if pct[d].get("pct") is not None]
+    undefined = [d for d in pct if pct[d].get("pct") is None]
+    if not domains:
+        raise ValueError("no domain has a defined % of reference")
     vals = [pct[d]["pct"] for d in domains]
-    lo = [max(0.0, pct[d]["pct"] - pct[d].get("ci", [pct[d]["pct"]] * 2)[0]) for d in domains]
-    hi = [max(0.0, pct[d].get("ci", [pct[d]["pct"]] * 2)[1] - pct[d]["pct"]) for d in domains]
+    cis = [pct[d].get("ci") or [pct[d]["pct"]] * 2 for d in domains]
+    lo = [max(0.0, v - ci[0]) for v, ci in zip(vals, cis, strict=True)]
+    hi = [max(0.0, ci[1] - v) for v, ci in zip(vals, cis, strict=True)]
     ax.bar(domains, vals, yerr=[lo, hi], capsize=6, color="#4a7bb7", label="% of reference (95% CI)")
     labelled = False
     for i, d in enumerate(domains):
@@ -245,7 +249,8 @@ def _pct_plot(pct: dict, gates: dict) -> str:
             ax.hlines(gates[d], i - 0.4, i + 0.4, colors="#c0392b", linestyles="--", label=None if labelled else "gate")
             labelled = True
     ax.axhline(100, color="grey", lw=0.8)
-    ax.set(title="% of reference by domain", ylabel="% of reference")
+    note = f"\n(undefined, the reference scored 0: {', '.join(undefined)})" if undefined else ""
+    ax.set(title="% of reference by domain" + note, ylabel="% of reference")
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2, frameon=False)
     return _png(fig)
 

@@ -228,6 +228,9 @@ def print_report(manifest: dict, title: str) -> None:
 
 
 # ---------------------------------------------------------------- the demo
+# The pipeline so far, in order: the dataset, then the evaluation of the student and its gates.
+DEMO_DAGS = ("phase0_dataset:publish", "evaluate:eval_gate")
+
 def run_demo(config: str = "tiny", conf: dict | None = None, timeout_s: float = 3600,
              dag_id: str = "phase0_dataset", final_task: str = "publish",
              settings: local.Settings | None = None, log=print) -> int:
@@ -258,16 +261,17 @@ def run_demo(config: str = "tiny", conf: dict | None = None, timeout_s: float = 
                                      ti.get("map_index", -1)))
                 except DemoError as exc:
                     log(f"(no log: {exc})")
+        from cogumi_tasks.core.config import load_config
+
+        write_run_report(_store(s), load_config(config).name, run_id, s, log)
         log(footer)
         return 1
     result = api.xcom(dag_id, run_id, final_task)
-    log(f"run {run_id}: success; {final_task} returned {result}")
+    log(f"run {run_id}: success")
     if isinstance(result, dict) and str(result.get("manifest", "")).startswith("s3://"):
-        from cogumi_tasks.core.artifacts import ArtifactError, ArtifactStore
-        from cogumi_tasks.core.config import StorageConfig
+        from cogumi_tasks.core.artifacts import ArtifactError
 
-        store = ArtifactStore(StorageConfig(bucket=local.BUCKET, endpoint_url=s.s3_endpoint),
-                              local.s3_credentials(s))
+        store = _store(s)
         try:
             manifest = store.get_json(result["manifest"])
         except ArtifactError as exc:
@@ -277,8 +281,28 @@ def run_demo(config: str = "tiny", conf: dict | None = None, timeout_s: float = 
         if dataset:
             log(f"dataset: {dataset}")
         print_report(manifest, f"{dag_id} / {final_task}")
+        write_run_report(store, manifest["pipeline"], run_id, s, log)
     log(footer)
     return 0
+
+
+def _store(s: local.Settings):
+    from cogumi_tasks.core.artifacts import ArtifactStore
+    from cogumi_tasks.core.config import StorageConfig
+
+    return ArtifactStore(StorageConfig(bucket=local.BUCKET, endpoint_url=s.s3_endpoint), local.s3_credentials(s))
+
+
+def write_run_report(store, pipeline: str, run_id: str, s: local.Settings, log=print) -> None:
+    """The run's HTML report (cogumi report) next to the logs; its path is printed."""
+    from cogumi_tasks.eval.report import write_report
+
+    try:
+        html_path, _ = write_report(store, pipeline, run_id, s.home / "reports", s.config_dir / "plan_targets.yaml")
+    except Exception as exc:  # the run succeeded; a report problem must not hide that
+        log(f"(no report: {type(exc).__name__}: {exc})")
+        return
+    log(f"report: {html_path}")
 
 
 def cli_demo(argv: list[str] | None = None) -> int:
@@ -287,8 +311,8 @@ def cli_demo(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default="tiny", help="pipeline config name or path (default tiny)")
     p.add_argument("--limit", type=int, help="at most this many prompts (conf prompt_limit)")
     p.add_argument("--budget", type=float, help="spend cap in USD (conf budget_usd)")
-    p.add_argument("--dag", default="phase0_dataset", help="DAG id (default phase0_dataset)")
-    p.add_argument("--final-task", default="publish", help="task whose XCom names the manifest")
+    p.add_argument("--dag", action="append", metavar="DAG_ID:FINAL_TASK",
+                   help="run these DAGs in order (default: phase0_dataset:publish, evaluate:eval_gate)")
     p.add_argument("--timeout", type=float, default=3600, help="seconds to follow the run")
     args = p.parse_args(argv)
     conf: dict[str, Any] = {}
@@ -296,4 +320,10 @@ def cli_demo(argv: list[str] | None = None) -> int:
         conf["prompt_limit"] = args.limit
     if args.budget is not None:
         conf["budget_usd"] = args.budget
-    return run_demo(args.config, conf, timeout_s=args.timeout, dag_id=args.dag, final_task=args.final_task)
+    rc = 0
+    for spec in args.dag or list(DEMO_DAGS):
+        dag_id, _, final_task = spec.partition(":")
+        rc = run_demo(args.config, conf, timeout_s=args.timeout, dag_id=dag_id, final_task=final_task or "publish")
+        if rc and dag_id == "phase0_dataset":
+            break
+    return rc

@@ -1,0 +1,287 @@
+"""Model backends behind one interface: chat messages in, greedy answers out.
+
+``HFBackend`` (a transformers checkpoint directory, optional peft adapter), ``GGUFBackend``
+(llama.cpp in process, optional LoRA GGUF) and ``EndpointBackend`` (any OpenAI-compatible endpoint
+through :class:`~cogumi_tasks.llm.client.LLMClient`, so calls are cached, priced, retried and
+budgeted). :func:`load_backend` builds one from a :class:`~cogumi_tasks.core.config.ModelRef`.
+Heavy libraries are imported inside the functions that need them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from cogumi_tasks.core.config import EndpointConfig, LLMConfig, ModelRef
+from cogumi_tasks.core.ledger import BudgetExceeded, CostLedger, ResponseCache
+
+log = logging.getLogger("cogumi.eval")
+
+PROGRESS_EVERY_S = 5.0
+
+
+@dataclass
+class Generation:
+    """One answer. ``seconds`` is this item's share of the wall time; ``error`` is set (and ``text``
+    empty) when the model could not answer this item."""
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    seconds: float
+    error: str | None = None
+
+
+class ModelBackend(Protocol):
+    name: str
+
+    def generate(self, conversations: list[list[dict]], max_tokens: int) -> list[Generation]:
+        """Greedy answers, one per conversation, in order."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class _Progress:
+    """Logs ``done/total`` with throughput at most every PROGRESS_EVERY_S seconds, and at the end."""
+
+    def __init__(self, name: str, total: int):
+        self.name, self.total, self.done, self.tokens = name, total, 0, 0
+        self.started = self.last = time.monotonic()
+
+    def add(self, n: int, tokens: int) -> None:
+        self.done += n
+        self.tokens += tokens
+        now = time.monotonic()
+        if now - self.last >= PROGRESS_EVERY_S or self.done >= self.total:
+            self.last = now
+            elapsed = max(now - self.started, 1e-9)
+            log.info("%s: %d/%d answered (%.2f items/s, %.1f tok/s)", self.name, self.done, self.total,
+                     self.done / elapsed, self.tokens / elapsed)
+
+
+# ---------------------------------------------------------------- transformers
+class HFBackend:
+    """A causal LM checkpoint directory (and optional peft adapter directory) on CPU.
+
+    Prompts are rendered with the tokenizer's chat template, sorted by length and answered in
+    left-padded batches of ``batch_size``, greedy.
+    """
+
+    def __init__(self, path: str | Path, adapter: str | Path | None = None, *, batch_size: int = 4,
+                 dtype: str = "float32", name: str | None = None):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.name = name or f"hf:{Path(path).name}"
+        self.batch_size = max(1, batch_size)
+        self.tokenizer = AutoTokenizer.from_pretrained(str(path))
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype))
+        if adapter is not None:
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, str(adapter))
+        self.model = model.eval()
+
+    def _stop_ids(self) -> set[int]:
+        ids = {self.tokenizer.eos_token_id, self.tokenizer.pad_token_id}
+        eos = getattr(self.model.generation_config, "eos_token_id", None)
+        ids.update(eos if isinstance(eos, list) else [eos])
+        return {i for i in ids if i is not None}
+
+    def generate(self, conversations: list[list[dict]], max_tokens: int) -> list[Generation]:
+        import torch
+        from transformers import GenerationConfig
+
+        tok = self.tokenizer
+        prompts = [tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
+        lengths = [len(tok(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+        order = sorted(range(len(prompts)), key=lambda i: lengths[i])
+        stop = self._stop_ids()
+        gen_cfg = GenerationConfig(max_new_tokens=max_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
+                                   eos_token_id=sorted(stop))
+        out: list[Generation | None] = [None] * len(prompts)
+        progress = _Progress(self.name, len(prompts))
+        for start in range(0, len(order), self.batch_size):
+            idx = order[start:start + self.batch_size]
+            enc = tok([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
+            t0 = time.monotonic()
+            with torch.inference_mode():
+                seqs = self.model.generate(**enc, generation_config=gen_cfg)
+            share = (time.monotonic() - t0) / len(idx)
+            new = seqs[:, enc["input_ids"].shape[1]:].tolist()
+            made = 0
+            for i, ids in zip(idx, new, strict=True):
+                cut = next((k for k, t in enumerate(ids) if t in stop), len(ids))
+                made += cut
+                text = tok.decode(ids[:cut], skip_special_tokens=True, clean_up_tokenization_spaces=False).strip()
+                out[i] = Generation(text, lengths[i], cut, share)
+            progress.add(len(idx), made)
+        return [g for g in out if g is not None]
+
+    def close(self) -> None:
+        self.model = None
+        import gc
+
+        gc.collect()
+
+
+def hf_dir_from_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
+    """Convert a GGUF (e.g. the packaged SmolLM2 Q4_1) into an fp32 transformers directory.
+
+    Dequantizes, saves model and tokenizer, and sets ``architectures`` (the GGUF loader leaves it
+    out, and llama.cpp's converter needs it). Returns ``out_dir``; ~30 s for the 135M model.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    gguf_path, out = Path(gguf_path), Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    kwargs: dict[str, Any] = {"gguf_file": gguf_path.name}
+    model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), dtype=torch.float32,
+                                                 quantization_config=GgufConfig(dequantize=True), **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), **kwargs)
+    model.config.architectures = [type(model).__name__]
+    model.save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))
+    return out
+
+
+# ---------------------------------------------------------------- llama.cpp
+class GGUFBackend:
+    """llama.cpp in process (``llama_cpp.Llama``), one conversation at a time, temperature 0.
+
+    ``adapter`` is a LoRA GGUF (``convert_lora_to_gguf.py``) applied with ``Llama(lora_path=...)``.
+    A prompt that does not fit ``n_ctx`` gives an empty answer with ``error`` set.
+    """
+
+    def __init__(self, path: str | Path, adapter: str | Path | None = None, *, n_ctx: int = 4096,
+                 n_threads: int = 2, name: str | None = None):
+        from llama_cpp import Llama
+
+        self.name = name or f"gguf:{Path(path).name}"
+        self.llm = Llama(model_path=str(path), n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads,
+                         lora_path=str(adapter) if adapter else None, seed=0, verbose=False)
+
+    def generate(self, conversations: list[list[dict]], max_tokens: int) -> list[Generation]:
+        out = []
+        progress = _Progress(self.name, len(conversations))
+        for conv in conversations:
+            t0 = time.monotonic()
+            try:
+                resp = self.llm.create_chat_completion(messages=conv, max_tokens=max_tokens, temperature=0.0,
+                                                       top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0, seed=0)
+            except ValueError as exc:  # e.g. "Requested tokens (...) exceed context window"
+                out.append(Generation("", 0, 0, time.monotonic() - t0, error=str(exc)))
+                progress.add(1, 0)
+                continue
+            usage = resp.get("usage") or {}
+            text = (resp["choices"][0]["message"].get("content") or "").strip()
+            gen = Generation(text, usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0),
+                             time.monotonic() - t0)
+            out.append(gen)
+            progress.add(1, gen.completion_tokens)
+        return out
+
+    def close(self) -> None:
+        llm, self.llm = getattr(self, "llm", None), None
+        if llm is not None:
+            llm.close()
+
+
+# ---------------------------------------------------------------- OpenAI-compatible endpoints
+class EndpointBackend:
+    """Any OpenAI-compatible endpoint through :class:`LLMClient` (cache, ledger, retries, budget).
+
+    A request that still fails after the client's retries gives an empty answer with ``error`` set.
+    A spent budget raises :class:`BudgetExceeded` after the other answers are recorded and cached,
+    so a re-run resumes from them rather than scoring unanswered items as wrong.
+    """
+
+    def __init__(self, endpoint: EndpointConfig, llm: LLMConfig, ledger: CostLedger,
+                 cache: ResponseCache | None = None, *, step: str = "eval.run", api_key: str | None = None,
+                 seed: int | None = None):
+        self.endpoint, self.llm, self.ledger, self.cache = endpoint, llm, ledger, cache
+        self.step, self.api_key, self.seed = step, api_key, seed
+        self.name = f"endpoint:{endpoint.name}"
+        self.stats: dict[str, int] = {}
+
+    async def _run(self, reqs: list) -> list:
+        from cogumi_tasks.llm.client import LLMClient
+
+        # One client per event loop: its connection pool and semaphore belong to the loop.
+        client = LLMClient(self.endpoint, self.llm, self.ledger, step=self.step, cache=self.cache,
+                           api_key=self.api_key, progress=True)
+        try:
+            return await client.chat_many(reqs)
+        finally:
+            self.stats = dict(client.stats)
+            await client.aclose()
+
+    def generate(self, conversations: list[list[dict]], max_tokens: int) -> list[Generation]:
+        from cogumi_tasks.llm.client import ChatRequest
+
+        reqs = [ChatRequest(messages=c, max_tokens=max_tokens, temperature=0.0, seed=self.seed)
+                for c in conversations]
+        t0 = time.monotonic()
+        results = asyncio.run(self._run(reqs))
+        share = (time.monotonic() - t0) / max(len(reqs), 1)
+        spent = [r for r in results if isinstance(r, BudgetExceeded)]
+        if spent:
+            done = sum(not isinstance(r, Exception) for r in results)
+            raise BudgetExceeded(f"{self.name}: {spent[0]} ({done} of {len(results)} answers kept in the cache)")
+        out = []
+        for r in results:
+            if isinstance(r, Exception):
+                out.append(Generation("", 0, 0, share, error=f"{type(r).__name__}: {r}"))
+            else:
+                out.append(Generation(r.text.strip(), r.prompt_tokens, r.completion_tokens, share))
+        failed = sum(g.error is not None for g in out)
+        if failed:
+            log.warning("%s: %d of %d requests failed after retries", self.name, failed, len(out))
+        return out
+
+    def close(self) -> None:
+        """Nothing to release: each generate() call closes its own client."""
+
+
+# ---------------------------------------------------------------- from config
+def _builtin_gguf(path: str) -> Path:
+    from cogumi_tasks.stack.services import MODELS
+
+    name = path.removeprefix("builtin:")
+    if name not in MODELS:
+        raise ValueError(f"unknown builtin model {path!r}; known: {sorted('builtin:' + m for m in MODELS)}")
+    return Path(MODELS[name]())
+
+
+def load_backend(ref: ModelRef, *, endpoints: dict[str, EndpointConfig], llm: LLMConfig, ledger: CostLedger,
+                 cache: ResponseCache | None, fetch: Callable[[str], Path], batch_size: int = 4,
+                 step: str = "eval.run") -> ModelBackend:
+    """The backend a :class:`ModelRef` names. ``fetch`` turns an ``s3://`` URI (a prefix ending in
+    ``/`` for a directory) or a local path into a local path."""
+    if ref.kind == "endpoint":
+        if not ref.endpoint or ref.endpoint not in endpoints:
+            raise ValueError(f"model ref names endpoint {ref.endpoint!r}; configured: {sorted(endpoints)}")
+        return EndpointBackend(endpoints[ref.endpoint], llm, ledger, cache, step=step)
+    if not ref.path:
+        raise ValueError(f"a {ref.kind} model ref needs a path")
+    if ref.kind == "gguf":
+        path = _builtin_gguf(ref.path) if ref.path.startswith("builtin:") else fetch(ref.path)
+        adapter = fetch(ref.adapter) if ref.adapter else None
+        return GGUFBackend(path, adapter, name=f"gguf:{ref.path}")
+    if ref.kind == "hf":
+        def as_dir(uri: str) -> str:
+            return uri + "/" if uri.startswith("s3://") and not uri.endswith("/") else uri
+
+        adapter = fetch(as_dir(ref.adapter)) if ref.adapter else None
+        return HFBackend(fetch(as_dir(ref.path)), adapter, batch_size=batch_size, name=f"hf:{ref.path}")
+    raise ValueError(f"unknown model kind {ref.kind!r}")

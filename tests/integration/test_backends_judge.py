@@ -1,0 +1,246 @@
+"""Model backends (llama.cpp in process, transformers, an OpenAI-compatible endpoint) and the
+pairwise judge, on the packaged SmolLM2-135M-Instruct.
+
+The judge finding this file records (greedy, deterministic): SmolLM2-135M as a pairwise judge picks
+position "1" whatever the answers are, so with both orders asked every planted pair comes out
+inconsistent, i.e. a tie (order agreement 0). The both-orders design therefore never lets the biased
+judge crown the wrong answer, which is asserted; "prefers the correct answer in both orders" is kept
+as a strict xfail that flips to a failure the day the judge can do it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from pathlib import Path
+
+import pytest
+
+from cogumi_tasks.core.config import EndpointConfig, LLMConfig
+from cogumi_tasks.core.ledger import CostLedger, Price, ResponseCache
+from cogumi_tasks.eval.judge import PairVerdict, judge_pairs, order_agreement, parse_verdict, win_rate
+from cogumi_tasks.llm.client import ChatResult
+
+log = logging.getLogger("cogumi.tests")
+
+PROMPTS = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "user", "content": "Write a Python function that adds two numbers."}],
+]
+# (id, question, correct, wrong)
+PLANTED = [
+    ("mul", "What is 12*12?", "144", "150"),
+    ("capital", "What is the capital of France?", "Paris", "Berlin"),
+    ("legs", "How many legs does a spider have?", "8", "6"),
+    ("planet", "What is the largest planet in the solar system?", "Jupiter", "Mars"),
+]
+PRICES = {"local": Price(2.5, 10.0)}
+
+
+class DictCache(ResponseCache):
+    """The response cache in memory."""
+
+    def __init__(self) -> None:
+        self.data: dict[str, dict] = {}
+
+    def get(self, key: str) -> dict | None:
+        return self.data.get(key)
+
+    def put(self, key: str, value: dict) -> None:
+        self.data[key] = value
+
+
+def endpoint(base_url: str) -> EndpointConfig:
+    return EndpointConfig(name="local", base_url=base_url, model="smollm2-135m", price="local", max_concurrency=2,
+                          timeout_s=120)
+
+
+FAST_RETRIES = LLMConfig(max_retries=2, backoff_base_s=0.05, backoff_max_s=0.2)
+
+
+@pytest.fixture(scope="module")
+def gguf_answers():
+    from cogumi_tasks.eval.backends import GGUFBackend
+    from cogumi_tasks.stack.services import smollm2_gguf
+
+    backend = GGUFBackend(smollm2_gguf())
+    try:
+        t0 = time.monotonic()
+        first = backend.generate(PROMPTS, 32)
+        log.info("gguf: 2 answers in %.1fs", time.monotonic() - t0)
+        second = backend.generate(PROMPTS, 32)
+    finally:
+        backend.close()
+    return first, second
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory) -> Path:
+    from cogumi_tasks.eval.backends import hf_dir_from_gguf
+    from cogumi_tasks.stack.services import smollm2_gguf
+
+    return hf_dir_from_gguf(smollm2_gguf(), tmp_path_factory.mktemp("smollm2-hf"))
+
+
+# ---------------------------------------------------------------- backends
+@pytest.mark.stack
+def test_gguf_backend_answers_greedily(gguf_answers):
+    first, second = gguf_answers
+    assert len(first) == 2 and all(g.text and g.error is None for g in first)
+    assert [g.text for g in first] == [g.text for g in second]
+    assert all(g.prompt_tokens > 10 and 0 < g.completion_tokens <= 32 and g.seconds > 0 for g in first)
+
+
+@pytest.mark.stack
+def test_builtin_gguf_via_load_backend():
+    from cogumi_tasks.core.config import ModelRef
+    from cogumi_tasks.eval.backends import GGUFBackend, load_backend
+
+    def no_fetch(uri: str) -> Path:
+        raise AssertionError(f"builtin model must not be fetched ({uri})")
+
+    backend = load_backend(ModelRef(kind="gguf", path="builtin:smollm2-135m"), endpoints={}, llm=LLMConfig(),
+                           ledger=CostLedger(PRICES, 1.0), cache=None, fetch=no_fetch)
+    try:
+        assert isinstance(backend, GGUFBackend)
+    finally:
+        backend.close()
+    with pytest.raises(ValueError, match="unknown builtin model"):
+        load_backend(ModelRef(kind="gguf", path="builtin:nope"), endpoints={}, llm=LLMConfig(),
+                     ledger=CostLedger(PRICES, 1.0), cache=None, fetch=no_fetch)
+
+
+@pytest.mark.stack
+def test_hf_backend_on_converted_dir(hf_dir, gguf_answers):
+    from cogumi_tasks.eval.backends import HFBackend
+
+    assert (hf_dir / "config.json").exists() and '"LlamaForCausalLM"' in (hf_dir / "config.json").read_text()
+    backend = HFBackend(hf_dir, batch_size=2)
+    try:
+        out = backend.generate(PROMPTS, 32)
+    finally:
+        backend.close()
+    assert len(out) == 2 and all(g.text and g.error is None and 0 < g.completion_tokens <= 32 for g in out)
+    # Q4_1 in llama.cpp vs the dequantized fp32 model: report, don't assert, agreement.
+    for hf, gg in zip(out, gguf_answers[0], strict=True):
+        same = len(_common_prefix(hf.text.split(), gg.text.split()))
+        log.info("hf vs gguf: %d leading words agree: %r | %r", same, hf.text[:60], gg.text[:60])
+
+
+def _common_prefix(a: list[str], b: list[str]) -> list[str]:
+    out = []
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        out.append(x)
+    return out
+
+
+@pytest.mark.stack
+def test_endpoint_backend_caches_and_prices(llm_server):
+    from cogumi_tasks.eval.backends import EndpointBackend
+
+    ledger, cache = CostLedger(PRICES, 1.0), DictCache()
+    backend = EndpointBackend(endpoint(llm_server), FAST_RETRIES, ledger, cache, step="test.eval")
+    first = backend.generate(PROMPTS, 24)
+    assert all(g.text and g.error is None and g.prompt_tokens > 10 for g in first)
+    paid = ledger.spent_usd
+    assert paid > 0 and len(cache.data) == 2
+    second = backend.generate(PROMPTS, 24)
+    backend.close()
+    assert [g.text for g in second] == [g.text for g in first]
+    assert ledger.spent_usd == paid and backend.stats["cache_hits"] == 2
+
+
+@pytest.mark.stack
+def test_endpoint_backend_records_failures():
+    from cogumi_tasks.eval.backends import EndpointBackend
+    from cogumi_tasks.stack.services import free_port
+
+    dead = endpoint(f"http://127.0.0.1:{free_port()}/v1")
+    backend = EndpointBackend(dead, LLMConfig(max_retries=1, backoff_base_s=0.01, backoff_max_s=0.02),
+                              CostLedger(PRICES, 1.0))
+    out = backend.generate(PROMPTS[:1], 8)
+    assert out[0].text == "" and "connection" in out[0].error
+
+
+# ---------------------------------------------------------------- judge: the logic, with a scripted judge
+class ScriptedJudge:
+    """Answers judge requests with a fixed rule over the two shown answers."""
+
+    def __init__(self, rule):
+        self.rule = rule
+
+    async def chat_many(self, reqs, validate=None, on_result=None):
+        out = []
+        for r in reqs:
+            user = r.messages[-1]["content"]
+            first = user.split("Answer 1: ", 1)[1].split("\n\nAnswer 2: ")[0]
+            second = user.split("Answer 2: ", 1)[1].split("\n\nWhich")[0]
+            text = json.dumps({"winner": self.rule(first, second), "reason": "scripted"})
+            out.append(ChatResult(text, 1, 1, False, 1, "k", validate(text)))
+        return out
+
+
+def test_judge_maps_orders_back_to_labels():
+    correct = {c for _, _, c, _ in PLANTED}
+    knows = ScriptedJudge(lambda x, y: "1" if x in correct else "2")
+    items = [(i, q, c, w) for i, q, c, w in PLANTED[:2]] + [(i, q, w, c) for i, q, c, w in PLANTED[2:]]
+    verdicts = asyncio.run(judge_pairs(knows, items))
+    assert [v.winner for v in verdicts] == ["a", "a", "b", "b"]
+    assert all(v.consistent for v in verdicts) and order_agreement(verdicts) == 1.0
+    assert win_rate(verdicts) == 0.5
+
+    biased = asyncio.run(judge_pairs(ScriptedJudge(lambda x, y: "1"), items))
+    assert all(v.ab == "a" and v.ba == "b" and v.winner == "tie" and not v.consistent for v in biased)
+    assert order_agreement(biased) == 0.0 and win_rate(biased) == 0.5
+
+
+def test_verdict_parsing_and_rates():
+    assert parse_verdict('{"winner": "2", "reason": "x"}') == "2"
+    assert parse_verdict('{"winner": "TIE"}') == "tie"
+    for bad in ("winner 1", '{"winner": "3"}', "[1]"):
+        with pytest.raises(ValueError):
+            parse_verdict(bad)
+    vs = [PairVerdict("x", "a", "a", "a", True), PairVerdict("y", "a", "b", "tie", False)]
+    assert win_rate(vs) == 0.75 and order_agreement(vs) == 0.5
+
+
+# ---------------------------------------------------------------- judge: SmolLM2-135M for real
+async def _smollm2_verdicts(llm_server: str) -> tuple[list, list[tuple[str, str, str, str]], dict[str, str]]:
+    from cogumi_tasks.llm.client import LLMClient
+
+    client = LLMClient(endpoint(llm_server), FAST_RETRIES, CostLedger(PRICES, 1.0), step="test.judge")
+    # Candidate "a" is the correct answer for half the items and the wrong one for the other half.
+    items, right = [], {}
+    for k, (item_id, q, good, bad) in enumerate(PLANTED):
+        items.append((item_id, q, good, bad) if k % 2 == 0 else (item_id, q, bad, good))
+        right[item_id] = "a" if k % 2 == 0 else "b"
+    try:
+        return await judge_pairs(client, items), items, right
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.stack
+def test_smollm2_judge_never_crowns_the_wrong_answer(llm_server):
+    verdicts, items, right = asyncio.run(_smollm2_verdicts(llm_server))
+    assert len(verdicts) == len(items)  # every JSON verdict parsed, both orders
+    agreement = order_agreement(verdicts)
+    correct_both = sum(v.consistent and v.winner == right[v.item_id] for v in verdicts)
+    log.info("smollm2 judge: order agreement %.2f, correct in both orders %d/%d, verdicts %s", agreement,
+             correct_both, len(verdicts), [(v.item_id, v.ab, v.ba) for v in verdicts])
+    # With a position-biased judge the two orders disagree, and disagreement is a tie, never a wrong win.
+    assert all(v.winner in (right[v.item_id], "tie") for v in verdicts)
+    assert all(v.winner == "tie" for v in verdicts if not v.consistent)
+
+
+@pytest.mark.stack
+@pytest.mark.xfail(strict=True, reason="SmolLM2-135M picks answer position 1 whatever the content (measured: "
+                   "0/12 planted pairs right in both orders, order agreement 0, even with the gold answer in "
+                   "the prompt); gemma3-270m does the same")
+def test_smollm2_judge_prefers_correct_in_both_orders(llm_server):
+    verdicts, _, right = asyncio.run(_smollm2_verdicts(llm_server))
+    assert all(v.consistent and v.winner == right[v.item_id] for v in verdicts)

@@ -1,0 +1,81 @@
+"""The evaluation harness through Airflow: the tiny student against the llama.cpp reference,
+per-item results in S3, gates that fail with the measured figure, and the run report."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cogumi_tasks.core.artifacts import ArtifactStore
+from cogumi_tasks.core.config import load_config
+from cogumi_tasks.core.steps import StepFailed, run_step
+
+pytestmark = pytest.mark.stack
+
+SUITES = ["humaneval", "mbpp", "mmlu", "bbh", "tool_use"]
+
+
+@pytest.fixture(scope="module")
+def evaluated(dagbag, s3_server, llm_server, tmp_path_factory):
+    import yaml
+
+    from cogumi_tasks.core.config import apply_overrides, resolve_config_path
+
+    overrides = {"name": "eval-tiny", "eval.max_tokens": 96, "eval.bootstrap": 200}
+    overrides.update({f"eval.suites.{i}.limit": 2 for i in range(len(SUITES))})
+    data = apply_overrides(yaml.safe_load(resolve_config_path("tiny").read_text()), overrides, "test")
+    path = tmp_path_factory.mktemp("cfg") / "eval-tiny.yaml"
+    path.write_text(yaml.safe_dump(data))
+    store = ArtifactStore(load_config(str(path)).storage, s3_server.credentials())
+    store.ensure_bucket()
+    run = dagbag.dags["evaluate"].test(run_conf={"config": str(path)})
+    manifests = [store.get_json(u) for u in store.list(store.uri("eval-tiny", "eval.run") + "/")
+                 if u.endswith("/_manifest.json")]
+    assert len(manifests) == 1
+    return {"run": run, "path": str(path), "store": store, "manifest": manifests[0]}
+
+
+def test_eval_run_task_scores_student_and_reference(evaluated):
+    run, m, store = evaluated["run"], evaluated["manifest"], evaluated["store"]
+    states = {ti.task_id: ti.state for ti in run.get_task_instances()}
+    assert states["eval_run"] == "success"
+    summary = m["metrics"]
+    assert summary["items"] == 10 and set(summary["suites"]) == set(SUITES)
+    rows = [json.loads(x) for x in store.get_bytes(m["outputs"]["items"]).decode().splitlines()]
+    assert len(rows) == 10
+    for r in rows:
+        assert {"prompt", "answer", "score", "error", "reference_answer", "reference_score", "domain"} <= set(r)
+        assert 0.0 <= r["score"] <= 1.0
+    for suite, s in summary["suites"].items():
+        assert s["n"] == 2
+        assert s["ours"] == pytest.approx(sum(r["score"] for r in rows if r["suite"] == suite) / 2)
+    assert 0.0 <= summary["judge"]["win_rate"] <= 1.0
+    print("eval tiny:", json.dumps({k: summary[k] for k in ("suites", "pct_of_reference", "judge")}))
+
+
+def test_gate_above_the_measured_score_fails_with_the_figure(evaluated, write_config):
+    table = evaluated["manifest"]["metrics"]["pct_of_reference"]
+    domain, row = next((d, r) for d, r in table.items() if d != "all" and r.get("pct") is not None)
+    summary = evaluated["manifest"]["outputs"]["summary"]
+    store = evaluated["store"]
+    above = load_config(evaluated["path"], {"eval.gates": json.dumps({domain: row["pct"] + 1})})
+    with pytest.raises(StepFailed) as err:
+        run_step("eval.gate", above, {"summary": summary}, store=store)
+    assert f"{domain}: {row['pct']:.1f}% of reference" in str(err.value) and "FAILED" in str(err.value)
+    below = load_config(evaluated["path"], {"eval.gates": json.dumps({domain: row["pct"] - 1})})
+    result = run_step("eval.gate", below, {"summary": summary}, store=store)
+    assert [g["passed"] for g in result.metrics["gates"]] == [True]
+
+
+def test_gate_task_reports_its_verdict_and_the_report_shows_it(evaluated, tmp_path):
+    from cogumi_tasks.eval.report import write_report
+
+    run = evaluated["run"]
+    gate_state = {ti.task_id: ti.state for ti in run.get_task_instances()}["eval_gate"]
+    assert gate_state in ("success", "failed")
+    html, data = write_report(evaluated["store"], "eval-tiny", run.run_id, tmp_path,
+                              load_config.__globals__["config_dir"]() / "plan_targets.yaml")
+    text = html.read_text()
+    assert "Evaluation" in text and "data:image/png;base64" in text
+    assert json.loads(data.read_text())["summary"]

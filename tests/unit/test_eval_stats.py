@@ -1,0 +1,99 @@
+"""% of reference with a paired bootstrap, and the gates on it: hand-computed cases."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from cogumi_tasks.eval.stats import bootstrap_ratio_ci, check_gates, pct_of_reference
+
+
+def test_point_is_ratio_of_means():
+    point, low, high = bootstrap_ratio_ci([1, 0, 1, 1], [1, 1, 1, 1])
+    assert point == pytest.approx(75.0)
+    # every replicate has ref mean 1 and ours mean in {0, .25, .5, .75, 1}
+    assert 0.0 <= low <= point <= high <= 100.0
+    assert low in (0.0, 25.0, 50.0, 75.0) and high in (75.0, 100.0)
+
+
+def test_ratio_can_exceed_100_and_uses_measured_reference():
+    point, low, high = bootstrap_ratio_ci([1, 1, 1, 0], [1, 0, 1, 0])
+    assert point == pytest.approx(150.0)  # 0.75 / 0.5
+    assert low <= point <= high
+
+
+def test_fractional_scores():
+    point, *_ = bootstrap_ratio_ci([0.5, 0.25], [1.0, 0.5])
+    assert point == pytest.approx(0.375 / 0.75 * 100)
+
+
+def test_deterministic_with_seed_and_varies_without():
+    ours, ref = [1, 0, 1, 1, 0, 1, 0, 1], [1, 1, 1, 0, 1, 1, 1, 1]
+    assert bootstrap_ratio_ci(ours, ref, seed=3) == bootstrap_ratio_ci(ours, ref, seed=3)
+    cis = {bootstrap_ratio_ci(ours, ref, n=200, seed=s)[1:] for s in range(5)}
+    assert len(cis) > 1
+
+
+def test_identical_scores_give_a_degenerate_interval():
+    assert bootstrap_ratio_ci([1, 0, 1], [1, 0, 1]) == pytest.approx((100.0, 100.0, 100.0))
+
+
+def test_zero_reference_raises_clearly():
+    with pytest.raises(ValueError, match="reference scored 0; % of reference undefined"):
+        bootstrap_ratio_ci([1, 0], [0, 0])
+    with pytest.raises(ValueError, match="paired"):
+        bootstrap_ratio_ci([1, 0], [1])
+
+
+def test_pct_of_reference_per_domain_and_all():
+    rows = [
+        {"id": "c1", "domain": "code", "ours": 1, "reference": 1},
+        {"id": "c2", "domain": "code", "ours": 0, "reference": 1},
+        {"id": "r1", "domain": "reasoning", "ours": 1, "reference": 1},
+        {"id": "r2", "domain": "reasoning", "ours": 1, "reference": 0},
+    ]
+    table = pct_of_reference(rows, n=500, seed=1)
+    assert set(table) == {"code", "reasoning", "all"}
+    assert table["code"]["pct"] == pytest.approx(50.0)
+    assert table["code"]["ours"] == 0.5 and table["code"]["reference"] == 1.0 and table["code"]["n"] == 2
+    assert table["reasoning"]["pct"] == pytest.approx(200.0)
+    assert table["all"]["pct"] == pytest.approx(0.75 / 0.75 * 100) and table["all"]["n"] == 4
+    for entry in table.values():
+        low, high = entry["ci"]
+        assert low <= entry["pct"] <= high
+
+
+def test_pct_domain_with_zero_reference_is_marked_not_raised():
+    rows = [{"id": "a", "domain": "code", "ours": 1, "reference": 0},
+            {"id": "b", "domain": "general", "ours": 1, "reference": 1}]
+    table = pct_of_reference(rows)
+    assert table["code"]["pct"] is None and "reference scored 0" in table["code"]["error"]
+    assert table["general"]["pct"] == 100.0
+    with pytest.raises(ValueError, match="reference scored 0"):
+        pct_of_reference([{"id": "a", "domain": "code", "ours": 1, "reference": 0}])
+
+
+def test_gates_pass_and_fail_messages():
+    table = {"code": {"pct": 41.23, "ci": [30.14, 52.31], "n": 20, "ours": 0.3, "reference": 0.7},
+             "reasoning": {"pct": 80.0, "ci": [70.0, 90.0], "n": 10, "ours": 0.4, "reference": 0.5}}
+    results = {g.domain: g for g in check_gates(table, {"code": 72, "reasoning": 70})}
+    assert not results["code"].passed
+    assert results["code"].message == "code: 41.2% of reference (95% CI 30.1-52.3, n=20), gate > 72% FAILED"
+    assert results["code"].ci == (30.14, 52.31)
+    assert results["reasoning"].passed and results["reasoning"].message.endswith("gate > 70% passed")
+
+
+def test_gate_is_strictly_greater():
+    table = {"code": {"pct": 72.0, "ci": [60.0, 80.0], "n": 5}}
+    assert not check_gates(table, {"code": 72})[0].passed
+
+
+def test_gate_on_missing_or_undefined_domain_fails():
+    table = {"code": {"pct": None, "ci": None, "n": 3, "error": "code: reference scored 0; % of reference undefined"},
+             "general": {"pct": 90.0, "ci": [80.0, 100.0], "n": 4}}
+    results = {g.domain: g for g in check_gates(table, {"automation": 75, "code": 72})}
+    assert not results["automation"].passed and "no evaluated items" in results["automation"].message
+    assert math.isnan(results["automation"].pct)
+    assert not results["code"].passed and "reference scored 0" in results["code"].message
+    assert check_gates(table, {}) == []
