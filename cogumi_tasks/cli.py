@@ -156,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for noisy in ("httpx", "httpcore", "botocore", "boto3", "urllib3"):
+    for noisy in ("httpx", "httpcore", "botocore", "boto3", "urllib3", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["demo"]:

@@ -75,7 +75,7 @@ def split_by_weight(ids: list[str], weights: dict[str, float]) -> dict[str, str]
     return out
 
 
-@step("data.prompts", version=1, reads=("dataset.prompts", "teachers"),
+@step("data.prompts", version=2, reads=("dataset.prompts", "teachers"),
       config_inputs={"source": "dataset.prompts.source"})
 def prompts(ctx: StepContext) -> StepOutput:
     """Validate the prompt JSONL, assign teachers by the configured mix, and shard. A ``limit``
