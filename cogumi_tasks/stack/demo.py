@@ -126,6 +126,17 @@ class AirflowREST:
         return "\n".join(out[-lines:])
 
 
+    def failure_line(self, dag_id: str, run_id: str, ti: dict) -> str:
+        """The exception line of a failed task's log (e.g. the gate message with its figures)."""
+        try:
+            tail = self.log_tail(dag_id, run_id, ti["task_id"], ti["try_number"] or 1, ti.get("map_index", -1), 400)
+        except DemoError as exc:
+            return f"(no log: {exc})"
+        errors = [x.strip() for x in tail.splitlines()
+                  if ": " in x and x.strip().split(":")[0].endswith(("Failed", "Error"))]
+        return errors[-1] if errors else tail.splitlines()[-1] if tail else "(empty log)"
+
+
 def _format_error(detail: Any) -> list[str]:
     """Airflow 3 structured ``error_detail`` (a list of exceptions with frames) as a few lines."""
     if not detail:
@@ -221,7 +232,7 @@ def print_report(manifest: dict, title: str) -> None:
     if "cost" in manifest and not any(k.startswith("cost.") for k, _ in rows):
         rows += _flatten(manifest["cost"], "cost.")
     # nested detail (per endpoint, zero counters) stays in the manifest; the table shows what matters
-    rows = [(k, v) for k, v in rows if ".per_endpoint." not in k and not (k.count(".") >= 2 and v == 0)]
+    rows = [(k, v) for k, v in rows if ".per_endpoint." not in k and not (k.startswith("faults.") and v == 0)]
     for key, value in rows:
         metrics.add_row(key, f"{value:.6g}" if isinstance(value, float) else str(value))
     console.print(metrics)
@@ -229,7 +240,8 @@ def print_report(manifest: dict, title: str) -> None:
 
 # ---------------------------------------------------------------- the demo
 # The pipeline so far, in order: the dataset, then the evaluation of the student and its gates.
-DEMO_DAGS = ("phase0_dataset:publish", "evaluate:eval_gate")
+DEMO_DAGS = ("phase0_dataset:publish", "evaluate:eval_run")
+GATES_FAILED = 3  # the run finished its work; a check after it (a quality gate) failed
 
 def run_demo(config: str = "tiny", conf: dict | None = None, timeout_s: float = 3600,
              dag_id: str = "phase0_dataset", final_task: str = "publish",
@@ -251,7 +263,8 @@ def run_demo(config: str = "tiny", conf: dict | None = None, timeout_s: float = 
     state, tis = follow(api, dag_id, run_id, timeout_s, log=log)
     footer = (f"UI: {ui}  (login: admin / {password})\nlogs: {s.logs_dir} (services), "
               f"{s.airflow_home / 'logs'} (tasks)\nstop the stack: make stop")
-    if state != "success":
+    final_ok = any(ti["task_id"] == final_task and ti["state"] == "success" for ti in tis)
+    if state != "success" and not final_ok:
         log(f"run {run_id}: {state}")
         for ti in tis:
             if ti["state"] == "failed":
@@ -267,7 +280,7 @@ def run_demo(config: str = "tiny", conf: dict | None = None, timeout_s: float = 
         log(footer)
         return 1
     result = api.xcom(dag_id, run_id, final_task)
-    log(f"run {run_id}: success")
+    log(f"run {run_id}: {state}")
     if isinstance(result, dict) and str(result.get("manifest", "")).startswith("s3://"):
         from cogumi_tasks.core.artifacts import ArtifactError
 
@@ -282,8 +295,11 @@ def run_demo(config: str = "tiny", conf: dict | None = None, timeout_s: float = 
             log(f"dataset: {dataset}")
         print_report(manifest, f"{dag_id} / {final_task}")
         write_run_report(store, manifest["pipeline"], run_id, s, log)
+    checks = [ti for ti in tis if ti["state"] == "failed"]
+    for ti in checks:  # e.g. a quality gate after the final task: its verdict, not a crash
+        log(f"{_ti_label(ti)} FAILED: {api.failure_line(dag_id, run_id, ti)}")
     log(footer)
-    return 0
+    return GATES_FAILED if checks else 0
 
 
 def _store(s: local.Settings):
@@ -324,6 +340,8 @@ def cli_demo(argv: list[str] | None = None) -> int:
     for spec in args.dag or list(DEMO_DAGS):
         dag_id, _, final_task = spec.partition(":")
         rc = run_demo(args.config, conf, timeout_s=args.timeout, dag_id=dag_id, final_task=final_task or "publish")
-        if rc and dag_id == "phase0_dataset":
-            break
-    return rc
+        if rc not in (0, GATES_FAILED):
+            return rc
+    if rc == GATES_FAILED:
+        print("the pipeline ran; its quality gates failed (figures above and in the report)")
+    return 0
