@@ -6,29 +6,21 @@ S3; empty: the config's ``eval.student``). Later phases reuse the same steps ins
 
 from __future__ import annotations
 
-from datetime import timedelta
-
-import pendulum
-from airflow.sdk import DAG, Param
+from airflow.sdk import Param
 from cogumi_provider.operators import CogumiStepOperator
-from cogumi_provider.placement import phase_asset, placement, run_params
+from cogumi_provider.placement import cogumi_dag, phase_asset, placement, run_params
 
-with DAG(
-    dag_id="evaluate",
-    description="Score a model against the reference model; gate the release on it",
-    schedule=None,
-    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
-    catchup=False,
-    max_active_runs=1,
-    render_template_as_native_obj=True,
-    tags=["cogumi", "eval"],
+with cogumi_dag(
+    "evaluate",
+    "Score a model against the reference model; gate the release on it",
     params=run_params(
         model=Param(None, type=["null", "string"], title="Model",
                     description="s3:// URI of a GGUF file or an HF model directory (ending in /); "
                                 "empty: the config's eval.student."),
     ),
-    default_args={"retries": 1, "retry_delay": timedelta(seconds=30),
-                  "overrides": {"llm.budget_usd": "{{ params.budget_usd }}"}},
+    overrides={"llm.budget_usd": "{{ params.budget_usd }}"},
+    tags=["eval"],
+    retries=1,
 ) as dag:
     run = CogumiStepOperator(
         task_id="eval_run", step="eval.run", inputs={"model": "{{ params.model }}"}, **placement("eval.run")

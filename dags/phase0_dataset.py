@@ -6,32 +6,24 @@ Publishes the ``cogumi_phase0`` Asset that Phase 1 is scheduled on.
 
 from __future__ import annotations
 
-from datetime import timedelta
-
-import pendulum
-from airflow.sdk import DAG, Param
+from airflow.sdk import Param
 from cogumi_provider.operators import CogumiStepOperator
-from cogumi_provider.placement import phase_asset, placement, run_params
+from cogumi_provider.placement import cogumi_dag, phase_asset, placement, run_params
 
 OVERRIDES = {
     "dataset.prompts.limit": "{{ params.prompt_limit }}",
     "llm.budget_usd": "{{ params.budget_usd }}",
 }
 
-with DAG(
-    dag_id="phase0_dataset",
-    description="Teacher answers, judged and deduplicated, into a curated JSONL dataset",
-    schedule=None,
-    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
-    catchup=False,
-    max_active_runs=1,
-    render_template_as_native_obj=True,
-    tags=["cogumi", "phase0"],
+with cogumi_dag(
+    "phase0_dataset",
+    "Teacher answers, judged and deduplicated, into a curated JSONL dataset",
     params=run_params(
         prompt_limit=Param(None, type=["null", "integer"], minimum=1, title="Prompt limit",
                            description="Use only the first N valid prompts (empty: the config's limit)."),
     ),
-    default_args={"retries": 2, "retry_delay": timedelta(seconds=30), "overrides": OVERRIDES},
+    overrides=OVERRIDES,
+    tags=["phase0"],
 ) as dag:
     prompts = CogumiStepOperator(
         task_id="prompts", step="data.prompts", return_output="shards", **placement("data.prompts")

@@ -8,9 +8,11 @@ decided at run time from the run's own config.
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from functools import lru_cache
 
-from airflow.sdk import Asset, Param
+import pendulum
+from airflow.sdk import DAG, Asset, Param
 
 
 @lru_cache(maxsize=1)
@@ -51,3 +53,21 @@ def run_params(**extra: Param) -> dict[str, Param]:
                             description="Stop new teacher/judge calls once the run has spent this much."),
         **extra,
     }
+
+
+def cogumi_dag(dag_id: str, description: str, *, params: dict[str, Param], overrides: dict[str, str],
+               tags: list[str], retries: int = 2, schedule=None) -> DAG:
+    """A pipeline DAG with the project's defaults: manual or Asset-scheduled, one active run,
+    native templates (so params keep their types), retries, and the run params as config overrides."""
+    return DAG(
+        dag_id=dag_id,
+        description=description,
+        schedule=schedule,
+        start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+        catchup=False,
+        max_active_runs=1,
+        render_template_as_native_obj=True,
+        tags=["cogumi", *tags],
+        params=params,
+        default_args={"retries": retries, "retry_delay": timedelta(seconds=30), "overrides": overrides},
+    )
