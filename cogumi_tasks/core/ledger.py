@@ -175,9 +175,11 @@ def summarize(rows: list[dict]) -> dict:
 
 
 def read_run_ledger(store: ArtifactStore, ledger_prefix: str) -> list[dict]:
+    """Every ledger row under ``ledger_prefix`` (one run's ledger, or ``_runs`` for all runs)."""
     rows: list[dict] = []
     for uri in store.list(ledger_prefix + "/"):
-        rows += [json.loads(x) for x in store.get_bytes(uri).decode().splitlines() if x.strip()]
+        if "/ledger/" in uri and uri.endswith(".jsonl"):
+            rows += [json.loads(x) for x in store.get_bytes(uri).decode().splitlines() if x.strip()]
     return rows
 
 

@@ -96,7 +96,8 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
         for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            # ASCII escapes keep U+2028 and friends out of the file: any line splitter reads it back
+            f.write(json.dumps(row) + "\n")
 
 
 def iter_jsonl_dicts(path: Path) -> Iterator[dict]:

@@ -8,6 +8,7 @@ import time
 from typing import Any
 from urllib.parse import quote
 
+from cogumi_tasks.core.config import load_config
 from cogumi_tasks.stack import local
 
 TERMINAL = {"success", "failed", "upstream_failed", "skipped", "removed"}
@@ -274,8 +275,6 @@ def run_demo(config: str = "tiny", conf: dict | None = None, timeout_s: float = 
                                      ti.get("map_index", -1)))
                 except DemoError as exc:
                     log(f"(no log: {exc})")
-        from cogumi_tasks.core.config import load_config
-
         write_run_report(_store(s), load_config(config).name, run_id, s, log)
         log(footer)
         return 1
@@ -294,7 +293,7 @@ def run_demo(config: str = "tiny", conf: dict | None = None, timeout_s: float = 
         if dataset:
             log(f"dataset: {dataset}")
         print_report(manifest, f"{dag_id} / {final_task}")
-        write_run_report(store, manifest["pipeline"], run_id, s, log)
+        write_run_report(store, manifest.get("pipeline") or load_config(config).name, run_id, s, log)
     checks = [ti for ti in tis if ti["state"] == "failed"]
     for ti in checks:  # e.g. a quality gate after the final task: its verdict, not a crash
         log(f"{_ti_label(ti)} FAILED: {api.failure_line(dag_id, run_id, ti)}")
