@@ -178,6 +178,56 @@ class EvalConfig(Strict):
     gates: dict[str, float] = Field(default_factory=dict)
 
 
+# ---------------------------------------------------------------- phase 1: the base model
+class VocabTrimConfig(Strict):
+    enabled: bool = True
+    coverage: float = 0.995
+    heldout: str = Field("builtin:tiny_prompts", description="extra English text counted with the dataset")
+    max_ppl_increase_pct: float = 3.0
+    on_gate_fail: Literal["continue_untrimmed", "fail"] = "continue_untrimmed"
+
+
+class SFTConfig(Strict):
+    method: Literal["lora", "qlora", "auto"] = "auto"  # auto: qlora where CUDA is present, else lora
+    rank: int = 64
+    alpha: int = 128
+    dropout: float = 0.05
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    lr: float = 2e-4
+    epochs: float = 3.0
+    max_steps: int | None = None
+    batch_size: int = 4
+    grad_accum: int = 1
+    max_seq_len: int = 512
+    eval_fraction: float = 0.1
+    early_stopping_patience: int = 2
+    checkpoint_every: int = 50
+    seed: int = 0
+    bf16: bool = False
+
+
+class FailureAnalysisConfig(Strict):
+    embedder: str = Field("builtin:all-minilm-l6-v2", description="builtin:<name>, a local dir or a hub name")
+    k: int = 10
+    examples_per_cluster: int = 5
+
+
+class DistillConfig(Strict):
+    examples_per_pattern: int = 50
+    judge_min_score: int = 8
+    replay_fraction: float = 0.1
+    lr: float = 3e-6
+    epochs: float = 1.0
+
+
+class TrainConfig(Strict):
+    base_model: ModelRef
+    vocab_trim: VocabTrimConfig = Field(default_factory=VocabTrimConfig)
+    sft: SFTConfig = Field(default_factory=SFTConfig)
+    failure_analysis: FailureAnalysisConfig = Field(default_factory=FailureAnalysisConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+
+
 # ---------------------------------------------------------------- the whole pipeline
 class PipelineConfig(Strict):
     """Everything one pipeline run reads. ``name`` is the S3 prefix of its artifacts."""
@@ -190,6 +240,7 @@ class PipelineConfig(Strict):
     judge: EndpointConfig
     dataset: DatasetConfig
     eval: EvalConfig | None = None
+    train: TrainConfig | None = None
 
     @model_validator(mode="after")
     def _check(self) -> PipelineConfig:
