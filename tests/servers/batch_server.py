@@ -18,7 +18,6 @@ import asyncio
 import contextlib
 import json
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
@@ -193,23 +192,19 @@ def build_app(upstream: str, state_dir: Path | None = None, line_delay_s: float 
 def start_batch_server(upstream: str, port: int, log_path: Path, state_dir: Path | None = None,
                        line_delay_s: float = 0.0):
     """Start the batch server as a detached process on 127.0.0.1:port and wait until it answers."""
-    import sys
+    from tests.servers.procs import start_test_server
 
-    from cogumi_tasks.stack.services import spawn, wait_http
-
-    cmd = [sys.executable, "-m", "tests.servers.batch_server", "--upstream", upstream, "--port", str(port),
-           "--line-delay-s", str(line_delay_s)]
+    args = ["--upstream", upstream, "--line-delay-s", str(line_delay_s)]
     if state_dir is not None:
-        cmd += ["--state-dir", str(state_dir)]
-    proc = spawn(cmd, Path(log_path), cwd=Path(__file__).resolve().parents[2])
-    wait_http(f"http://127.0.0.1:{port}/_stats", timeout_s=30, proc=proc)
-    return proc
+        args += ["--state-dir", str(state_dir)]
+    return start_test_server("tests.servers.batch_server", port, args, Path(log_path))
 
 
 def batch_stats(base: str) -> dict:
     """``GET /_stats`` of a batch server at ``base`` (``http://127.0.0.1:PORT``)."""
-    with urllib.request.urlopen(f"{base.removesuffix('/v1')}/_stats", timeout=5) as resp:
-        return json.loads(resp.read())
+    from tests.servers.procs import server_stats
+
+    return server_stats(base)
 
 
 def main() -> None:

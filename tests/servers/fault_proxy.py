@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import random
-import urllib.request
 from pathlib import Path
 
 FAULTS = ("429", "500", "hang", "garbage")
@@ -72,20 +70,16 @@ def build_app(upstream: str, fault_rate: float, seed: int, hang_s: float):
 
 def start_fault_proxy(upstream: str, port: int, fault_rate: float, seed: int, hang_s: float, log_path: Path):
     """Start the proxy as a detached process on 127.0.0.1:port and wait until it answers."""
-    import sys
+    from tests.servers.procs import start_test_server
 
-    from cogumi_tasks.stack.services import spawn, wait_http
-
-    cmd = [sys.executable, "-m", "tests.servers.fault_proxy", "--upstream", upstream, "--port", str(port),
-           "--fault-rate", str(fault_rate), "--seed", str(seed), "--hang-s", str(hang_s)]
-    proc = spawn(cmd, Path(log_path), cwd=Path(__file__).resolve().parents[2])
-    wait_http(f"http://127.0.0.1:{port}/_stats", timeout_s=30, proc=proc)
-    return proc
+    args = ["--upstream", upstream, "--fault-rate", str(fault_rate), "--seed", str(seed), "--hang-s", str(hang_s)]
+    return start_test_server("tests.servers.fault_proxy", port, args, Path(log_path))
 
 
 def proxy_stats(base: str) -> dict:
-    with urllib.request.urlopen(f"{base}/_stats", timeout=5) as resp:
-        return json.loads(resp.read())
+    from tests.servers.procs import server_stats
+
+    return server_stats(base)
 
 
 def main() -> None:

@@ -44,3 +44,24 @@ def listening(pids: set[int]) -> list[tuple[str, int, int]]:
         addr, _, port = line.split()[4].rpartition(":")
         found += [(addr, int(port), pid) for pid in map(int, re.findall(r"pid=(\d+)", line)) if pid in pids]
     return found
+
+
+def start_test_server(module: str, port: int, args: list[str], log_path: Path):
+    """Run ``python -m <module> --port PORT <args>`` detached on 127.0.0.1 and wait for ``/_stats``."""
+    import sys
+
+    from cogumi_tasks.stack.services import spawn, wait_http
+
+    cmd = [sys.executable, "-m", module, "--port", str(port), *args]
+    proc = spawn(cmd, Path(log_path), cwd=Path(__file__).resolve().parents[2])
+    wait_http(f"http://127.0.0.1:{port}/_stats", timeout_s=30, proc=proc)
+    return proc
+
+
+def server_stats(base: str) -> dict:
+    """``GET /_stats`` of a test server at ``base`` (``http://127.0.0.1:PORT``, ``/v1`` allowed)."""
+    import json
+    import urllib.request
+
+    with urllib.request.urlopen(f"{base.removesuffix('/v1')}/_stats", timeout=5) as resp:
+        return json.loads(resp.read())
