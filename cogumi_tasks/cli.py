@@ -154,6 +154,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _local_stack_credentials() -> None:
+    """Without S3 credentials in the environment, use the local stack's (``make demo``), if it has been set up."""
+    import os
+
+    if os.environ.get("AWS_ACCESS_KEY_ID") or os.environ.get("AWS_PROFILE"):
+        return
+    from cogumi_tasks.stack import local
+
+    settings = local.Settings.from_env()
+    if settings.secrets_file.exists():
+        creds = local.s3_credentials(settings)
+        os.environ["AWS_ACCESS_KEY_ID"] = creds["aws_access_key_id"]
+        os.environ["AWS_SECRET_ACCESS_KEY"] = creds["aws_secret_access_key"]
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "httpcore", "botocore", "boto3", "urllib3", "matplotlib"):
@@ -162,10 +177,17 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["demo"]:
         return cmd_demo(argparse.Namespace(), argv[1:])
     args = build_parser().parse_args(argv)
+    from botocore.exceptions import NoCredentialsError
+
+    _local_stack_credentials()
     try:
         return args.fn(args)
     except ConfigError as exc:
         print(f"cogumi: {exc}", file=sys.stderr)
+        return 2
+    except NoCredentialsError:
+        print("cogumi: no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (the local stack's are "
+              "in .cogumi/secrets.env once `make demo` has run)", file=sys.stderr)
         return 2
 
 

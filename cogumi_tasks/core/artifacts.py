@@ -186,12 +186,23 @@ class ArtifactStore:
         return None
 
     def digest(self, uri: str) -> str:
-        """A content digest for an input: its sha256 from the producer's manifest, else ETag+size."""
+        """A content digest for an input: its sha256 from the producer's manifest, else ETag+size.
+
+        A directory (a URI ending in ``/``, e.g. a model) digests the names and digests of its files.
+        """
         manifest = self.producer_manifest(uri)
         if manifest is not None:
-            rel = uri[len(manifest["prefix"]) + 1 :]
+            rel = uri[len(manifest["prefix"]) + 1 :].rstrip("/")
             if rel in manifest["files"]:
                 return "sha256:" + manifest["files"][rel]["sha256"]
+            under = {k[len(rel) + 1 :]: v["sha256"] for k, v in manifest["files"].items() if k.startswith(rel + "/")}
+            if under:
+                return "sha256-dir:" + sha256_json(under)
+        if uri.endswith("/"):
+            heads = {u[len(uri):]: (self.head(u) or {}) for u in self.list(uri)}
+            if not heads:
+                raise ArtifactError(f"input {uri}: no files under it")
+            return "etag-dir:" + sha256_json({k: [h.get("ETag"), h.get("ContentLength")] for k, h in heads.items()})
         head = self.head(uri)
         if head is None:
             raise ArtifactError(f"input {uri} does not exist")

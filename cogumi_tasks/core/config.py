@@ -181,8 +181,10 @@ class EvalConfig(Strict):
 # ---------------------------------------------------------------- phase 1: the base model
 class VocabTrimConfig(Strict):
     enabled: bool = True
-    coverage: float = 0.995
-    heldout: str = Field("builtin:tiny_prompts", description="extra English text counted with the dataset")
+    coverage: float = Field(0.995, gt=0, le=1)
+    heldout: str = Field("builtin:tiny_prompts", description="extra English prompts counted with the dataset")
+    heldout_limit: int | None = None
+    ppl_fraction: float = Field(0.1, gt=0, lt=1, description="dataset rows held out (not counted) for perplexity")
     max_ppl_increase_pct: float = 3.0
     on_gate_fail: Literal["continue_untrimmed", "fail"] = "continue_untrimmed"
 
@@ -208,14 +210,21 @@ class SFTConfig(Strict):
 
 class FailureAnalysisConfig(Strict):
     embedder: str = Field("builtin:all-minilm-l6-v2", description="builtin:<name>, a local dir or a hub name")
-    k: int = 10
+    k: int = Field(10, ge=1)
     examples_per_cluster: int = 5
+    label_max_tokens: int = 96
+    seed: int = 0
 
 
 class DistillConfig(Strict):
-    examples_per_pattern: int = 50
-    judge_min_score: int = 8
-    replay_fraction: float = 0.1
+    teacher: str | None = Field(None, description="teacher name; empty: the last in `teachers` (list cheapest first)")
+    examples_per_pattern: int = Field(50, ge=1)
+    task_max_tokens: int = 160
+    answer_max_tokens: int = 512
+    temperature: float = 0.8
+    judge_min_score: int = Field(8, ge=1, le=10)
+    max_error_rate: float = 0.2
+    replay_fraction: float = Field(0.1, ge=0, lt=1)
     lr: float = 3e-6
     epochs: float = 1.0
 

@@ -32,12 +32,14 @@ InputValue = str | list[str]
 StepFn = Callable[["StepContext"], "StepOutput"]
 
 # Modules that register steps; imported lazily by get_step().
-STEP_MODULES = ["cogumi_tasks.data.steps", "cogumi_tasks.eval.steps"]
+STEP_MODULES = ["cogumi_tasks.data.steps", "cogumi_tasks.eval.steps", "cogumi_tasks.train.steps",
+                "cogumi_tasks.train.improve_steps"]
 
 
 @dataclass
 class StepOutput:
-    """What a step returns: output names -> file(s) relative to ``out_dir``, and metrics."""
+    """What a step returns: output names -> file(s) relative to ``out_dir`` (a directory as ``name/``),
+    and metrics."""
 
     files: dict[str, str | list[str]] = field(default_factory=dict)
     metrics: dict[str, Any] = field(default_factory=dict)
@@ -266,7 +268,7 @@ def run_step(
             raise
         finished = time.time()
         outputs = {
-            k: (join_uri(prefix, v) if isinstance(v, str) else [join_uri(prefix, x) for x in v])
+            k: (output_uri(prefix, v) if isinstance(v, str) else [output_uri(prefix, x) for x in v])
             for k, v in result.files.items()
         }
         manifest = store.publish(
@@ -296,6 +298,14 @@ def run_step(
     _record_use(store, config, run_id, name, prefix)
     log.info("%s: published %d files in %.1fs", name, len(manifest["files"]), finished - started)
     return StepResult(name, outputs, result.metrics, join_uri(prefix, "_manifest.json"), False)
+
+
+def output_uri(prefix: str, rel: str) -> str:
+    """The URI of an output path; a directory output (``model/``) keeps its trailing slash, and an
+    ``s3://`` value (an input passed on unchanged, e.g. a model a gate did not replace) stays as is."""
+    if rel.startswith("s3://"):
+        return rel
+    return join_uri(prefix, rel) + ("/" if rel.endswith("/") else "")
 
 
 def _record_use(store: ArtifactStore, config: PipelineConfig, run_id: str, name: str, prefix: str) -> None:

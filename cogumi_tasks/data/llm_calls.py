@@ -43,16 +43,18 @@ def make_client(ctx: StepContext, endpoint: EndpointConfig, ledger: CostLedger) 
                      api_key=resolve_api_key(endpoint), progress=True)
 
 
-async def _ask(ctx: StepContext, client: LLMClient, reqs: list[ChatRequest], validate=None) -> list:
+async def ask(ctx: StepContext, client: LLMClient, reqs: list[ChatRequest], validate=None, tag: str = "") -> list:
+    """Answer ``reqs`` on ``client``: through the batch API when the endpoint has one (its state kept in the
+    step's ``_work/``, one file per endpoint and ``tag``), else concurrently."""
     if client.endpoint.batch:
         from cogumi_tasks.llm.batch import run_batch
 
-        state = ctx.work_uri(f"batch-{safe_name(client.endpoint.name)}.json")
+        state = ctx.work_uri(f"batch-{safe_name(client.endpoint.name)}{'-' + tag if tag else ''}.json")
         return await run_batch(client, reqs, state_uri=state, store=ctx.store, validate=validate)
     return await client.chat_many(reqs, validate=validate)
 
 
-def _finish(ctx: StepContext, ledger: CostLedger, results: list) -> None:
+def finish_calls(ctx: StepContext, ledger: CostLedger, results: list) -> None:
     """Record cost on the context, flush the ledger, and turn a spent budget into a task failure."""
     ledger.flush()
     ctx.cost = ledger.totals()
@@ -87,7 +89,7 @@ def teacher_answers(ctx: StepContext, rows: list[dict]) -> tuple[list[dict], lis
             ]
             log.info("generate: %d prompts for teacher %s (%s)", len(reqs), name, endpoint.model)
             try:
-                results = await _ask(ctx, client, reqs)
+                results = await ask(ctx, client, reqs)
             finally:
                 await client.aclose()
             results_all += results
@@ -100,7 +102,7 @@ def teacher_answers(ctx: StepContext, rows: list[dict]) -> tuple[list[dict], lis
                     failed.append({"id": r["id"], "teacher": name, "reason": "empty answer"})
                 elif not isinstance(res, BudgetExceeded):
                     failed.append({"id": r["id"], "teacher": name, "reason": f"{type(res).__name__}: {res}"})
-        _finish(ctx, ledger, results_all)
+        finish_calls(ctx, ledger, results_all)
         return answers, failed, stats
 
     return asyncio.run(run())
@@ -144,7 +146,7 @@ def judge_answers(ctx: StepContext, rows: list[dict]) -> tuple[list[dict], Quara
         client = make_client(ctx, ctx.config.judge, ledger)
         reqs = [judge_request(r["prompt"], r["response"], cfg.max_tokens) for r in rows]
         try:
-            results = await _ask(ctx, client, reqs, validate=parse_verdict)
+            results = await ask(ctx, client, reqs, validate=parse_verdict)
         finally:
             await client.aclose()
         judged = []
@@ -154,7 +156,7 @@ def judge_answers(ctx: StepContext, rows: list[dict]) -> tuple[list[dict], Quara
                 judged.append({**r, "judge_score": verdict["score"], "judge_reason": verdict["reason"]})
             elif not isinstance(res, BudgetExceeded):
                 quarantine.add(source, None, "judge_verdict", f"unparseable verdict after retries: {res}", r)
-        _finish(ctx, ledger, results)
+        finish_calls(ctx, ledger, results)
         return judged, {client.endpoint.name: dict(client.stats)}
 
     judged, stats = asyncio.run(run())

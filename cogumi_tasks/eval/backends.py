@@ -254,7 +254,7 @@ class EndpointBackend:
 
 
 # ---------------------------------------------------------------- from config
-def _builtin_gguf(path: str) -> Path:
+def builtin_gguf(path: str) -> Path:
     from cogumi_tasks.stack.services import MODELS
 
     name = path.removeprefix("builtin:")
@@ -275,7 +275,7 @@ def load_backend(ref: ModelRef, *, endpoints: dict[str, EndpointConfig], llm: LL
     if not ref.path:
         raise ValueError(f"a {ref.kind} model ref needs a path")
     if ref.kind == "gguf":
-        path = _builtin_gguf(ref.path) if ref.path.startswith("builtin:") else fetch(ref.path)
+        path = builtin_gguf(ref.path) if ref.path.startswith("builtin:") else fetch(ref.path)
         adapter = fetch(ref.adapter) if ref.adapter else None
         return GGUFBackend(path, adapter, name=f"gguf:{ref.path}")
     if ref.kind == "hf":

@@ -61,8 +61,10 @@ def run_eval(ctx: StepContext) -> StepOutput:
     log.info("eval: %d items from %s", len(items), ", ".join(s.kind for s in cfg.suites))
 
     student_ref = cfg.student
-    if "model" in ctx.inputs:
-        student_ref = student_ref.model_copy(update={"path": ctx.input("model")})
+    if "model" in ctx.inputs:  # an HF directory ends in "/", anything else is a GGUF file
+        uri = ctx.input("model")
+        kind = "hf" if uri.endswith("/") or Path(uri).is_dir() else "gguf"
+        student_ref = student_ref.model_copy(update={"path": uri, "kind": kind, "adapter": None})
     ledger = make_ledger(ctx)
     cache = ResponseCache(ctx.store, ctx.llm_cache_prefix)
     conversations = [i.messages for i in items]

@@ -184,6 +184,8 @@ def parse_label(text: str) -> dict:
     low = pattern.strip().lower()
     if low.rstrip(" .:0123456789") in PLACEHOLDERS or low.startswith(("<", "wrong answer", "the model replied")):
         raise ValueError(f"pattern {pattern!r} repeats the instructions")
+    if low in ("true", "false", "none", "null", "yes", "no", "n/a"):
+        raise ValueError(f"pattern {pattern!r} names nothing")
     if len(pattern.split()) > PATTERN_WORDS or low.startswith("tasks the model"):
         raise ValueError(f"pattern {pattern[:80]!r} is not a short name")
     description = data.get("description")

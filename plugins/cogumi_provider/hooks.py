@@ -26,6 +26,22 @@ def plain_inputs(inputs: dict[str, Any]) -> dict[str, str | list[str]]:
     return out
 
 
+def asset_output(context: Any, operator: Any, output: str) -> str | list[str]:
+    """Output ``output`` of the newest event of the task's inlet Asset (what the previous phase published)."""
+    inlets = list(getattr(operator, "inlets", None) or [])
+    if not inlets:
+        raise ValueError(f"{operator.task_id}: asset_inputs need an inlet Asset on the task")
+    events = list(context["inlet_events"][inlets[0]])
+    if not events:
+        raise ValueError(f"{operator.task_id}: Asset {inlets[0].name} has no event yet: run the DAG that "
+                         "publishes it first, or pass the input as a param")
+    outputs = (events[-1].extra or {}).get("outputs", {})
+    if output not in outputs:
+        raise ValueError(f"{operator.task_id}: the newest {inlets[0].name} event has no output {output!r} "
+                         f"(has {sorted(outputs)})")
+    return outputs[output]
+
+
 class CogumiHook(BaseHook):
     """Loads the run's config and runs a step locally or in a Kubernetes pod.
 
@@ -79,6 +95,9 @@ class CogumiHook(BaseHook):
         """Run (or reuse) the step where the config places it; push outputs to XCom; return them."""
         config = self.get_config()
         inputs = plain_inputs(inputs)
+        for name, output in (getattr(operator, "asset_inputs", None) or {}).items():
+            if not inputs.get(name):
+                inputs[name] = asset_output(context, operator, output)
         run_id = context["run_id"]
         target = config.compute.target(step)
         if target == "gpu_queue" and operator.queue != config.compute.gpu_queue:
@@ -99,7 +118,10 @@ class CogumiHook(BaseHook):
             if key not in ("return_value",):
                 context["ti"].xcom_push(key=key, value=value)
         for outlet in getattr(operator, "outlets", []) or []:
-            context["outlet_events"][outlet].extra = {"manifest": payload["manifest"], "run_id": run_id}
+            context["outlet_events"][outlet].extra = {
+                "manifest": payload["manifest"], "run_id": run_id,
+                "outputs": {k: v for k, v in payload.items() if k not in ("manifest", "skipped")},
+            }
         return payload
 
     def command(self, step: str, inputs: dict, params: dict, run_id: str) -> list[str]:

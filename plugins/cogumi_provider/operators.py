@@ -28,6 +28,8 @@ class CogumiStepOperator(BaseOperator):
     :param input_name: name of one more input whose URI comes in ``input_uri``; dynamic task mapping
         expands ``input_uri`` over a list of URIs (e.g. ``.expand(input_uri=prompts.output["shards"])``)
     :param input_uri: the URI for ``input_name``
+    :param asset_inputs: input name -> output name taken from the newest event of the task's inlet
+        Asset when the input is empty (e.g. Phase 1's ``dataset`` from Phase 0's published Asset)
     :param return_output: the output whose URI(s) become the return value, so a downstream task can
         be mapped over it (Airflow maps only over return values); every output and the manifest are
         also pushed under their own XCom keys
@@ -48,6 +50,7 @@ class CogumiStepOperator(BaseOperator):
         input_name: str | None = None,
         input_uri: str | None = None,
         return_output: str | None = None,
+        asset_inputs: dict[str, str] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -59,6 +62,7 @@ class CogumiStepOperator(BaseOperator):
         self.input_name = input_name
         self.input_uri = input_uri
         self.return_output = return_output
+        self.asset_inputs = asset_inputs or {}
 
     def execute(self, context: Any) -> Any:
         payload = CogumiHook(config_name=self.config_name, overrides=self.overrides).run_step(

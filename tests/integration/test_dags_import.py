@@ -31,3 +31,18 @@ def test_dag_files_do_not_import_heavy_modules_at_parse_time():
                              env={**__import__("os").environ, "PYTHONPATH": str(REPO / "plugins")}, check=True)
         heavy = [x for x in out.stdout.splitlines() if x.startswith("HEAVY=")][0][len("HEAVY="):]
         assert heavy == "", f"{dag_file.name} imports {out.stdout.strip()} at parse time"
+
+
+def test_phase1_is_scheduled_on_phase0_and_publishes_phase1(dagbag):
+    dag = dagbag.dags["phase1_base"]
+    assert set(dag.task_ids) == {"base_model", "vocab_trim", "sft", "eval_sft", "failure_analysis", "distill",
+                                 "eval_distilled", "publish"}
+    assert [a.name for a in dag.timetable.asset_condition.objects] == ["cogumi_phase0"]
+    assert [o.name for o in dag.get_task("publish").outlets] == ["cogumi_phase1"]
+    sft = dag.get_task("sft")
+    assert sft.step == "train.sft" and sft.asset_inputs == {"dataset": "dataset"}
+    assert [i.name for i in sft.inlets] == ["cogumi_phase0"]
+    assert dag.get_task("eval_sft").overrides["eval.judge_pairwise"] is False
+    upstream = {t: sorted(dag.get_task(t).upstream_task_ids) for t in ("failure_analysis", "distill", "publish")}
+    assert upstream == {"failure_analysis": ["eval_sft"], "distill": ["failure_analysis", "sft"],
+                        "publish": ["distill", "eval_distilled", "eval_sft"]}

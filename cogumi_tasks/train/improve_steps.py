@@ -1,0 +1,297 @@
+"""Phase 1 steps after SFT: find what the model fails at, teach it those patterns, publish the result.
+
+``train.failure_analysis`` clusters the failed items of an ``eval.run`` and has the judge name each cluster;
+``train.distill`` has the strongest teacher write new tasks and answers per pattern, keeps those the judge
+passes, mixes them with replayed Phase 0 rows and continues training at a low learning rate;
+``train.publish`` compares the evaluations before and after on the failure set and on the rest (forgetting)
+and publishes the enhanced base model for Phase 2.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import random
+from collections import defaultdict
+from pathlib import Path
+
+from cogumi_tasks.core.config import TeacherConfig
+from cogumi_tasks.core.records import Quarantine, check_error_rate, iter_jsonl_dicts, write_jsonl
+from cogumi_tasks.core.steps import StepContext, StepOutput, step
+from cogumi_tasks.train.steps import dataset_rows, pass_on, train_config, train_lora
+
+log = logging.getLogger("cogumi")
+
+TASK_SYSTEM = (
+    "You write practice tasks for a student model. Given tasks the student got wrong, write ONE new task of "
+    "the same kind and difficulty, different from the examples. Reply with the task text only."
+)
+EXAMPLE_CHARS = 300
+GENERAL_ROWS = 16  # Phase 0 rows held out of the replay to measure forgetting
+
+
+@step("train.failure_analysis", version=1, reads=("train.failure_analysis", "judge"))
+def failure_analysis(ctx: StepContext) -> StepOutput:
+    """Embed the failed items (sentence-transformers), cluster them (KMeans, silhouette reported) and have
+    the judge name each cluster's pattern from its examples.
+
+    Inputs: ``items`` (``eval.run``'s per-item results). Outputs: ``clusters`` (JSON: sizes, labels,
+    examples, silhouette), ``failures`` (the failed items with their cluster id).
+    """
+    from cogumi_tasks.data.llm_calls import make_client, make_ledger
+    from cogumi_tasks.train.failures import (
+        cluster_failures,
+        cluster_summary,
+        embed,
+        failure_text,
+        failures_of,
+        label_clusters,
+        load_embedder,
+    )
+
+    cfg = train_config(ctx).failure_analysis
+    rows = list(iter_jsonl_dicts(ctx.fetch(ctx.input("items"))))
+    failures = failures_of(rows)
+    log.info("failure_analysis: %d of %d items failed", len(failures), len(rows))
+    clusters, silhouette = [], math.nan
+    if failures:
+        vectors = embed(load_embedder(cfg.embedder), [failure_text(r) for r in failures])
+        clusters, silhouette = cluster_failures(failures, vectors, cfg.k, cfg.examples_per_cluster, cfg.seed)
+        ledger = make_ledger(ctx)
+        client = make_client(ctx, ctx.config.judge, ledger)
+
+        async def label():
+            try:
+                return await label_clusters(client, clusters, cfg.label_max_tokens)
+            finally:
+                await client.aclose()
+
+        asyncio.run(label())
+        ledger.flush()
+        ctx.cost = ledger.totals()
+    cluster_of = {m: c.id for c in clusters for m in c.member_ids}
+    write_jsonl(ctx.out("failures.jsonl"), [{**r, "cluster": cluster_of.get(str(r.get("id")))} for r in failures])
+    summary = cluster_summary(clusters, silhouette)
+    ctx.out("clusters.json").write_text(json.dumps(summary, indent=1))
+    by_domain: dict[str, int] = defaultdict(int)
+    for r in failures:
+        by_domain[r.get("domain") or "unknown"] += 1
+    return StepOutput(
+        files={"clusters": "clusters.json", "failures": "failures.jsonl"},
+        metrics={"items": len(rows), "failures": len(failures),
+                 "failure_rate": round(len(failures) / len(rows), 4) if rows else None,
+                 "failures_by_domain": dict(by_domain), "k": len(clusters), "silhouette": summary["silhouette"],
+                 "clusters": [{"id": c.id, "size": c.size, "label": c.label, "error": c.error} for c in clusters],
+                 "cost": ctx.cost},
+    )
+
+
+def strongest_teacher(ctx: StepContext) -> TeacherConfig:
+    """``train.distill.teacher`` by name, else the last configured teacher (teachers are listed cheapest first)."""
+    name = train_config(ctx).distill.teacher
+    return ctx.config.teacher(name) if name else ctx.config.teachers[-1]
+
+
+def task_request(cluster: dict, index: int, cfg) -> object:
+    """Ask the teacher for one new task like the cluster's examples (``index`` seeds the variation)."""
+    from cogumi_tasks.llm.client import ChatRequest
+
+    examples = "\n".join(f"{i}. {' '.join(str(ex.get('prompt', '')).split())[:EXAMPLE_CHARS]}"
+                         for i, ex in enumerate(cluster["examples"], 1))
+    user = (f"Failure pattern: {cluster.get('label') or 'unlabelled'}\nTasks the student got wrong:\n{examples}\n\n"
+            f"Write new task number {index + 1}.")
+    return ChatRequest(messages=[{"role": "system", "content": TASK_SYSTEM}, {"role": "user", "content": user}],
+                       max_tokens=cfg.task_max_tokens, temperature=cfg.temperature, seed=index)
+
+
+def parse_task(text: str) -> str:
+    """A usable task text; raises ValueError (the client resamples) on an empty or trivial one."""
+    task = text.strip()
+    if len(task.split()) < 3:
+        raise ValueError(f"task too short: {task[:60]!r}")
+    return task
+
+
+def _normal(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def write_examples(ctx: StepContext, clusters: list[dict], quarantine: Quarantine) -> tuple[list[dict], dict]:
+    """New (prompt, response) pairs per pattern, judged; returns (rows with judge_score, counts)."""
+    from cogumi_tasks.data.llm_calls import ask, finish_calls, judge_request, make_client, make_ledger, parse_verdict
+    from cogumi_tasks.llm.client import ChatRequest, ChatResult
+
+    cfg = train_config(ctx).distill
+    teacher = strongest_teacher(ctx)
+    ledger = make_ledger(ctx)
+    slots = [(c, i) for c in clusters if c.get("examples") for i in range(cfg.examples_per_pattern)]
+    source = ctx.input("clusters")
+
+    async def run() -> list[dict]:
+        client = make_client(ctx, teacher, ledger)
+        judge = make_client(ctx, ctx.config.judge, ledger)
+        results: list = []
+        try:
+            tasks = await ask(ctx, client, [task_request(c, i, cfg) for c, i in slots], parse_task, tag="tasks")
+            results += tasks
+            rows = []
+            for (c, i), res in zip(slots, tasks, strict=True):
+                if isinstance(res, ChatResult):
+                    rows.append({"cluster": c["id"], "pattern": c.get("label"), "prompt": parse_task(res.text),
+                                 "teacher": teacher.name})
+                else:
+                    quarantine.add(source, None, "task", f"cluster {c['id']} task {i}: {res}", None)
+            system = ctx.config.dataset.generate.system_prompt
+            answers = await ask(ctx, client, [
+                ChatRequest(messages=[{"role": "system", "content": system}, {"role": "user", "content": r["prompt"]}],
+                            max_tokens=cfg.answer_max_tokens, temperature=0.0, seed=0) for r in rows], tag="answers")
+            results += answers
+            answered = []
+            for r, res in zip(rows, answers, strict=True):
+                if isinstance(res, ChatResult) and res.text.strip():
+                    answered.append({**r, "response": res.text.strip()})
+                else:
+                    quarantine.add(source, None, "response", f"no usable answer: {res}", r)
+            verdicts = await ask(ctx, judge, [judge_request(r["prompt"], r["response"],
+                                                            ctx.config.dataset.score.max_tokens) for r in answered],
+                                 parse_verdict, tag="judge")
+            results += verdicts
+            judged = []
+            for r, res in zip(answered, verdicts, strict=True):
+                if isinstance(res, ChatResult):
+                    v = res.parsed if res.parsed is not None else parse_verdict(res.text)
+                    judged.append({**r, "judge_score": v["score"], "judge_reason": v["reason"]})
+                else:
+                    quarantine.add(source, None, "judge_verdict", f"unparseable verdict after retries: {res}", r)
+        finally:
+            await client.aclose()
+            await judge.aclose()
+            ledger.flush()
+        finish_calls(ctx, ledger, results)
+        return judged
+
+    judged = asyncio.run(run()) if slots else []
+    return judged, {"requested": len(slots), "judged": len(judged), "quarantined": len(quarantine)}
+
+
+@step("train.distill", version=1,
+      reads=("train.distill", "train.sft", "teachers", "judge", "dataset.generate", "dataset.score"))
+def distill(ctx: StepContext) -> StepOutput:
+    """Targeted distillation: per failure pattern the strongest teacher writes new tasks and answers, the
+    judge keeps those scoring >= ``judge_min_score``; they are mixed with ``replay_fraction`` of replayed
+    Phase 0 rows and LoRA training continues from the SFT model at the low learning rate.
+
+    Inputs: ``model`` (the SFT model), ``clusters`` (failure analysis), ``dataset`` (Phase 0 JSONL).
+    Outputs: ``model`` (merged; the input model when no example survived), ``adapter``, ``examples`` (kept),
+    ``rejected``, ``quarantine``, ``mix`` (the training rows).
+    """
+    cfg = train_config(ctx).distill
+    clusters = json.loads(ctx.fetch(ctx.input("clusters")).read_text())["clusters"]
+    quarantine = Quarantine()
+    judged, counts = write_examples(ctx, clusters, quarantine)
+    if counts["requested"]:
+        check_error_rate("distill examples", len(quarantine), counts["requested"], cfg.max_error_rate, quarantine)
+    known = {_normal(r["prompt"]) for r in dataset_rows(ctx)}
+    kept, rejected, seen = [], [], set()
+    for r in judged:
+        key = _normal(r["prompt"])
+        if r["judge_score"] < cfg.judge_min_score or key in known or key in seen:
+            rejected.append({**r, "why": "judge" if r["judge_score"] < cfg.judge_min_score else "duplicate"})
+        else:
+            kept.append(r)
+            seen.add(key)
+    pool = dataset_rows(ctx)
+    random.Random(0).shuffle(pool)
+    n_replay = min(len(pool), round(len(kept) * cfg.replay_fraction / (1 - cfg.replay_fraction)))
+    replay, general = pool[:n_replay], pool[n_replay:][:GENERAL_ROWS]  # general: never trained on here
+    mix = [{"prompt": r["prompt"], "response": r["response"], "source": "new"} for r in kept] + [
+        {**r, "source": "replay"} for r in replay]
+    random.Random(1).shuffle(mix)
+    write_jsonl(ctx.out("examples.jsonl"), kept)
+    write_jsonl(ctx.out("rejected.jsonl"), rejected)
+    quarantine.write(ctx.out("quarantine.jsonl"))
+    write_jsonl(ctx.out("mix.jsonl"), mix)
+    metrics = {**counts, "patterns": len([c for c in clusters if c.get("examples")]), "kept": len(kept),
+               "rejected": len(rejected), "replayed": len(replay), "teacher": strongest_teacher(ctx).name,
+               "kept_by_pattern": {str(c["id"]): sum(r["cluster"] == c["id"] for r in kept) for c in clusters},
+               "lr": cfg.lr, "cost": ctx.cost}
+    files = {"examples": "examples.jsonl", "rejected": "rejected.jsonl", "quarantine": "quarantine.jsonl",
+             "mix": "mix.jsonl"}
+    model_uri = ctx.input("model")
+    model_dir = ctx.fetch_dir(model_uri)
+    if not kept:
+        log.warning("distill: no new example survived the judge; the model is passed on untrained")
+        return StepOutput(files={**files, "model": pass_on(ctx, model_uri, model_dir)},
+                          metrics={**metrics, "trained": False})
+    sft_cfg = train_config(ctx).sft.model_copy(update={"lr": cfg.lr, "epochs": cfg.epochs, "max_steps": None})
+    training = train_lora(ctx, model_dir, [{"prompt": r["prompt"], "response": r["response"]} for r in mix], sft_cfg)
+    metrics.update(trained=True, training=training, **general_perplexity(model_dir, ctx.out_dir / "merged", general))
+    return StepOutput(files={**files, "adapter": "adapter/", "model": "merged/", "metrics": "metrics.json"},
+                      metrics=metrics)
+
+
+def general_perplexity(before_dir: Path, after_dir: Path, rows: list[dict]) -> dict:
+    """Per-byte perplexity of Phase 0 rows not trained on here, before and after: the forgetting check."""
+    from transformers import AutoTokenizer
+
+    from cogumi_tasks.train.vocab import chat_texts, nll_stats
+
+    if not rows:
+        return {}
+    texts = chat_texts(AutoTokenizer.from_pretrained(str(before_dir)), [(r["prompt"], r["response"]) for r in rows])
+    before, after = nll_stats(before_dir, texts), nll_stats(after_dir, texts)
+    return {"general_rows": len(rows), "general_byte_ppl_before": round(before.byte_ppl, 5),
+            "general_byte_ppl_after": round(after.byte_ppl, 5)}
+
+
+def compare_evaluations(before: list[dict], after: list[dict]) -> dict:
+    """Before/after on the failure set (items wrong before) and the general set (items right before)."""
+    after_by_id = {str(r["id"]): r for r in after}
+    missing = [str(r["id"]) for r in before if str(r["id"]) not in after_by_id]
+    if missing:
+        raise ValueError(f"the two evaluations differ: {len(missing)} items missing after, e.g. {missing[:3]}")
+
+    def share(rows: list[dict]) -> float | None:
+        return round(sum(bool(r.get("correct")) for r in rows) / len(rows), 4) if rows else None
+
+    def mean_score(rows: list[dict]) -> float | None:
+        return round(sum(float(r.get("score") or 0) for r in rows) / len(rows), 4) if rows else None
+
+    failed = [r for r in before if r.get("correct") is False]
+    passed = [r for r in before if r.get("correct") is True]
+    by_domain: dict[str, dict] = {}
+    for domain in sorted({r.get("domain") or "unknown" for r in before}):
+        b = [r for r in before if (r.get("domain") or "unknown") == domain]
+        by_domain[domain] = {"n": len(b), "before": mean_score(b),
+                             "after": mean_score([after_by_id[str(r["id"])] for r in b])}
+    return {
+        "items": len(before),
+        "score_before": mean_score(before), "score_after": mean_score([after_by_id[str(r["id"])] for r in before]),
+        "failure_set": {"n": len(failed), "correct_before": 0.0 if failed else None,
+                        "correct_after": share([after_by_id[str(r["id"])] for r in failed])},
+        "general_set": {"n": len(passed), "correct_before": 1.0 if passed else None,
+                        "correct_after": share([after_by_id[str(r["id"])] for r in passed])},
+        "by_domain": by_domain,
+    }
+
+
+@step("train.publish", version=1)
+def publish(ctx: StepContext) -> StepOutput:
+    """Publish the enhanced base model with the before/after evaluation of targeted distillation.
+
+    Inputs: ``model`` (the distilled model), ``before`` and ``after`` (``eval.run`` items of the SFT and the
+    distilled model). Outputs: ``model`` (the same URI: nothing is copied), ``release`` (JSON).
+    """
+    before = list(iter_jsonl_dicts(ctx.fetch(ctx.input("before"))))
+    after = list(iter_jsonl_dicts(ctx.fetch(ctx.input("after"))))
+    comparison = compare_evaluations(before, after)
+    model_uri = ctx.input("model")
+    release = {"model": model_uri, "distillation": comparison}
+    ctx.out("release.json").write_text(json.dumps(release, indent=1))
+    fs, gs = comparison["failure_set"], comparison["general_set"]
+    log.info("publish: failure set %s -> %s correct (n=%d); general set %s -> %s (n=%d)", fs["correct_before"],
+             fs["correct_after"], fs["n"], gs["correct_before"], gs["correct_after"], gs["n"])
+    return StepOutput(files={"model": pass_on(ctx, model_uri, ctx.fetch_dir(model_uri)), "release": "release.json"},
+                      metrics=comparison)
