@@ -47,6 +47,12 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def sha256_dir(path: str | Path) -> str:
+    """A directory's digest: the sha256 of its files' relative names and sha256s."""
+    root = Path(path)
+    return sha256_json({p.relative_to(root).as_posix(): sha256_file(p) for p in sorted(root.rglob("*")) if p.is_file()})
+
+
 def sha256_json(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cogumi_tasks.core.artifacts import ArtifactStore, join_uri, sha256_file, sha256_json
+from cogumi_tasks.core.artifacts import ArtifactStore, join_uri, sha256_dir, sha256_file, sha256_json
 from cogumi_tasks.core.config import PipelineConfig, config_dir
 
 log = logging.getLogger("cogumi")
@@ -196,7 +196,12 @@ def input_digests(store: ArtifactStore, inputs: dict[str, InputValue]) -> dict[s
         digests = []
         for v in values:
             local = resolve_local(v)
-            digests.append(store.digest(v) if local is None else "sha256:" + sha256_file(local))
+            if local is None:
+                digests.append(store.digest(v))
+            elif local.is_dir():
+                digests.append("sha256-dir:" + sha256_dir(local))
+            else:
+                digests.append("sha256:" + sha256_file(local))
         out[name] = digests
     return out
 

@@ -221,6 +221,8 @@ def _bar(title: str, counts: dict, xlabel: str, ylabel: str = "count", vline: fl
     ax = fig.add_subplot()
     keys = list(counts)
     ax.bar([str(k) for k in keys], [counts[k] for k in keys], color="#4a7bb7")
+    if any(len(str(k)) > 8 for k in keys):
+        ax.tick_params(axis="x", labelrotation=30, labelsize=7)
     if vline is not None:  # between the last bar under the threshold and the first at or above it
         below = sum(1 for k in keys if float(k) < float(vline))
         ax.axvline(below - 0.5, color="#c0392b", ls="--", label=f"keep threshold ({fmt(vline)})")
@@ -334,10 +336,22 @@ def make_plots(manifests: list[dict]) -> list[dict]:
         add("pct_of_reference", "eval.run", "% of reference by domain", {"pct": pct, "gates": gates},
             lambda: _pct_plot(pct, gates))
 
-    curves = {f"{m['step']}: {p}": v for m in manifests for p, v in _find_key(m["metrics"], "loss_curve") if v}
+    curves = {f"{m['step']}: {p}": v for m in manifests for key in ("loss_curve", "train_loss_curve", "eval_loss_curve")
+              for p, v in _find_key(m["metrics"], key) if v}
     if curves:
         step = next(iter(curves)).split(":")[0]
         add("loss_curves", step, "Loss curves", curves, lambda: _curve_plot("Loss", curves, "step", "loss"))
+    clusters = last.get("train.failure_analysis", {}).get("metrics", {}).get("clusters")
+    if clusters:
+        sizes = {f"{c['id']}: {str(c.get('label'))[:28]}": c["size"] for c in clusters}
+        add("failure_clusters", "train.failure_analysis", "Failure clusters", sizes,
+            lambda: _bar("Failure clusters (size, judge's label)", sizes, "cluster", "failed items"))
+    by_domain = last.get("train.publish", {}).get("metrics", {}).get("by_domain")
+    if by_domain:
+        scores = {f"{d} {when}": row[when] for d, row in by_domain.items() for when in ("before", "after")
+                  if row.get(when) is not None}
+        add("distill_before_after", "train.publish", "Score by domain before/after distillation", scores,
+            lambda: _bar("Mean score by domain, before / after targeted distillation", scores, "domain", "score"))
     for m in manifests:
         for p, rel in _find_key(m["metrics"], "reliability"):
             if isinstance(rel, dict) and rel.get("accuracy") and rel.get("confidence"):

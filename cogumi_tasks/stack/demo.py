@@ -81,6 +81,17 @@ class AirflowREST:
     def unpause(self, dag_id: str) -> None:
         self.request("PATCH", f"/dags/{_q(dag_id)}", json={"is_paused": False})
 
+    def asset_run_since(self, dag_id: str, since: float) -> str | None:
+        """The newest run of ``dag_id`` that an Asset event triggered after ``since`` (epoch seconds), if any."""
+        from datetime import datetime
+
+        runs = self.request("GET", f"/dags/{_q(dag_id)}/dagRuns", params={"order_by": "-run_after", "limit": 5})
+        for run in runs["dag_runs"]:
+            after = datetime.fromisoformat(run["run_after"].replace("Z", "+00:00")).timestamp()
+            if run["run_type"] == "asset_triggered" and after >= since:
+                return run["dag_run_id"]
+        return None
+
     def trigger(self, dag_id: str, conf: dict | None = None) -> str:
         body = {"logical_date": None, "conf": conf or {}}
         return self.request("POST", f"/dags/{_q(dag_id)}/dagRuns", json=body)["dag_run_id"]
@@ -240,27 +251,47 @@ def print_report(manifest: dict, title: str) -> None:
 
 
 # ---------------------------------------------------------------- the demo
-# The pipeline so far, in order: the dataset, then the evaluation of the student and its gates.
-DEMO_DAGS = ("phase0_dataset:publish", "evaluate:eval_run")
+# The pipeline so far, in order: the dataset, the evaluation of the base student and its gates, then
+# Phase 1 on the dataset (its Asset-triggered run when Phase 0's publish created one).
+DEMO_DAGS = ("phase0_dataset:publish", "evaluate:eval_run", "phase1_base:publish")
 GATES_FAILED = 3  # the run finished its work; a check after it (a quality gate) failed
+
+def _wait_asset_run(api: AirflowREST, dag_id: str, since: float, timeout_s: float = 60) -> str | None:
+    """The run an upstream Asset event created after ``since`` (the scheduler queues it within seconds)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        run_id = api.asset_run_since(dag_id, since)
+        if run_id:
+            return run_id
+        time.sleep(3)
+    return None
+
 
 def run_demo(config: str = "tiny", conf: dict | None = None, timeout_s: float = 3600,
              dag_id: str = "phase0_dataset", final_task: str = "publish",
-             settings: local.Settings | None = None, log=print) -> int:
-    """Start the stack, trigger ``dag_id`` with ``{"config": config, **conf}``, follow it, report."""
+             settings: local.Settings | None = None, log=print, since: float | None = None) -> int:
+    """Start the stack, trigger ``dag_id`` with ``{"config": config, **conf}``, follow it, report.
+
+    An unpaused Asset-scheduled DAG (Phase 1 on Phase 0's dataset) is not triggered twice: the run an
+    Asset event created after ``since`` is followed instead, when there is one."""
     s = settings or local.Settings.from_env()
     try:
         local.up(s, log=log)
         password = local.load_secrets(s)["COGUMI_AIRFLOW_PASSWORD"]
         api = AirflowREST(s.airflow_url, "admin", password)
-        api.wait_for_dag(dag_id)
+        dag = api.wait_for_dag(dag_id)
+        run_id = None
+        if since is not None and dag.get("timetable_summary") == "Asset" and not dag.get("is_paused") \
+                and config == local.env(s).get("COGUMI_CONFIG", "tiny"):
+            run_id = _wait_asset_run(api, dag_id, since)
         api.unpause(dag_id)
-        run_id = api.trigger(dag_id, {"config": config, **(conf or {})})
+        how = "the upstream Asset triggered" if run_id else "triggered"
+        run_id = run_id or api.trigger(dag_id, {"config": config, **(conf or {})})
     except (local.ServiceError, DemoError) as exc:
         log(f"error: {exc}")
         return 1
     ui = f"{s.airflow_url}/dags/{dag_id}/runs/{run_id}"
-    log(f"triggered {dag_id} run {run_id}\n  follow it in the UI: {ui}")
+    log(f"{how} {dag_id} run {run_id}\n  follow it in the UI: {ui}")
     state, tis = follow(api, dag_id, run_id, timeout_s, log=log)
     footer = (f"UI: {ui}  (login: admin / {password})\nlogs: {s.logs_dir} (services), "
               f"{s.airflow_home / 'logs'} (tasks)\nstop the stack: make stop")
@@ -327,7 +358,7 @@ def cli_demo(argv: list[str] | None = None) -> int:
     p.add_argument("--limit", type=int, help="at most this many prompts (conf prompt_limit)")
     p.add_argument("--budget", type=float, help="spend cap in USD (conf budget_usd)")
     p.add_argument("--dag", action="append", metavar="DAG_ID:FINAL_TASK",
-                   help="run these DAGs in order (default: phase0_dataset:publish, evaluate:eval_gate)")
+                   help="run these DAGs in order (default: " + ", ".join(DEMO_DAGS) + ")")
     p.add_argument("--timeout", type=float, default=3600, help="seconds to follow the run")
     args = p.parse_args(argv)
     conf: dict[str, Any] = {}
@@ -335,10 +366,11 @@ def cli_demo(argv: list[str] | None = None) -> int:
         conf["prompt_limit"] = args.limit
     if args.budget is not None:
         conf["budget_usd"] = args.budget
-    rc = 0
+    rc, started = 0, time.time()
     for spec in args.dag or list(DEMO_DAGS):
         dag_id, _, final_task = spec.partition(":")
-        rc = run_demo(args.config, conf, timeout_s=args.timeout, dag_id=dag_id, final_task=final_task or "publish")
+        rc = run_demo(args.config, conf, timeout_s=args.timeout, dag_id=dag_id, final_task=final_task or "publish",
+                      since=started)
         if rc not in (0, GATES_FAILED):
             return rc
     if rc == GATES_FAILED:

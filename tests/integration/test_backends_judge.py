@@ -76,14 +76,6 @@ def gguf_answers():
     return first, second
 
 
-@pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory) -> Path:
-    from cogumi_tasks.eval.backends import hf_dir_from_gguf
-    from cogumi_tasks.stack.services import smollm2_gguf
-
-    return hf_dir_from_gguf(smollm2_gguf(), tmp_path_factory.mktemp("smollm2-hf"))
-
-
 # ---------------------------------------------------------------- backends
 @pytest.mark.stack
 def test_gguf_backend_answers_greedily(gguf_answers):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shlex
 
 import pytest
@@ -61,3 +62,26 @@ def test_secrets_come_from_kubernetes_secrets_not_values(pod):
     assert env["OPENAI_API_KEY"].value_from.secret_key_ref.name == "cogumi-teachers"
     assert env["AWS_SECRET_ACCESS_KEY"].value_from.secret_key_ref.name == "cogumi-s3"
     assert "sk-" not in str(spec)
+
+
+def test_sft_under_production_runs_in_a_gpu_pod_with_the_same_step(tmp_path, airflow_db):
+    """The operator's own decision: production.yaml places train.sft on kubernetes, and the pod it
+    builds requests a GPU and runs ``cogumi run-step train.sft`` with the task's inputs."""
+    from cogumi_provider.hooks import CogumiHook
+
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(KUBECONFIG)
+    hook = CogumiHook(config_name="production", overrides={"compute.kubernetes.config_file": str(kubeconfig)})
+    config = hook.get_config()
+    assert config.compute.target("train.sft") == "kubernetes"
+    inputs = {"model": "s3://cogumi/production/train.vocab_trim/k/model/",
+              "dataset": "s3://cogumi/production/data.publish/k/dataset.jsonl"}
+    op = hook.pod_operator("train.sft", inputs, {}, "asset_triggered__2026", config, task_id="sft")
+    spec = op.build_pod_request_obj(context=None)
+    container = spec.spec.containers[0]
+    argv = shlex.split(container.args[0].split("&&", 1)[1])
+    assert argv[:3] == ["cogumi", "run-step", "train.sft"]
+    assert json.loads(argv[argv.index("--inputs-json") + 1]) == inputs
+    assert argv[argv.index("--run-id") + 1] == "asset_triggered__2026"
+    assert container.resources.limits["nvidia.com/gpu"] == "1"
+    assert spec.metadata.labels["cogumi-step"] == "train-sft"

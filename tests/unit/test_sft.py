@@ -23,14 +23,6 @@ CFG = SFTConfig(rank=4, alpha=8, dropout=0.05, max_steps=6, batch_size=2, max_se
 
 
 @pytest.fixture(scope="session")
-def hf_dir(tmp_path_factory) -> Path:
-    from cogumi_tasks.eval.backends import hf_dir_from_gguf
-    from cogumi_tasks.stack.services import smollm2_gguf
-
-    return hf_dir_from_gguf(smollm2_gguf(), tmp_path_factory.mktemp("sft-smollm2-hf"))
-
-
-@pytest.fixture(scope="session")
 def tokenizer(hf_dir):
     from transformers import AutoTokenizer
 

@@ -41,14 +41,6 @@ RESPONSE_TOKENS = 40
 
 
 @pytest.fixture(scope="session")
-def hf_dir(tmp_path_factory) -> Path:
-    from cogumi_tasks.eval.backends import hf_dir_from_gguf
-    from cogumi_tasks.stack.services import smollm2_gguf
-
-    return hf_dir_from_gguf(smollm2_gguf(), tmp_path_factory.mktemp("vocab-smollm2-hf"))
-
-
-@pytest.fixture(scope="session")
 def tokenizer(hf_dir):
     from transformers import AutoTokenizer
 

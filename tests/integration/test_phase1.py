@@ -1,0 +1,115 @@
+"""Phase 1 end to end through Airflow: Phase 0 publishes its Asset, phase1_base reads the dataset from
+that Asset's newest event and runs every step on CPU with SmolLM2-135M and the local teacher.
+
+Marked e2e: it runs once (about 4 minutes on 2 cores) with smaller settings than tiny.yaml.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from cogumi_tasks.core.artifacts import ArtifactStore
+from cogumi_tasks.core.config import load_config
+
+pytestmark = [pytest.mark.stack, pytest.mark.e2e]
+
+SMALL = {
+    "dataset.prompts.limit": 16,
+    "dataset.prompts.shards": 1,
+    "dataset.generate.max_tokens": 48,
+    "dataset.score.max_tokens": 48,
+    "eval.max_tokens": 64,
+    "eval.bootstrap": 100,
+    **{f"eval.suites.{i}.limit": 2 for i in range(5)},
+    "train.sft.max_steps": 4,
+    "train.sft.checkpoint_every": 2,
+    "train.failure_analysis.k": 2,
+    "train.failure_analysis.examples_per_cluster": 2,
+    "train.distill.examples_per_pattern": 2,
+    "train.distill.answer_max_tokens": 48,
+}
+
+
+def _manifest(store: ArtifactStore, pipeline: str, step: str) -> dict:
+    uris = [u for u in store.list(store.uri(pipeline, step) + "/") if u.endswith("/_manifest.json")]
+    assert len(uris) >= 1, f"no manifest for {step}"
+    return max((store.get_json(u) for u in uris), key=lambda m: m["timings"]["finished"])
+
+
+@pytest.fixture(scope="module")
+def phase1(dagbag, s3_server, llm_server, tmp_path_factory):
+    import yaml
+
+    from cogumi_tasks.core.config import apply_overrides, resolve_config_path
+
+    data = apply_overrides(yaml.safe_load(resolve_config_path("tiny").read_text()), {**SMALL, "name": "p1-e2e"}, "t")
+    path = tmp_path_factory.mktemp("cfg") / "p1-e2e.yaml"
+    path.write_text(yaml.safe_dump(data))
+    store = ArtifactStore(load_config(str(path)).storage, s3_server.credentials())
+    store.ensure_bucket()
+    phase0 = dagbag.dags["phase0_dataset"].test(run_conf={"config": str(path)})
+    started = time.monotonic()
+    run = dagbag.dags["phase1_base"].test(run_conf={"config": str(path)})  # dataset: from the Asset event
+    return {"phase0": phase0, "run": run, "seconds": time.monotonic() - started, "store": store,
+            "path": str(path)}
+
+
+def test_every_task_succeeds_on_the_phase0_asset(phase1):
+    assert phase1["phase0"].state == "success"
+    states = {ti.task_id: ti.state for ti in phase1["run"].get_task_instances()}
+    assert states == dict.fromkeys(states, "success") and len(states) == 8, states
+    store = phase1["store"]
+    dataset = _manifest(store, "p1-e2e", "data.publish")["outputs"]["dataset"]
+    for step in ("train.vocab_trim", "train.sft", "train.distill"):
+        assert _manifest(store, "p1-e2e", step)["inputs"]["dataset"] == dataset
+    print(f"phase1 e2e wall time: {phase1['seconds']:.1f}s")
+
+
+def test_vocab_trim_reports_its_figures_and_hands_on_a_working_model(phase1):
+    m = _manifest(phase1["store"], "p1-e2e", "train.vocab_trim")["metrics"]
+    assert m["vocab_before"] == 49152 and 0 < m["vocab_after"] < m["vocab_before"]
+    assert m["coverage"] >= 0.995 and m["param_bytes_saved"] > 0
+    assert m["ppl_increase_pct"] == pytest.approx((m["byte_ppl_after"] / m["byte_ppl_before"] - 1) * 100, abs=1e-3)
+    assert m["gate_passed"] == (m["ppl_increase_pct"] <= 3.0)
+    assert m["used"] == ("trimmed" if m["gate_passed"] else "untrimmed")
+    base = _manifest(phase1["store"], "p1-e2e", "train.base_model")["outputs"]["model"]
+    sft = _manifest(phase1["store"], "p1-e2e", "train.sft")
+    assert (sft["inputs"]["model"] == base) == (not m["gate_passed"])
+
+
+def test_sft_distill_and_publish_figures(phase1):
+    store = phase1["store"]
+    sft = _manifest(store, "p1-e2e", "train.sft")
+    assert sft["metrics"]["steps"] == 4 and sft["metrics"]["method"] == "lora"
+    assert sft["outputs"]["model"].endswith("/merged/") and sft["metrics"]["train_loss_curve"]
+    fa = _manifest(store, "p1-e2e", "train.failure_analysis")["metrics"]
+    assert sum(c["size"] for c in fa["clusters"]) == fa["failures"] > 0
+    dist = _manifest(store, "p1-e2e", "train.distill")
+    d = dist["metrics"]
+    assert d["requested"] == 2 * d["patterns"] and d["kept"] + d["rejected"] == d["judged"]
+    assert d["replayed"] == round(d["kept"] * 0.1 / 0.9)
+    mix = [json.loads(x) for x in store.get_bytes(dist["outputs"]["mix"]).decode().splitlines()]
+    assert sum(r["source"] == "new" for r in mix) == d["kept"]
+    if d["trained"]:
+        assert d["training"]["steps"] >= 1 and "general_byte_ppl_after" in d
+    pub = _manifest(store, "p1-e2e", "train.publish")
+    assert pub["outputs"]["model"] == dist["outputs"]["model"]
+    release = json.loads(store.get_bytes(pub["outputs"]["release"]))
+    assert release["distillation"]["failure_set"]["n"] == fa["failures"]
+    assert release["distillation"]["items"] == 10
+
+
+def test_phase1_figures_land_in_the_run_report(phase1, tmp_path):
+    from cogumi_tasks.core.config import config_dir
+    from cogumi_tasks.eval.report import write_report
+
+    html, numbers = write_report(phase1["store"], "p1-e2e", phase1["run"].run_id, tmp_path,
+                              config_dir() / "plan_targets.yaml")
+    text = html.read_text()
+    assert "Phase 1: training" in text and "Failure clusters" in text and "Loss curves" in text
+    measured = {t["id"]: t for t in json.loads(numbers.read_text())["targets"]}
+    assert measured["vocab_ppl_increase"]["measured"] is not None
+    assert measured["distill_failures_fixed"]["status"] != "not measured yet"
