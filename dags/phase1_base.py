@@ -27,14 +27,15 @@ with cogumi_dag(
     schedule=[phase_asset("phase0")],
 ) as dag:
     dataset = "{{ params.dataset }}"
+    from_phase0 = {"inlets": [phase_asset("phase0")], "asset_inputs": {"dataset": "cogumi_phase0:dataset"}}
     base = CogumiStepOperator(task_id="base_model", step="train.base_model", **placement("train.base_model"))
     trim = CogumiStepOperator(
         task_id="vocab_trim", step="train.vocab_trim", inputs={"model": base.output["model"], "dataset": dataset},
-        inlets=[phase_asset("phase0")], asset_inputs={"dataset": "dataset"}, **placement("train.vocab_trim"),
+        **from_phase0, **placement("train.vocab_trim"),
     )
     sft = CogumiStepOperator(
         task_id="sft", step="train.sft", inputs={"model": trim.output["model"], "dataset": dataset},
-        inlets=[phase_asset("phase0")], asset_inputs={"dataset": "dataset"}, **placement("train.sft"),
+        **from_phase0, **placement("train.sft"),
     )
     eval_sft = CogumiStepOperator(
         task_id="eval_sft", step="eval.run", inputs={"model": sft.output["model"]},
@@ -47,7 +48,7 @@ with cogumi_dag(
     distill = CogumiStepOperator(
         task_id="distill", step="train.distill",
         inputs={"model": sft.output["model"], "clusters": failures.output["clusters"], "dataset": dataset},
-        inlets=[phase_asset("phase0")], asset_inputs={"dataset": "dataset"}, **placement("train.distill"),
+        **from_phase0, **placement("train.distill"),
     )
     eval_distilled = CogumiStepOperator(
         task_id="eval_distilled", step="eval.run", inputs={"model": distill.output["model"]},

@@ -237,6 +237,52 @@ class TrainConfig(Strict):
     distill: DistillConfig = Field(default_factory=DistillConfig)
 
 
+# ---------------------------------------------------------------- phase 2: compression
+class PruneConfig(Strict):
+    enabled: bool = True
+    recipe: str = Field("recipes/prune_sparsegpt.yaml", description="llm-compressor recipe, relative to configs/")
+    schedule: list[float] = Field([0.25, 0.45, 0.65], description="target sparsity of each gradual stage")
+    calibration_samples: int = Field(512, ge=1)
+    max_seq_len: int = 512
+    ppl_rows: int = Field(16, ge=1, description="held-out dataset rows for perplexity after each stage")
+
+
+class AWQConfig(Strict):
+    enabled: bool = True
+    recipe: str = "recipes/awq_w4a16.yaml"
+    group_size: int = 128
+    n_grid: int = Field(20, ge=1, description="scales tried per layer by the AWQ search (fewer: faster)")
+    calibration_samples: int = Field(256, ge=1)
+    max_seq_len: int = 512
+
+
+class GGUFConfig(Strict):
+    quant_type: str = "Q5_K_M"
+    pre_tokenizer: str | None = Field(None, description="BPE pre-tokenizer name for a trimmed vocabulary (smollm)")
+    agreement_prompts: int = 100
+    agreement_tokens: int = 32
+    min_agreement: float = 0.95
+
+
+class PackConfig(Strict):
+    level: int = Field(10, ge=1, le=22)
+    dict_kb: int = 128
+
+
+class CalibrateConfig(Strict):
+    bins: int = 10
+    max_ece: float = 0.05
+    seed: int = 0
+
+
+class CompressConfig(Strict):
+    prune: PruneConfig = Field(default_factory=PruneConfig)
+    awq: AWQConfig = Field(default_factory=AWQConfig)
+    gguf: GGUFConfig = Field(default_factory=GGUFConfig)
+    pack: PackConfig = Field(default_factory=PackConfig)
+    calibrate: CalibrateConfig = Field(default_factory=CalibrateConfig)
+
+
 # ---------------------------------------------------------------- the whole pipeline
 class PipelineConfig(Strict):
     """Everything one pipeline run reads. ``name`` is the S3 prefix of its artifacts."""
@@ -250,6 +296,7 @@ class PipelineConfig(Strict):
     dataset: DatasetConfig
     eval: EvalConfig | None = None
     train: TrainConfig | None = None
+    compress: CompressConfig | None = None
 
     @model_validator(mode="after")
     def _check(self) -> PipelineConfig:

@@ -33,7 +33,7 @@ StepFn = Callable[["StepContext"], "StepOutput"]
 
 # Modules that register steps; imported lazily by get_step().
 STEP_MODULES = ["cogumi_tasks.data.steps", "cogumi_tasks.eval.steps", "cogumi_tasks.train.steps",
-                "cogumi_tasks.train.improve_steps"]
+                "cogumi_tasks.train.improve_steps", "cogumi_tasks.compress.steps"]
 
 
 @dataclass
@@ -182,6 +182,8 @@ def resolve_local(uri: str) -> Path | None:
         path = Path(str(files("cogumi_tasks") / "resources" / f"{uri[8:]}.jsonl"))
     else:
         path = Path(uri.removeprefix("file://"))
+        if not path.is_absolute() and not path.exists() and (config_dir() / path).exists():
+            path = config_dir() / path  # a file named in a config (a recipe) is relative to the configs folder
     if not path.exists():
         raise StepFailed(f"input {uri}: no such file ({path})")
     return path

@@ -150,9 +150,28 @@ def hf_dir_from_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
                                                  quantization_config=GgufConfig(dequantize=True), **kwargs)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), **kwargs)
     model.config.architectures = [type(model).__name__]
+    _restore_byte_level(tokenizer, model.generation_config)
     model.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
     return out
+
+
+def _restore_byte_level(tokenizer: Any, generation_config: Any) -> None:
+    """Undo two artefacts of transformers' GGUF tokenizer import, so the directory matches the original model:
+    a byte-level BPE gets a SentencePiece-style decoder (ByteFallback, Replace "▁"), which makes llama.cpp's
+    converter treat it as a Llama SPM vocabulary; and eos comes from the GGUF's token types (SmolLM2: ``<|im_start|>``)
+    instead of the model's end of turn (``generation_config.eos_token_id``)."""
+    from tokenizers import decoders
+
+    backend = tokenizer.backend_tokenizer
+    if type(backend.pre_tokenizer).__name__ == "ByteLevel" and type(backend.decoder).__name__ == "Sequence":
+        backend.decoder = decoders.ByteLevel()
+    eos = generation_config.eos_token_id
+    eos = eos[0] if isinstance(eos, list) else eos
+    if isinstance(eos, int) and eos != tokenizer.eos_token_id:
+        tokenizer.eos_token = tokenizer.convert_ids_to_tokens(eos)
+    if tokenizer.pad_token is None and isinstance(generation_config.pad_token_id, int):
+        tokenizer.pad_token = tokenizer.convert_ids_to_tokens(generation_config.pad_token_id)
 
 
 # ---------------------------------------------------------------- llama.cpp

@@ -87,7 +87,7 @@ def run_eval(ctx: StepContext) -> StepOutput:
     for item, o, r, os_, rs in zip(items, ours, theirs, our_scores, ref_scores, strict=True):
         rows.append({
             "id": item.id, "suite": item.suite, "domain": item.domain,
-            "prompt": item.messages[-1]["content"],
+            "prompt": item.messages[-1]["content"], "messages": item.messages,
             "answer": o.text, "score": os_.score, "correct": os_.correct, "error": os_.error or o.error,
             "reference_answer": r.text, "reference_score": rs.score, "reference_error": rs.error or r.error,
             "ours": os_.score, "reference": rs.score,

@@ -63,7 +63,7 @@ def pass_on(ctx: StepContext, uri: str, src: Path, name: str = "model") -> str:
     return f"{name}/"
 
 
-@step("train.base_model", version=1, reads=("train.base_model",))
+@step("train.base_model", version=2, reads=("train.base_model",))
 def base_model(ctx: StepContext) -> StepOutput:
     """The base model as an HF directory.
 

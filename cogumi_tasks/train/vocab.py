@@ -309,16 +309,20 @@ def check_round_trip(tokenizer_dir: Path, texts: list[str]) -> None:
             raise TokenizerBroken(file, text, detail)
 
 
-def nll_stats(model_dir: Path, texts: list[str], max_len: int = 256) -> NLLStats:
+def nll_stats(model_dir: Path | Any, texts: list[str], max_len: int = 256, tokenizer: Any = None) -> NLLStats:
     """Summed NLL of each text (tokens after a leading BOS, truncated to ``max_len``) -> token ppl and bits/byte.
 
-    The byte count is that of the decoded, scored span, so truncation does not bias bits per byte.
+    ``model_dir`` is a directory or an already loaded model (then pass its ``tokenizer``). The byte count is that
+    of the decoded, scored span, so truncation does not bias bits per byte.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(model_dir))
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    if isinstance(model_dir, (str, Path)):
+        tok = AutoTokenizer.from_pretrained(str(model_dir))
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    else:
+        tok, model = tokenizer, model_dir.eval()
     bos = model.config.bos_token_id
     bos = bos[0] if isinstance(bos, list) else bos
     nll, n_tokens, n_bytes = 0.0, 0, 0

@@ -26,18 +26,21 @@ def plain_inputs(inputs: dict[str, Any]) -> dict[str, str | list[str]]:
     return out
 
 
-def asset_output(context: Any, operator: Any, output: str) -> str | list[str]:
-    """Output ``output`` of the newest event of the task's inlet Asset (what the previous phase published)."""
-    inlets = list(getattr(operator, "inlets", None) or [])
-    if not inlets:
-        raise ValueError(f"{operator.task_id}: asset_inputs need an inlet Asset on the task")
-    events = list(context["inlet_events"][inlets[0]])
+def asset_output(context: Any, operator: Any, ref: str) -> str | list[str]:
+    """``"<asset name>:<output>"``: that output of the newest event of the task's inlet Asset of that name
+    (what an earlier phase published)."""
+    asset_name, _, output = ref.partition(":")
+    inlet = next((a for a in getattr(operator, "inlets", None) or [] if getattr(a, "name", None) == asset_name), None)
+    if inlet is None or not output:
+        raise ValueError(f"{operator.task_id}: asset input {ref!r} needs the form '<asset>:<output>' and an inlet "
+                         f"Asset of that name on the task")
+    events = list(context["inlet_events"][inlet])
     if not events:
-        raise ValueError(f"{operator.task_id}: Asset {inlets[0].name} has no event yet: run the DAG that "
-                         "publishes it first, or pass the input as a param")
+        raise ValueError(f"{operator.task_id}: Asset {asset_name} has no event yet: run the DAG that publishes it "
+                         "first, or pass the input as a param")
     outputs = (events[-1].extra or {}).get("outputs", {})
     if output not in outputs:
-        raise ValueError(f"{operator.task_id}: the newest {inlets[0].name} event has no output {output!r} "
+        raise ValueError(f"{operator.task_id}: the newest {asset_name} event has no output {output!r} "
                          f"(has {sorted(outputs)})")
     return outputs[output]
 

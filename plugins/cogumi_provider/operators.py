@@ -28,8 +28,8 @@ class CogumiStepOperator(BaseOperator):
     :param input_name: name of one more input whose URI comes in ``input_uri``; dynamic task mapping
         expands ``input_uri`` over a list of URIs (e.g. ``.expand(input_uri=prompts.output["shards"])``)
     :param input_uri: the URI for ``input_name``
-    :param asset_inputs: input name -> output name taken from the newest event of the task's inlet
-        Asset when the input is empty (e.g. Phase 1's ``dataset`` from Phase 0's published Asset)
+    :param asset_inputs: input name -> ``"<asset>:<output>"``, taken from the newest event of the task's
+        inlet Asset of that name when the input is empty (e.g. Phase 1's ``dataset`` from ``cogumi_phase0``)
     :param return_output: the output whose URI(s) become the return value, so a downstream task can
         be mapped over it (Airflow maps only over return values); every output and the manifest are
         also pushed under their own XCom keys

@@ -40,7 +40,7 @@ def test_phase1_is_scheduled_on_phase0_and_publishes_phase1(dagbag):
     assert [a.name for a in dag.timetable.asset_condition.objects] == ["cogumi_phase0"]
     assert [o.name for o in dag.get_task("publish").outlets] == ["cogumi_phase1"]
     sft = dag.get_task("sft")
-    assert sft.step == "train.sft" and sft.asset_inputs == {"dataset": "dataset"}
+    assert sft.step == "train.sft" and sft.asset_inputs == {"dataset": "cogumi_phase0:dataset"}
     assert [i.name for i in sft.inlets] == ["cogumi_phase0"]
     assert dag.get_task("eval_sft").overrides["eval.judge_pairwise"] is False
     upstream = {t: sorted(dag.get_task(t).upstream_task_ids) for t in ("failure_analysis", "distill", "publish")}

@@ -47,17 +47,21 @@ def test_asset_output_reads_the_newest_inlet_event():
     from airflow.sdk import Asset
     from cogumi_provider.hooks import asset_output
 
-    asset = Asset(name="cogumi_phase0", uri="cogumi://pipeline/phase0")
+    phase0 = Asset(name="cogumi_phase0", uri="cogumi://pipeline/phase0")
+    phase1 = Asset(name="cogumi_phase1", uri="cogumi://pipeline/phase1")
     old = SimpleNamespace(extra={"outputs": {"dataset": "s3://b/old.jsonl"}})
     new = SimpleNamespace(extra={"outputs": {"dataset": "s3://b/new.jsonl"}})
-    op = SimpleNamespace(task_id="sft", inlets=[asset])
-    assert asset_output({"inlet_events": {asset: [old, new]}}, op, "dataset") == "s3://b/new.jsonl"
+    model = SimpleNamespace(extra={"outputs": {"model": "s3://b/m/"}})
+    op = SimpleNamespace(task_id="prune", inlets=[phase1, phase0])
+    events = {phase0: [old, new], phase1: [model]}
+    assert asset_output({"inlet_events": events}, op, "cogumi_phase0:dataset") == "s3://b/new.jsonl"
+    assert asset_output({"inlet_events": events}, op, "cogumi_phase1:model") == "s3://b/m/"
     with pytest.raises(ValueError, match="no event yet"):
-        asset_output({"inlet_events": {asset: []}}, op, "dataset")
+        asset_output({"inlet_events": {phase0: [], phase1: []}}, op, "cogumi_phase0:dataset")
     with pytest.raises(ValueError, match="has no output 'model'"):
-        asset_output({"inlet_events": {asset: [new]}}, op, "model")
-    with pytest.raises(ValueError, match="need an inlet"):
-        asset_output({}, SimpleNamespace(task_id="t", inlets=[]), "dataset")
+        asset_output({"inlet_events": events}, op, "cogumi_phase0:model")
+    with pytest.raises(ValueError, match="needs the form"):
+        asset_output({}, op, "cogumi_phase2:model")
 
 
 @pytest.fixture
