@@ -22,6 +22,9 @@ ARG AIRFLOW_VERSION=3.3.2
 ARG BITSANDBYTES_VERSION=0.50.2
 # llmcompressor 0.14.0.1 pins transformers to 5.15-5.17; the ml extra pins 5.17.0.
 ARG LLMCOMPRESSOR_VERSION=0.14.0.1
+# GGUF export: llama-cpp-python (built from its sdist) quantizes and checks the GGUF; the HF-to-GGUF
+# converter ships only in that sdist, so it is extracted to /opt/cogumi/llama-convert.
+ARG LLAMA_CPP_VERSION=0.3.36
 
 ENV DEBIAN_FRONTEND=noninteractive \
     PYTHONUNBUFFERED=1 \
@@ -36,7 +39,7 @@ RUN apt-get update \
     && apt-get update \
     && apt-get install -y --no-install-recommends \
         "python${PYTHON_VERSION}" "python${PYTHON_VERSION}-venv" "python${PYTHON_VERSION}-dev" \
-        gcc libc6-dev ca-certificates curl git tini \
+        gcc g++ cmake make libc6-dev ca-certificates curl git tini \
     && apt-get purge -y software-properties-common gpg-agent \
     && apt-get autoremove -y \
     && rm -rf /var/lib/apt/lists/*
@@ -63,6 +66,14 @@ RUN pip install \
         "llmcompressor==${LLMCOMPRESSOR_VERSION}" \
     && python -c "import cogumi_tasks, torch, transformers, peft, bitsandbytes, llmcompressor, airflow.providers.edge3" \
     && cogumi --help >/dev/null
+RUN pip download --no-deps --no-binary :all: "llama-cpp-python==${LLAMA_CPP_VERSION}" -d /tmp/llama \
+    && pip install /tmp/llama/llama_cpp_python-${LLAMA_CPP_VERSION}.tar.gz \
+    && mkdir -p /opt/cogumi/llama-convert \
+    && tar xzf /tmp/llama/llama_cpp_python-${LLAMA_CPP_VERSION}.tar.gz -C /opt/cogumi/llama-convert --strip-components=3 \
+        $(for f in convert_hf_to_gguf.py convert_lora_to_gguf.py conversion gguf-py; do \
+            echo "llama_cpp_python-${LLAMA_CPP_VERSION}/vendor/llama.cpp/$f"; done) \
+    && rm -rf /tmp/llama \
+    && python -c "import llama_cpp"
 
 # Same uid/gid as the official Airflow image, so the shared logs volume is writable by both.
 RUN useradd --uid 50000 --gid 0 --create-home --home-dir /home/cogumi --shell /bin/bash cogumi \
@@ -79,6 +90,7 @@ ENV AIRFLOW_HOME=/opt/airflow \
     AIRFLOW__CORE__DAGS_FOLDER=/opt/airflow/dags \
     AIRFLOW__CORE__PLUGINS_FOLDER=/opt/airflow/plugins \
     COGUMI_CONFIG_DIR=/opt/cogumi/configs \
+    COGUMI_LLAMA_CONVERT=/opt/cogumi/llama-convert \
     HF_HOME=/opt/cogumi/hf-cache \
     NVIDIA_VISIBLE_DEVICES=all \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility
