@@ -221,7 +221,7 @@ def _manifest_of(ctx: StepContext, name: str) -> dict:
     return manifest
 
 
-@step("compress.publish", version=1, reads=("compress.gguf",))
+@step("compress.publish", version=1)
 def publish(ctx: StepContext) -> StepOutput:
     """One size/quality table of every stage beside the plan's promised sizes, and the arithmetic of what a
     model of this size can reach.

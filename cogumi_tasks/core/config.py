@@ -251,7 +251,7 @@ class AWQConfig(Strict):
     enabled: bool = True
     recipe: str = "recipes/awq_w4a16.yaml"
     group_size: int = 128
-    n_grid: int = Field(20, ge=1, description="scales tried per layer by the AWQ search (fewer: faster)")
+    n_grid: int = Field(20, ge=3, description="scales tried per layer by the AWQ search (fewer: faster)")
     calibration_samples: int = Field(256, ge=1)
     max_seq_len: int = 512
 

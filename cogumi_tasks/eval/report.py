@@ -352,6 +352,18 @@ def make_plots(manifests: list[dict]) -> list[dict]:
                   if row.get(when) is not None}
         add("distill_before_after", "train.publish", "Score by domain before/after distillation", scores,
             lambda: _bar("Mean score by domain, before / after targeted distillation", scores, "domain", "score"))
+    cal = last.get("compress.calibrate", {}).get("metrics", {})
+    for when in ("before", "after"):
+        rel = cal.get(f"reliability_{when}")
+        if rel and rel.get("confidence"):
+            add(f"reliability_{when}", "compress.calibrate", f"Reliability {when} calibration", rel,
+                lambda rel=rel, when=when: _reliability_plot(f"{when} calibration (ECE {fmt(cal.get('ece_' + when))})",
+                                                             rel))
+    table = last.get("compress.publish", {}).get("metrics", {}).get("rows")
+    if table:
+        sizes = {r["stage"]: r["gb"] for r in table if r.get("gb") is not None}
+        add("compression_sizes", "compress.publish", "Size of each compression stage (GB on disk)", sizes,
+            lambda: _bar("Bytes on disk per stage (GB)", sizes, "stage", "GB"))
     for m in manifests:
         for p, rel in _find_key(m["metrics"], "reliability"):
             if isinstance(rel, dict) and rel.get("accuracy") and rel.get("confidence"):

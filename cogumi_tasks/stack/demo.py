@@ -252,8 +252,8 @@ def print_report(manifest: dict, title: str) -> None:
 
 # ---------------------------------------------------------------- the demo
 # The pipeline so far, in order: the dataset, the evaluation of the base student and its gates, then
-# Phase 1 on the dataset (its Asset-triggered run when Phase 0's publish created one).
-DEMO_DAGS = ("phase0_dataset:publish", "evaluate:eval_run", "phase1_base:publish")
+# Phase 1 on the dataset and Phase 2 on Phase 1's model (the runs their upstream Assets triggered).
+DEMO_DAGS = ("phase0_dataset:publish", "evaluate:eval_run", "phase1_base:publish", "phase2_compression:publish")
 GATES_FAILED = 3  # the run finished its work; a check after it (a quality gate) failed
 
 def _wait_asset_run(api: AirflowREST, dag_id: str, since: float, timeout_s: float = 60) -> str | None:

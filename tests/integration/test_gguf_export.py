@@ -1,0 +1,54 @@
+"""llama.cpp's converter on real models: the packaged SmolLM2 round-trips through HF -> GGUF with the same greedy
+tokens, and a vocabulary-trimmed model converts once its pre-tokenizer is named, tokenizing exactly as HF does."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from cogumi_tasks.compress.gguf import convert_hf_to_gguf, hf_greedy, quantize_gguf, token_agreement
+
+pytestmark = pytest.mark.stack
+
+REPO = Path(__file__).resolve().parents[2]
+PROMPTS = [json.loads(x)["prompt"] for x in (REPO / "cogumi_tasks/resources/tiny_prompts.jsonl").read_text()
+           .splitlines()[:6]]
+
+
+def test_f16_gguf_agrees_with_hf_and_q5_k_m_is_smaller(hf_dir, tmp_path):
+    f16 = convert_hf_to_gguf(hf_dir, tmp_path / "f16.gguf", "f16")
+    q = quantize_gguf(f16, tmp_path / "q5.gguf", "Q5_K_M")
+    reference = hf_greedy(hf_dir, PROMPTS, 16)
+    f16_agree, q_agree = token_agreement(f16, reference), token_agreement(q, reference)
+    assert f16_agree.positions == sum(len(c) for _, c in reference) > 0
+    assert f16_agree.rate >= 0.98, f16_agree
+    assert 0.5 < q_agree.rate <= 1.0
+    assert q.stat().st_size < f16.stat().st_size / 2
+    with pytest.raises(ValueError, match="unknown GGUF quant type"):
+        quantize_gguf(f16, tmp_path / "x.gguf", "Q7_Z")
+    print(f"gguf agreement: f16 {f16_agree.rate:.4f}, Q5_K_M {q_agree.rate:.4f}")
+
+
+def test_trimmed_vocabulary_needs_and_accepts_its_pre_tokenizer(hf_dir, tmp_path):
+    from llama_cpp import Llama
+    from transformers import AutoTokenizer
+
+    from cogumi_tasks.train.vocab import chat_texts, trim_model
+
+    tok = AutoTokenizer.from_pretrained(str(hf_dir))
+    texts = chat_texts(tok, [(p, "Here is a short answer with a list and a number: 42.") for p in PROMPTS * 3])
+    trimmed = tmp_path / "trimmed"
+    trim_model(hf_dir, trimmed, texts, 0.999)
+    with pytest.raises(RuntimeError, match="compress.gguf.pre_tokenizer"):
+        convert_hf_to_gguf(trimmed, tmp_path / "bad.gguf", "f16")
+    out = convert_hf_to_gguf(trimmed, tmp_path / "trimmed.gguf", "f16", pre_tokenizer="smollm")
+    new_tok = AutoTokenizer.from_pretrained(str(trimmed))
+    llm = Llama(model_path=str(out), vocab_only=True, verbose=False)
+    try:
+        for text in texts[:6] + ["Unseen words: quixotic zephyr 3.14159!"]:
+            assert llm.tokenize(text.encode(), add_bos=False, special=True) == new_tok.encode(
+                text, add_special_tokens=False)
+    finally:
+        llm.close()

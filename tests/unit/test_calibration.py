@@ -1,0 +1,73 @@
+"""Calibration maths on hand-computed cases: ECE, reliability bins, temperature and Platt scaling."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cogumi_tasks.compress.calibration import (
+    Calibrator,
+    calibrate,
+    ece,
+    fit_platt,
+    fit_temperature,
+    reliability,
+    split_halves,
+)
+
+
+def test_ece_matches_a_hand_computed_case():
+    conf = [0.1, 0.15, 0.85, 0.95, 0.55]
+    correct = [0, 1, 1, 1, 0]
+    # bin [0.1,0.2): acc 0.5, conf 0.125 -> 0.375 * 2/5 = 0.15; bin [0.5,0.6): 0.55 * 1/5 = 0.11
+    # bin [0.8,0.9): 0.15 * 1/5 = 0.03; bin [0.9,1.0]: 0.05 * 1/5 = 0.01
+    assert ece(conf, correct, bins=10) == pytest.approx(0.30)
+    assert reliability(conf, correct, bins=10) == {"confidence": [0.125, 0.55, 0.85, 0.95],
+                                                   "accuracy": [0.5, 0.0, 1.0, 1.0], "count": [2, 1, 1, 1]}
+
+
+def test_ece_edges():
+    assert ece([1.0, 1.0], [1, 1]) == 0.0  # 1.0 lands in the last bin
+    assert ece([0.0, 0.0], [0, 0]) == 0.0
+    assert ece([0.7] * 10, [1] * 7 + [0] * 3) == pytest.approx(0.0)
+    assert ece([0.9] * 4, [0] * 4, bins=5) == pytest.approx(0.9)
+    assert np.isnan(ece([], []))
+
+
+def test_temperature_softens_an_overconfident_score():
+    rng = np.random.default_rng(0)
+    true_p = rng.uniform(0.05, 0.95, 4000)
+    y = (rng.uniform(size=true_p.size) < true_p).astype(int)
+    z = np.log(true_p / (1 - true_p))
+    overconfident = 1 / (1 + np.exp(-3 * z))  # logits three times too large
+    t = fit_temperature(overconfident, y)
+    assert t == pytest.approx(3.0, rel=0.15)
+    cal = Calibrator("temperature", t=t)
+    assert ece(cal(overconfident), y) < ece(overconfident, y) / 3
+
+
+def test_platt_fits_and_refuses_a_single_class():
+    rng = np.random.default_rng(1)
+    conf = rng.uniform(0.01, 0.99, 2000)
+    y = (rng.uniform(size=conf.size) < 0.2 + 0.3 * conf).astype(int)  # badly calibrated score
+    cal = fit_platt(conf, y)
+    assert ece(cal(conf), y) < 0.03 < ece(conf, y)
+    with pytest.raises(ValueError, match="all 3 labels are 0"):
+        fit_platt(np.array([0.2, 0.4, 0.6]), np.array([0, 0, 0]))
+
+
+def test_split_is_stratified_and_disjoint():
+    y = np.array([0] * 10 + [1] * 4)
+    fit, test = split_halves(len(y), y)
+    assert sorted(fit.tolist() + test.tolist()) == list(range(14))
+    assert y[fit].sum() == 2 and y[test].sum() == 2
+
+
+def test_calibrate_reports_before_after_and_picks_the_better():
+    rng = np.random.default_rng(2)
+    conf = rng.uniform(0.3, 0.99, 400)
+    y = (rng.uniform(size=conf.size) < conf - 0.25).astype(int)
+    report = calibrate([{"confidence": c} for c in conf], y.tolist(), bins=10)
+    assert report["ece_after"] == min(report["ece_temperature"], report["ece_platt"]) < report["ece_before"]
+    assert report["method"] in ("temperature", "platt") and report["test_items"] + report["fit_items"] == 400
+    assert sum(report["reliability_after"]["count"]) == report["test_items"]
