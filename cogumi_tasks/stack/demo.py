@@ -237,10 +237,22 @@ def print_report(manifest: dict, title: str) -> None:
     for name, uri in manifest.get("outputs", {}).items():
         outputs.add_row(name, uri if isinstance(uri, str) else ", ".join(map(str, uri)))
     console.print(outputs)
+    table_rows = manifest.get("metrics", {}).get("rows")
+    if isinstance(table_rows, list) and table_rows and all(isinstance(r, dict) for r in table_rows):
+        cols = list(dict.fromkeys(k for r in table_rows for k in r if k != "bytes"))
+        cols = sorted(cols, key=lambda c: (c != "stage", c != "gb"))
+        short = {"bits_per_weight": "bits/w", "byte_ppl": "ppl/byte", "token_agreement": "agree"}
+        table = Table(title=f"{title}: table")
+        for col in cols:
+            table.add_column(short.get(col, col), justify="left" if col == "stage" else "right")
+        for r in table_rows:
+            table.add_row(*("" if r.get(c) is None else f"{r[c]:.6g}" if isinstance(r[c], float) else str(r[c])
+                            for c in cols))
+        console.print(table)
     metrics = Table(title=f"{title}: metrics")
     metrics.add_column("metric")
     metrics.add_column("value", justify="right")
-    rows = _flatten(manifest.get("metrics", {}))
+    rows = _flatten({k: v for k, v in manifest.get("metrics", {}).items() if k != "rows" or not table_rows})
     if "cost" in manifest and not any(k.startswith("cost.") for k, _ in rows):
         rows += _flatten(manifest["cost"], "cost.")
     # nested detail (per endpoint, zero counters) stays in the manifest; the table shows what matters
