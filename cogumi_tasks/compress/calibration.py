@@ -144,7 +144,7 @@ def calibrate(features: list[dict], correct: list[bool], bins: int = 10, seed: i
     y = np.array(correct, dtype=int)
     fit, test = split_halves(len(y), y, seed)
     report: dict = {"items": int(len(y)), "correct": int(y.sum()), "fit_items": int(len(fit)),
-                    "test_items": int(len(test)), "bins": bins,
+                    "test_items": int(len(test)), "test_correct": int(y[test].sum()), "bins": bins,
                     "ece_before": ece(conf[test], y[test], bins), "reliability_before": reliability(conf[test], y[test],
                                                                                                    bins)}
     candidates = {"temperature": Calibrator("temperature", t=fit_temperature(conf[fit], y[fit]))}
