@@ -3,6 +3,7 @@
 prune -> quantize_awq                      (compressed-tensors for vLLM/transformers)
 prune -> export_gguf -> pack_zstd          (the GGUF is the serving artifact; .zst is for transfer)
          export_gguf -> eval_gguf -> calibrate
+prune -> recover                           (a conservative LoRA as a GGUF adapter applied at load time)
 all -> publish (the size/quality table; the cogumi_phase2 Asset)
 Scheduled on Phase 1's Asset, or run alone on any HF model directory (param ``model``).
 """
@@ -46,6 +47,9 @@ with cogumi_dag(
     eval_gguf = CogumiStepOperator(task_id="eval_gguf", step="eval.run", inputs={"model": gguf.output["gguf"]},
                                    overrides={**dag.default_args["overrides"], **EVAL_OVERRIDES},
                                    **placement("eval.run"))
+    recover = CogumiStepOperator(task_id="recover", step="compress.recover",
+                                 inputs={"model": prune.output["model"], "dataset": dataset},
+                                 **upstream, **placement("compress.recover"))
     calibrate = CogumiStepOperator(task_id="calibrate", step="compress.calibrate",
                                    inputs={"gguf": gguf.output["gguf"], "items": eval_gguf.output["items"],
                                            "tokenizer": prune.output["model"]},
@@ -54,7 +58,7 @@ with cogumi_dag(
         task_id="publish", step="compress.publish",
         inputs={"base": model, "pruned": prune.output["model"], "awq": awq.output["model"],
                 "gguf": gguf.output["gguf"], "packed": pack.output["packed"],
-                "calibrator": calibrate.output["calibrator"]},
+                "calibrator": calibrate.output["calibrator"], "lora": recover.output["lora_gguf"]},
         inlets=[phase_asset("phase1")], asset_inputs={"base": "cogumi_phase1:model"},
         outlets=[phase_asset("phase2")], **placement("compress.publish"),
     )

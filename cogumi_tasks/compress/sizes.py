@@ -40,6 +40,10 @@ def size_table(base: dict, metrics: dict[str, dict]) -> dict:
         _row("GGUF + zstd (transfer only)", packed["packed_bytes"] + packed["dict_bytes"], params,
              ratio=round(packed["ratio"], 4)),
     ]
+    lora = metrics.get("lora") or {}
+    if lora.get("enabled"):
+        rows.append(_row("recovery LoRA (GGUF, applied at load time)", lora["lora_gguf_bytes"], params,
+                         byte_ppl=lora.get("other_byte_ppl_after")))
     measured = {"start": base["weight_bytes"], "stage1": pruned.get("model", {}).get("weight_bytes"),
                 "stage2": awq.get("weight_bytes"), "stage3": gguf["gguf_bytes"],
                 "stage4": packed["packed_bytes"] + packed["dict_bytes"]}
@@ -72,4 +76,7 @@ def size_table(base: dict, metrics: dict[str, dict]) -> dict:
         "token_agreement": gguf.get("token_agreement"),
         "ece_before": metrics.get("calibrator", {}).get("ece_before"),
         "ece_after": metrics.get("calibrator", {}).get("ece_after"),
+        "recovery": {k: lora.get(k) for k in ("hardest", "improved", "improved_byte_ppl_before",
+                                              "improved_byte_ppl_after", "other_byte_ppl_before",
+                                              "other_byte_ppl_after")} if lora.get("enabled") else None,
     }

@@ -226,19 +226,28 @@ def publish(ctx: StepContext) -> StepOutput:
     """One size/quality table of every stage beside the plan's promised sizes, and the arithmetic of what a
     model of this size can reach.
 
-    Inputs: ``base`` (the Phase 1 model directory), ``pruned``, ``awq``, ``gguf``, ``packed``, ``calibrator``
-    (their producers' manifests are read). Outputs: ``table`` (JSON), ``gguf`` and ``calibrator`` passed on.
+    Inputs: ``base`` (the Phase 1 model directory), ``pruned``, ``awq``, ``gguf``, ``packed``, ``calibrator``,
+    ``lora`` (the recovery GGUF LoRA; their producers' manifests are read). Outputs: ``table`` (JSON); ``gguf``,
+    ``calibrator`` and ``lora_gguf`` passed on.
     """
     from cogumi_tasks.compress.sizes import size_table
 
     base_dir = ctx.fetch_dir(ctx.input("base"))
     manifests = {k: _manifest_of(ctx, k) for k in ("pruned", "gguf", "packed", "calibrator")}
-    if "awq" in ctx.inputs:
-        manifests["awq"] = _manifest_of(ctx, "awq")
+    for optional in ("awq", "lora"):
+        if optional in ctx.inputs:
+            manifests[optional] = _manifest_of(ctx, optional)
     table = size_table(model_stats(base_dir), {k: m["metrics"] for k, m in manifests.items()})
     ctx.out("table.json").write_text(json.dumps(table, indent=1))
-    return StepOutput(files={"table": "table.json", "gguf": ctx.input("gguf"), "calibrator": ctx.input("calibrator")},
-                      metrics=table)
+    files = {"table": "table.json", "gguf": ctx.input("gguf"), "calibrator": ctx.input("calibrator")}
+    if "lora" in ctx.inputs:  # the serving pair: prove llama.cpp applies the adapter to this GGUF and answers
+        from cogumi_tasks.compress.gguf import chat_answer
+
+        files["lora_gguf"] = ctx.input("lora")
+        table["answer_with_lora"] = chat_answer(ctx.fetch(ctx.input("gguf")), "What is 2 + 2?",
+                                                lora=ctx.fetch(ctx.input("lora")))[:200]
+        ctx.out("table.json").write_text(json.dumps(table, indent=1))
+    return StepOutput(files=files, metrics=table)
 
 
 __all__ = ["calibrate_step", "export_gguf", "pack_zstd", "prune", "publish", "quantize_awq"]

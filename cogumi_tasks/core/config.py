@@ -269,6 +269,18 @@ class PackConfig(Strict):
     dict_kb: int = 128
 
 
+class RecoverConfig(Strict):
+    enabled: bool = True
+    hardest_fraction: float = Field(0.02, gt=0, le=1, description="share of dataset rows, by per-byte perplexity")
+    min_examples: int = Field(8, ge=1)
+    teacher: str | None = Field(None, description="teacher that improves the answers; empty: the last teacher")
+    max_tokens: int = 512
+    rank: int = 64
+    alpha: int = 128
+    lr: float = 8e-7
+    epochs: float = 2.0
+
+
 class CalibrateConfig(Strict):
     bins: int = 10
     max_ece: float = 0.05
@@ -280,6 +292,7 @@ class CompressConfig(Strict):
     awq: AWQConfig = Field(default_factory=AWQConfig)
     gguf: GGUFConfig = Field(default_factory=GGUFConfig)
     pack: PackConfig = Field(default_factory=PackConfig)
+    recover: RecoverConfig = Field(default_factory=RecoverConfig)
     calibrate: CalibrateConfig = Field(default_factory=CalibrateConfig)
 
 

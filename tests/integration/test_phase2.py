@@ -2,7 +2,7 @@
 a GGUF that llama-cpp-python loads and answers with, the size/quality table with measured figures, and the step
 cache: an unchanged re-run runs nothing, a new GGUF quant type re-runs only export_gguf and what follows.
 
-Marked e2e: three DAG runs, about 4 minutes on 2 cores, with smaller settings than tiny.yaml.
+Marked e2e: three DAG runs, about 5 minutes on 2 cores, with smaller settings than tiny.yaml.
 """
 
 from __future__ import annotations
@@ -31,11 +31,13 @@ SMALL = {
     "compress.awq.max_seq_len": 128,
     "compress.gguf.agreement_prompts": 8,
     "compress.gguf.agreement_tokens": 16,
+    "compress.recover.min_examples": 2,
+    "compress.recover.max_tokens": 32,
     "eval.max_tokens": 48,
     **{f"eval.suites.{i}.limit": 2 for i in range(5)},
 }
 STEPS = ("compress.prune", "compress.quantize_awq", "compress.export_gguf", "compress.pack_zstd", "eval.run",
-         "compress.calibrate", "compress.publish")
+         "compress.calibrate", "compress.recover", "compress.publish")
 
 
 def _config(tmp: Path, name: str, extra: dict) -> str:
@@ -86,7 +88,7 @@ def test_every_task_succeeds_and_the_gguf_answers(phase2, tmp_path):
 
     for run in phase2["runs"]:
         states = {ti.task_id: ti.state for ti in run.get_task_instances()}
-        assert set(states.values()) == {"success"} and len(states) == 7, states
+        assert set(states.values()) == {"success"} and len(states) == 8, states
     export = phase2["manifests"][0]["compress.export_gguf"][0]
     store = phase2["store"]
     gguf = store.fetch(export["outputs"]["gguf"], tmp_path)
@@ -114,7 +116,11 @@ def test_prune_awq_pack_calibrate_figures(phase2):
     assert pack["round_trip_ok"] and pack["ratio"] > 1.0
     cal = first["compress.calibrate"][0]["metrics"]
     assert 0 <= cal["ece_after"] <= 1 and cal["ece_gate_passed"] == (cal["ece_after"] < 0.05)
+    rec = first["compress.recover"][0]
+    assert rec["metrics"]["improved"] >= 1 and rec["metrics"]["lora_gguf_bytes"] > 0
+    assert rec["outputs"]["lora_gguf"].endswith("adapter.gguf")
     table = first["compress.publish"][0]["metrics"]
+    assert table["answer_with_lora"].strip() and table["recovery"]["hardest"] == 2
     stages = [r["stage"] for r in table["rows"]]
     assert stages[0] == "base (safetensors)" and stages[-1] == "GGUF + zstd (transfer only)"
     assert table["shipped_mb"] == round(first["compress.export_gguf"][0]["metrics"]["gguf_bytes"] / 1e6, 2)
