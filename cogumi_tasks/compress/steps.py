@@ -82,7 +82,8 @@ def quantize_awq(ctx: StepContext) -> StepOutput:
     """AWQ W4A16 with llm-compressor, saved in compressed-tensors format (vLLM and transformers load it).
 
     Inputs: ``model`` (the pruned HF directory), ``dataset``, ``recipe``. Outputs: ``model`` (compressed
-    checkpoint). Metrics: bytes on disk, bits per weight, per-byte perplexity before/after (fake-quantized).
+    checkpoint). Metrics: bytes on disk, bits per weight, per-byte perplexity before and after (the saved checkpoint
+    reloaded with transformers).
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -105,10 +106,12 @@ def quantize_awq(ctx: StepContext) -> StepOutput:
     except ValueError as exc:
         raise StepFailed(f"compress.quantize_awq: {exc} (group_size {cfg.group_size} must divide every "
                          f"quantized layer's input size, e.g. 64 for SmolLM2's 576)") from exc
-    after = nll_stats(model, held, tokenizer=tok)
     dest = ctx.out_dir / "model"
     model.save_pretrained(str(dest), save_compressed=True)
     tok.save_pretrained(str(dest))
+    del model
+    # perplexity of the saved checkpoint as transformers loads it (compressed-tensors), not of the in-memory model
+    after = nll_stats(AutoModelForCausalLM.from_pretrained(str(dest)), held, tokenizer=tok)
     weights = sum(f.stat().st_size for f in dest.glob("*.safetensors"))
     params = model_stats(src)["parameters"]
     return StepOutput(files={"model": "model/"}, metrics={
