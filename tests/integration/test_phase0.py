@@ -128,7 +128,11 @@ def test_killed_generate_resumes_without_rerequesting_and_matches(baseline, dagb
     proc.wait()
     done_before_kill = chat_calls(counter) - before
     assert 2 <= done_before_kill < shard_rows, "the kill must land mid-shard"
-    time.sleep(1.0)  # a request in flight at the kill may still reach the server
+    # a request in flight at the kill still runs on the server: let it end, or it would share the server's
+    # batch with the next request and change that one's greedy answer
+    deadline = time.monotonic() + 120
+    while proxy_stats(counter)["in_flight"] and time.monotonic() < deadline:
+        time.sleep(0.1)
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     resumed = chat_calls(counter) - before
     # each prompt reached the model once, plus at most the one call in flight when killed

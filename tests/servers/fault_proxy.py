@@ -27,14 +27,14 @@ def build_app(upstream: str, fault_rate: float, seed: int, hang_s: float):
     from starlette.routing import Route
 
     rng = random.Random(seed)
-    stats: dict = {"requests": 0, "forwarded": 0, "faults": {k: 0 for k in FAULTS}}
+    stats: dict = {"requests": 0, "forwarded": 0, "in_flight": 0, "faults": {k: 0 for k in FAULTS}}
     client = httpx.AsyncClient(base_url=upstream, timeout=600)
 
     async def get_stats(request: Request) -> Response:
         return JSONResponse(stats)
 
     async def reset(request: Request) -> Response:
-        stats.update({"requests": 0, "forwarded": 0, "faults": {k: 0 for k in FAULTS}})
+        stats.update({"requests": 0, "forwarded": 0, "in_flight": 0, "faults": {k: 0 for k in FAULTS}})
         return JSONResponse(stats)
 
     async def proxy(request: Request) -> Response:
@@ -55,8 +55,12 @@ def build_app(upstream: str, fault_rate: float, seed: int, hang_s: float):
                 return Response(b"<html>definitely not json", 200, media_type="application/json")
             stats["forwarded"] += 1
         headers = {k: v for k, v in request.headers.items() if k.lower() not in ("host", "content-length")}
-        upstream_resp = await client.request(request.method, path, content=body, headers=headers,
-                                             params=request.query_params)
+        stats["in_flight"] += 1  # an upstream call runs to its end even when the caller is gone
+        try:
+            upstream_resp = await client.request(request.method, path, content=body, headers=headers,
+                                                 params=request.query_params)
+        finally:
+            stats["in_flight"] -= 1
         drop = ("content-length", "transfer-encoding", "content-encoding", "connection")
         return Response(upstream_resp.content, upstream_resp.status_code,
                         headers={k: v for k, v in upstream_resp.headers.items() if k.lower() not in drop})
