@@ -193,7 +193,8 @@ def distill(ctx: StepContext) -> StepOutput:
     judged, counts = write_examples(ctx, clusters, quarantine)
     if counts["requested"]:
         check_error_rate("distill examples", len(quarantine), counts["requested"], cfg.max_error_rate, quarantine)
-    known = {_normal(r["prompt"]) for r in dataset_rows(ctx)}
+    pool = dataset_rows(ctx)  # read once: the duplicate check and the replay both use it
+    known = {_normal(r["prompt"]) for r in pool}
     kept, rejected, seen = [], [], set()
     for r in judged:
         key = _normal(r["prompt"])
@@ -202,7 +203,6 @@ def distill(ctx: StepContext) -> StepOutput:
         else:
             kept.append(r)
             seen.add(key)
-    pool = dataset_rows(ctx)
     random.Random(0).shuffle(pool)
     n_replay = min(len(pool), round(len(kept) * cfg.replay_fraction / (1 - cfg.replay_fraction)))
     replay, general = pool[:n_replay], pool[n_replay:][:GENERAL_ROWS]  # general: never trained on here
