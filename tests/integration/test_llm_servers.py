@@ -78,29 +78,35 @@ def test_faults_are_retried_counted_and_cached(llm, store, tmp_root):
     from cogumi_tasks.stack.services import free_port, stop
 
     port = free_port()
-    # seed 23 at 20%: one 429, one 500, one hang and two garbage bodies before the 12th success
-    proc = start_fault_proxy(llm.removesuffix("/v1"), port, fault_rate=0.2, seed=23, hang_s=6,
+    # Seed 13 at 20%: one 429, one 500, two hangs and one garbage body among the 12 prompts' calls. The
+    # proxy draws per request body and attempt, so arrival order does not change which calls fail.
+    proc = start_fault_proxy(llm.removesuffix("/v1"), port, fault_rate=0.2, seed=13, hang_s=10,
                              log_path=tmp_root / "logs" / "llm-faults.log")
     proxy = f"http://127.0.0.1:{port}"
     prefix = f"faults-{uuid.uuid4().hex[:6]}"
     cfg = LLMConfig(max_retries=10, backoff_base_s=0.05, backoff_max_s=1.0)
     reqs = prompts("faults", 12)
     try:
-        client = make_client(store, proxy + "/v1", prefix, llm=cfg, timeout=4)
+        client = make_client(store, proxy + "/v1", prefix, llm=cfg, timeout=8)
         results = asyncio.run(closing(client, client.chat_many(reqs)))
         seen = proxy_stats(proxy)
-        again = make_client(store, proxy + "/v1", prefix, llm=cfg, timeout=4)
+        again = make_client(store, proxy + "/v1", prefix, llm=cfg, timeout=8)
         second = asyncio.run(closing(again, again.chat_many(reqs)))
         after = proxy_stats(proxy)
     finally:
         stop(proc)
     assert all(isinstance(r, ChatResult) and r.text for r in results), results
     s = client.stats
-    assert sum(seen["faults"].values()) == 5
+    planted = {"429": 1, "500": 1, "hang": 2, "garbage": 1}
+    # On a loaded machine a real answer can outlast the timeout: the client then retries a call the
+    # proxy forwarded (``forwarded`` > 12), and that retry is a new draw that may add faults.
+    gave_up = seen["forwarded"] - 12
+    assert all(seen["faults"][k] >= n for k, n in planted.items())
+    assert gave_up > 0 or seen["faults"] == planted
     assert (s["429"], s["5xx"], s["timeout"], s["unparseable"], s["connection"]) == (
-        seen["faults"]["429"], seen["faults"]["500"], seen["faults"]["hang"], seen["faults"]["garbage"], 0)
-    assert s["calls"] == seen["requests"] and seen["forwarded"] == 12 and s["failed"] == 0
-    assert s["retries"] == sum(seen["faults"].values())
+        seen["faults"]["429"], seen["faults"]["500"], seen["faults"]["hang"] + gave_up, seen["faults"]["garbage"], 0)
+    assert s["calls"] == seen["requests"] and s["failed"] == 0
+    assert s["retries"] == sum(seen["faults"].values()) + gave_up
     rows = read_run_ledger(store, store.uri(prefix, "ledger"))  # both clients' parts, from S3
     paid, free = [r for r in rows if not r["cached"]], [r for r in rows if r["cached"]]
     assert len(paid) == 12 and all(r["usd"] > 0 and not r["batch"] for r in paid)

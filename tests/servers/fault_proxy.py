@@ -1,9 +1,11 @@
 """A fault-injecting reverse proxy for OpenAI-compatible servers, on loopback only.
 
-With probability ``fault_rate`` (seeded, so the sequence is reproducible) a request to
+With probability ``fault_rate`` a request to
 ``/v1/chat/completions`` gets, instead of the upstream's answer, one of: 429 (Retry-After: 0),
 500, a hang longer than the client's timeout, or a 200 with a garbage body. Everything else is
-forwarded. At 0% it is a request counter. ``GET /_stats`` returns the counts, ``POST /_reset``
+forwarded. The draw depends only on the seed, the request body and how many times that body was
+seen before, so which calls fail is the same whatever order concurrent calls arrive in. At 0% it is
+a request counter. ``GET /_stats`` returns the counts, ``POST /_reset``
 zeroes them.
 
     python -m tests.servers.fault_proxy --upstream http://127.0.0.1:8080 --port 9000 --fault-rate 0.2
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import random
 from pathlib import Path
 
@@ -26,7 +29,7 @@ def build_app(upstream: str, fault_rate: float, seed: int, hang_s: float):
     from starlette.responses import JSONResponse, Response
     from starlette.routing import Route
 
-    rng = random.Random(seed)
+    seen: dict[str, int] = {}
     stats: dict = {"requests": 0, "forwarded": 0, "in_flight": 0, "faults": {k: 0 for k in FAULTS}}
     client = httpx.AsyncClient(base_url=upstream, timeout=600)
 
@@ -34,6 +37,7 @@ def build_app(upstream: str, fault_rate: float, seed: int, hang_s: float):
         return JSONResponse(stats)
 
     async def reset(request: Request) -> Response:
+        seen.clear()
         stats.update({"requests": 0, "forwarded": 0, "in_flight": 0, "faults": {k: 0 for k in FAULTS}})
         return JSONResponse(stats)
 
@@ -42,6 +46,9 @@ def build_app(upstream: str, fault_rate: float, seed: int, hang_s: float):
         body = await request.body()
         if path.endswith("/chat/completions"):
             stats["requests"] += 1
+            digest = hashlib.sha256(body).hexdigest()
+            seen[digest] = attempt = seen.get(digest, 0) + 1
+            rng = random.Random(f"{seed}:{digest}:{attempt}")
             if rng.random() < fault_rate:
                 kind = rng.choice(FAULTS)
                 stats["faults"][kind] += 1
