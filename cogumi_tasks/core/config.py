@@ -54,16 +54,39 @@ class KubernetesConfig(Strict):
     startup_timeout_s: int = 600
 
 
+class PoolConfig(Strict):
+    """An Airflow pool: at most ``slots`` tasks of these steps run at once, across all DAGs."""
+
+    slots: int = Field(ge=1)
+    steps: list[str]
+
+
 class ComputeConfig(Strict):
-    """Where each step runs: ``local`` (worker process), ``kubernetes`` (a pod), ``gpu_queue``."""
+    """Where each step runs: ``local`` (worker process), ``kubernetes`` (a pod), ``gpu_queue``;
+    ``pools`` limit how many tasks of some steps run at once (e.g. CPU-bound steps on a small box)."""
 
     default: Literal["local", "kubernetes", "gpu_queue"] = "local"
     steps: dict[str, Literal["local", "kubernetes", "gpu_queue"]] = Field(default_factory=dict)
     gpu_queue: str = "gpu"
     kubernetes: KubernetesConfig = Field(default_factory=KubernetesConfig)
+    pools: dict[str, PoolConfig] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _one_pool_per_step(self) -> ComputeConfig:
+        seen: dict[str, str] = {}
+        for name, pool in self.pools.items():
+            for step in pool.steps:
+                if step in seen:
+                    raise ValueError(f"step {step!r} is in two pools: {seen[step]!r} and {name!r}")
+                seen[step] = name
+        return self
 
     def target(self, step: str) -> str:
         return self.steps.get(step, self.default)
+
+    def pool(self, step: str) -> str | None:
+        """The pool whose slots ``step``'s tasks take, or None (Airflow's default pool)."""
+        return next((name for name, pool in self.pools.items() if step in pool.steps), None)
 
 
 # ---------------------------------------------------------------- LLM endpoints

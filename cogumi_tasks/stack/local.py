@@ -278,6 +278,17 @@ def _airflow_cmd(name: str, settings: Settings) -> list[str]:
     }[name]
 
 
+def _airflow_cli(settings: Settings, args: list[str], what: str) -> None:
+    """Run ``airflow ARGS`` against the stack's database, its output appended to ``<what>.log``."""
+    log_path = settings.logs_dir / f"{what}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as out:
+        rc = subprocess.run([services.venv_bin("airflow"), *args], stdout=out, stderr=subprocess.STDOUT,
+                            env={**os.environ, **env(settings)}, timeout=600).returncode
+    if rc != 0:
+        raise ServiceError(f"airflow {' '.join(args)} failed (exit {rc}); see {log_path}")
+
+
 def migrate(settings: Settings, log=print) -> bool:
     """``airflow db migrate`` unless this Airflow version already migrated this database."""
     import importlib.metadata
@@ -287,15 +298,28 @@ def migrate(settings: Settings, log=print) -> bool:
     if marker.exists() and marker.read_text() == version and (settings.airflow_home / "airflow.db").exists():
         return False
     log(f"airflow db migrate (Airflow {version}) ...")
-    log_path = settings.logs_dir / "migrate.log"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "ab") as out:
-        rc = subprocess.run([services.venv_bin("airflow"), "db", "migrate"], stdout=out,
-                            stderr=subprocess.STDOUT, env={**os.environ, **env(settings)},
-                            timeout=600).returncode
-    if rc != 0:
-        raise ServiceError(f"airflow db migrate failed (exit {rc}); see {log_path}")
+    _airflow_cli(settings, ["db", "migrate"], "migrate")
     marker.write_text(version)
+    return True
+
+
+def sync_pools(settings: Settings, log=print) -> bool:
+    """Create or resize the Airflow pools the deployment's config names (``compute.pools``);
+    skipped when they are what the last sync set."""
+    from cogumi_tasks.core.config import load_config
+
+    pools = load_config({**os.environ, **env(settings)}.get("COGUMI_CONFIG", "tiny")).compute.pools
+    spec = {name: {"slots": p.slots, "description": "cogumi: " + ", ".join(p.steps), "include_deferred": False}
+            for name, p in sorted(pools.items())}
+    marker = settings.airflow_home / "pools.json"
+    text = json.dumps(spec, indent=1)
+    if not spec or (marker.exists() and marker.read_text() == text):
+        return False
+    log("airflow pools: " + ", ".join(f"{n} ({p['slots']} slots)" for n, p in spec.items()))
+    wanted = settings.airflow_home / "pools.wanted.json"
+    wanted.write_text(text)
+    _airflow_cli(settings, ["pools", "import", str(wanted)], "migrate")
+    wanted.replace(marker)
     return True
 
 
@@ -331,6 +355,7 @@ def up(settings: Settings | None = None, log=print, timeout_s: float = 180) -> d
     for name in SERVICES:
         if name == "api-server":
             migrate(s, log)
+            sync_pools(s, log)
         rec = read_pids(s).get(name)
         if rec and pid_alive(rec["pid"], rec.get("cmd")):
             if name in AIRFLOW_SERVICES or healthy(s, name):

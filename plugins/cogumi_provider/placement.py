@@ -32,11 +32,13 @@ EDGE_EXECUTOR = "EdgeExecutor"
 def placement(step: str) -> dict[str, str]:
     """Operator kwargs placing ``step``: queue ``gpu`` on the Edge executor when the deployment's
     config says ``gpu_queue`` (Airflow routes a task to a non-default executor only when the task
-    names it), else the default queue and executor."""
+    names it), else the default queue and executor; plus the step's pool, if the config gives one
+    (``cogumi stack up`` creates the tiny config's pools)."""
     compute = _deployment_compute()
-    if compute.target(step) == "gpu_queue":
-        return {"queue": compute.gpu_queue, "executor": EDGE_EXECUTOR}
-    return {"queue": "default"}
+    where = ({"queue": compute.gpu_queue, "executor": EDGE_EXECUTOR} if compute.target(step) == "gpu_queue"
+             else {"queue": "default"})
+    pool = compute.pool(step)
+    return {**where, "pool": pool} if pool else where
 
 
 def phase_asset(phase: str) -> Asset:

@@ -46,3 +46,12 @@ def test_phase1_is_scheduled_on_phase0_and_publishes_phase1(dagbag):
     upstream = {t: sorted(dag.get_task(t).upstream_task_ids) for t in ("failure_analysis", "distill", "publish")}
     assert upstream == {"failure_analysis": ["eval_sft"], "distill": ["failure_analysis", "sft"],
                         "publish": ["distill", "eval_distilled", "eval_sft"]}
+
+
+def test_cpu_heavy_tasks_take_turns_in_the_tiny_pool(dagbag):
+    p2 = dagbag.dags["phase2_compression"]
+    pools = {t.task_id: t.pool for t in p2.tasks}
+    assert {t for t, p in pools.items() if p == "cogumi_cpu"} == {
+        "prune", "quantize_awq", "export_gguf", "eval_gguf", "recover", "calibrate"}
+    assert pools["pack_zstd"] == pools["publish"] == "default_pool"
+    assert dagbag.dags["phase0_dataset"].get_task("generate").pool == "default_pool"

@@ -81,6 +81,14 @@ def test_up_binds_loopback_only(stack):
     assert all(r["healthy"] for r in local.status(settings))
 
 
+def test_up_creates_the_configs_pools(stack):
+    settings, _ = stack
+    api = AirflowREST(settings.airflow_url, "admin", local.load_secrets(settings)["COGUMI_AIRFLOW_PASSWORD"])
+    pool = api.request("GET", "/pools/cogumi_cpu")
+    assert pool["slots"] == 1 and "compress.quantize_awq" in pool["description"]
+    assert not local.sync_pools(settings)  # unchanged: no second import
+
+
 def test_second_up_reuses(stack):
     settings, pids = stack
     lines: list[str] = []

@@ -45,3 +45,20 @@ def test_env_expansion(monkeypatch):
 def test_unknown_config_name_lists_known():
     with pytest.raises(ConfigError, match="known: .*tiny"):
         load_config("nope")
+
+
+def test_pools_and_placement_name_registered_steps_once(tmp_path):
+    from cogumi_tasks.core.steps import all_steps
+
+    for name in ("tiny", "production"):
+        compute = load_config(name).compute
+        named = [s for p in compute.pools.values() for s in p.steps] + list(compute.steps)
+        assert set(named) <= set(all_steps()), f"{name}: unknown steps {set(named) - set(all_steps())}"
+    tiny = load_config("tiny").compute
+    assert tiny.pool("compress.quantize_awq") == "cogumi_cpu" and tiny.pools["cogumi_cpu"].slots == 1
+    assert tiny.pool("data.generate") is None  # LLM calls wait on the server, not on this box's cores
+    bad = tmp_path / "bad.yaml"
+    text = (load_config.__globals__["resolve_config_path"]("tiny")).read_text()
+    bad.write_text(text.replace("  pools:\n", "  pools:\n    other: {slots: 2, steps: [eval.run]}\n"))
+    with pytest.raises(ConfigError, match=r"compute: .*'eval.run' is in two pools"):
+        load_config(str(bad))
