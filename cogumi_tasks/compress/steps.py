@@ -24,12 +24,18 @@ def compress_config(ctx: StepContext) -> CompressConfig:
     return ctx.config.compress
 
 
-def split_texts(ctx: StepContext, tokenizer, n_calib: int, n_ppl: int) -> tuple[list[str], list[str]]:
+def shuffled(rows: list[dict]) -> list[dict]:
+    """The dataset rows in the one fixed order every compression step samples from."""
+    rows = list(rows)
+    random.Random(0).shuffle(rows)
+    return rows
+
+
+def split_texts(rows: list[dict], tokenizer, n_calib: int, n_ppl: int) -> tuple[list[str], list[str]]:
     """Chat-formatted dataset rows: calibration texts and (disjoint) held-out perplexity texts."""
     from cogumi_tasks.train.vocab import chat_texts
 
-    rows = dataset_rows(ctx)
-    random.Random(0).shuffle(rows)
+    rows = shuffled(rows)
     texts = chat_texts(tokenizer, [(r["prompt"], r["response"]) for r in rows])
     held = texts[:n_ppl]
     calib = texts[n_ppl:][:n_calib] or held
@@ -62,7 +68,7 @@ def prune(ctx: StepContext) -> StepOutput:
         return StepOutput(files={"model": pass_on(ctx, src_uri, src)}, metrics={"enabled": False})
     tok = AutoTokenizer.from_pretrained(str(src))
     model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32)
-    calib, held = split_texts(ctx, tok, cfg.calibration_samples, cfg.ppl_rows)
+    calib, held = split_texts(dataset_rows(ctx), tok, cfg.calibration_samples, cfg.ppl_rows)
     before = nll_stats(model, held, tokenizer=tok)
     stages = gradual_prune(model, tok, load_recipe(ctx.fetch(ctx.input("recipe"))), cfg.schedule, calib,
                            cfg.max_seq_len, lambda m: _ppl(nll_stats(m, held, tokenizer=tok)))
@@ -97,7 +103,7 @@ def quantize_awq(ctx: StepContext) -> StepOutput:
         return StepOutput(files={}, metrics={"enabled": False})
     tok = AutoTokenizer.from_pretrained(str(src))
     model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32)
-    calib, held = split_texts(ctx, tok, cfg.calibration_samples, compress_config(ctx).prune.ppl_rows)
+    calib, held = split_texts(dataset_rows(ctx), tok, cfg.calibration_samples, compress_config(ctx).prune.ppl_rows)
     before = nll_stats(model, held, tokenizer=tok)
     recipe = with_value(load_recipe(ctx.fetch(ctx.input("recipe"))), "group_size", cfg.group_size)
     recipe = with_value(recipe, "n_grid", cfg.n_grid)
@@ -146,9 +152,8 @@ def export_gguf(ctx: StepContext) -> StepOutput:
     f16 = convert_hf_to_gguf(src, ctx.tmp_dir / "model-f16.gguf", "f16", cfg.pre_tokenizer)
     quant = quantize_gguf(f16, ctx.out("model.gguf"), cfg.quant_type)
     rows = dataset_rows(ctx)
-    random.Random(0).shuffle(rows)
-    prompts = [r["prompt"] for r in rows][: cfg.agreement_prompts]
-    _, held = split_texts(ctx, AutoTokenizer.from_pretrained(str(src)), 0, compress_config(ctx).prune.ppl_rows)
+    prompts = [r["prompt"] for r in shuffled(rows)][: cfg.agreement_prompts]
+    _, held = split_texts(rows, AutoTokenizer.from_pretrained(str(src)), 0, compress_config(ctx).prune.ppl_rows)
     reference = hf_greedy(src, prompts, cfg.agreement_tokens)
     agree_f16, agree_q = token_agreement(f16, reference), token_agreement(quant, reference)
     params = model_stats(src)["parameters"]

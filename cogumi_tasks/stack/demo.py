@@ -305,7 +305,8 @@ def run_demo(config: str = "tiny", conf: dict | None = None, timeout_s: float = 
     ui = f"{s.airflow_url}/dags/{dag_id}/runs/{run_id}"
     log(f"{how} {dag_id} run {run_id}\n  follow it in the UI: {ui}")
     state, tis = follow(api, dag_id, run_id, timeout_s, log=log)
-    footer = (f"UI: {ui}  (login: admin / {password})\nlogs: {s.logs_dir} (services), "
+    footer = (f"UI: {ui}  (login: admin, password: COGUMI_AIRFLOW_PASSWORD in {s.secrets_file})\n"
+              f"logs: {s.logs_dir} (services), "
               f"{s.airflow_home / 'logs'} (tasks)\nstop the stack: make stop")
     final_ok = any(ti["task_id"] == final_task and ti["state"] == "success" for ti in tis)
     if state != "success" and not final_ok:

@@ -141,6 +141,8 @@ def test_run_demo_report(stack, capsys):
     assert "dataset: s3://cogumi/smoke/data.jsonl" in text
     assert "final_records" in text and "cost.calls" in text
     assert f"{settings.airflow_url}/dags/cogumi_smoke/runs/" in text and "make stop" in text
+    assert str(settings.secrets_file) in text  # where the login is, never the password itself
+    assert all(v not in text for v in local.load_secrets(settings).values())
 
 
 def test_port_conflict_is_clear(stack, tmp_path):
