@@ -59,6 +59,7 @@ lint: install
 
 bench: install
 	$(PY) bench/dedup.py
+	$(PY) bench/serving.py
 
 clean: stop
 	rm -rf .cogumi $(VENV)
