@@ -284,9 +284,11 @@ def builtin_gguf(path: str) -> Path:
 
 def load_backend(ref: ModelRef, *, endpoints: dict[str, EndpointConfig], llm: LLMConfig, ledger: CostLedger,
                  cache: ResponseCache | None, fetch: Callable[[str], Path], batch_size: int = 4,
-                 step: str = "eval.run") -> ModelBackend:
+                 step: str = "eval.run", hf_runtime: str = "transformers", pre_tokenizer: str | None = None,
+                 work_dir: Path | None = None) -> ModelBackend:
     """The backend a :class:`ModelRef` names. ``fetch`` turns an ``s3://`` URI (a prefix ending in
-    ``/`` for a directory) or a local path into a local path."""
+    ``/`` for a directory) or a local path into a local path. With ``hf_runtime="llama_cpp"`` an HF
+    directory is converted to an f16 GGUF under ``work_dir`` and run in llama.cpp."""
     if ref.kind == "endpoint":
         if not ref.endpoint or ref.endpoint not in endpoints:
             raise ValueError(f"model ref names endpoint {ref.endpoint!r}; configured: {sorted(endpoints)}")
@@ -301,6 +303,15 @@ def load_backend(ref: ModelRef, *, endpoints: dict[str, EndpointConfig], llm: LL
         def as_dir(uri: str) -> str:
             return uri + "/" if uri.startswith("s3://") and not uri.endswith("/") else uri
 
+        if hf_runtime == "llama_cpp":
+            from cogumi_tasks.compress.gguf import convert_hf_to_gguf
+
+            if ref.adapter:
+                raise ValueError("hf_runtime llama_cpp takes no adapter: merge it into the model first")
+            if work_dir is None:
+                raise ValueError("hf_runtime llama_cpp needs a work_dir for the converted GGUF")
+            f16 = convert_hf_to_gguf(fetch(as_dir(ref.path)), Path(work_dir) / "hf-f16.gguf", "f16", pre_tokenizer)
+            return GGUFBackend(f16, name=f"gguf-f16:{ref.path}")
         adapter = fetch(as_dir(ref.adapter)) if ref.adapter else None
         return HFBackend(fetch(as_dir(ref.path)), adapter, batch_size=batch_size, name=f"hf:{ref.path}")
     raise ValueError(f"unknown model kind {ref.kind!r}")

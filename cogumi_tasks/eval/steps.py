@@ -69,7 +69,8 @@ def run_eval(ctx: StepContext) -> StepOutput:
     cache = ResponseCache(ctx.store, ctx.llm_cache_prefix)
     conversations = [i.messages for i in items]
     student = load_backend(student_ref, endpoints=_endpoints(ctx), llm=ctx.config.llm, ledger=ledger, cache=cache,
-                           fetch=fetch, batch_size=cfg.batch_size, step=ctx.spec.name)
+                           fetch=fetch, batch_size=cfg.batch_size, step=ctx.spec.name, hf_runtime=cfg.hf_runtime,
+                           pre_tokenizer=cfg.hf_pre_tokenizer, work_dir=ctx.tmp_dir)
     try:
         ours = student.generate(conversations, cfg.max_tokens)
     finally:
@@ -93,7 +94,8 @@ def run_eval(ctx: StepContext) -> StepOutput:
             "ours": os_.score, "reference": rs.score,
         })
 
-    summary: dict = {"items": len(rows), "student": student_ref.model_dump(), "reference": cfg.reference.model}
+    summary: dict = {"items": len(rows), "student": student_ref.model_dump(), "student_runtime": student.name,
+                     "reference": cfg.reference.model}
     suites: dict = {}
     for row in rows:
         s = suites.setdefault(row["suite"], {"n": 0, "ours": 0.0, "reference": 0.0, "errors": 0})

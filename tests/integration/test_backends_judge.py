@@ -121,6 +121,27 @@ def test_hf_backend_on_converted_dir(hf_dir, gguf_answers):
         log.info("hf vs gguf: %d leading words agree: %r | %r", same, hf.text[:60], gg.text[:60])
 
 
+@pytest.mark.stack
+def test_hf_dir_run_in_llama_cpp_answers_as_transformers_does(hf_dir, tmp_path):
+    from cogumi_tasks.core.config import ModelRef
+    from cogumi_tasks.eval.backends import GGUFBackend, HFBackend, load_backend
+
+    kw = {"endpoints": {}, "llm": LLMConfig(), "ledger": CostLedger(PRICES, 1.0), "cache": None, "fetch": Path}
+    ref = ModelRef(kind="hf", path=str(hf_dir))
+    fast = load_backend(ref, hf_runtime="llama_cpp", pre_tokenizer="smollm", work_dir=tmp_path, **kw)
+    slow = load_backend(ref, **kw)
+    try:
+        assert isinstance(fast, GGUFBackend) and isinstance(slow, HFBackend)
+        assert fast.name == f"gguf-f16:{hf_dir}" and (tmp_path / "hf-f16.gguf").exists()
+        a, b = fast.generate(PROMPTS, 24), slow.generate(PROMPTS, 24)
+    finally:
+        fast.close()
+        slow.close()
+    assert [g.text for g in a] == [g.text for g in b] and all(g.text for g in a)
+    with pytest.raises(ValueError, match="takes no adapter"):
+        load_backend(ref.model_copy(update={"adapter": "x/"}), hf_runtime="llama_cpp", work_dir=tmp_path, **kw)
+
+
 def _common_prefix(a: list[str], b: list[str]) -> list[str]:
     out = []
     for x, y in zip(a, b, strict=False):
