@@ -9,6 +9,7 @@ mode 600), ``pids.json`` (what we started), ``logs/<service>.log``, ``s3/`` and 
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import re
@@ -197,10 +198,23 @@ def _write_pids(settings: Settings, pids: dict[str, dict]) -> None:
     tmp.replace(settings.pids_file)
 
 
+def code_fingerprint(settings: Settings) -> str:
+    """A hash of the names, sizes and modification times of the code and configs that the Airflow
+    components import (the library, the plugins, configs/): it changes when any of them is edited."""
+    h = hashlib.sha256()
+    for root in (REPO / "cogumi_tasks", settings.plugins_folder, settings.config_dir):
+        for path in sorted(root.rglob("*")):
+            if path.suffix in (".py", ".yaml") and "__pycache__" not in path.parts:
+                st = path.stat()
+                h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
 def _record(settings: Settings, name: str, proc: subprocess.Popen, cmd: list[str]) -> None:
     _CHILDREN[proc.pid] = proc
     pids = read_pids(settings)
-    pids[name] = {"pid": proc.pid, "ports": settings.ports(name), "cmd": cmd, "started": time.time()}
+    pids[name] = {"pid": proc.pid, "ports": settings.ports(name), "cmd": cmd, "started": time.time(),
+                  "code": code_fingerprint(settings) if name in AIRFLOW_SERVICES else None}
     _write_pids(settings, pids)
 
 
@@ -358,10 +372,12 @@ def up(settings: Settings | None = None, log=print, timeout_s: float = 180) -> d
             sync_pools(s, log)
         rec = read_pids(s).get(name)
         if rec and pid_alive(rec["pid"], rec.get("cmd")):
-            if name in AIRFLOW_SERVICES or healthy(s, name):
+            stale = name in AIRFLOW_SERVICES and rec.get("code") != code_fingerprint(s)
+            if not stale and (name in AIRFLOW_SERVICES or healthy(s, name)):
                 log(f"{name:14s} reusing pid {rec['pid']}")
                 continue
-            log(f"{name:14s} pid {rec['pid']} is alive but unhealthy: restarting it")
+            why = "the code or configs changed since it started" if stale else "it is alive but unhealthy"
+            log(f"{name:14s} pid {rec['pid']}: {why}: restarting it")
             _stop_pid(rec["pid"])
         _check_ports(s, name)
         proc = _start(s, name)

@@ -163,6 +163,26 @@ def test_port_conflict_is_clear(stack, tmp_path):
             local._check_ports(busy, "api-server")
 
 
+def test_up_restarts_airflow_when_the_code_changed(stack, tmp_path, monkeypatch):
+    settings, pids = stack
+    plugins, configs = tmp_path / "plugins", tmp_path / "configs"
+    plugins.mkdir()
+    configs.mkdir()
+    (plugins / "a.py").write_text("x = 1\n")
+    probe = local.Settings.from_env({}, home=tmp_path, plugins_folder=plugins, config_dir=configs)
+    before = local.code_fingerprint(probe)
+    os.utime(plugins / "a.py", ns=(0, 10**9))
+    assert local.code_fingerprint(probe) != before
+
+    monkeypatch.setattr(local, "code_fingerprint", lambda s: "edited")
+    lines: list[str] = []
+    again = local.up(settings, log=lines.append)
+    restarted = {n for n in local.SERVICES if again[n]["pid"] != pids[n]["pid"]}
+    assert restarted == set(local.AIRFLOW_SERVICES), lines
+    assert sum("the code or configs changed" in line for line in lines) == 4
+    pids.update(again)  # later tests in this module see the new processes
+
+
 def test_down_stops_everything(stack):
     settings, pids = stack
     stopped = local.down(settings)
