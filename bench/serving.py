@@ -74,11 +74,13 @@ def _time_gguf(path: Path, prompts: list[list[int]], new_tokens: int, threads: i
         t_start = time.perf_counter()
         llm.eval(ids)
         t_first, n = None, 0
-        while n < new_tokens:  # greedy, never stopping at end of turn
+        while True:  # greedy, never stopping at end of turn
             nxt = llm.sample(top_k=1, temp=0.0)
             n += 1
             if t_first is None:
                 t_first = time.perf_counter()
+            if n == new_tokens:
+                break
             llm.eval([nxt])
         runs.append((len(ids), t_first - t_start, time.perf_counter() - t_first, n))
     return {"load_s": load_s, "runs": runs[1:]}
@@ -151,10 +153,12 @@ def main() -> None:
     prompts_file.write_text(json.dumps(prompt_ids(paths["hf_fp32"], args.prompts)))
     results = {}
     for kind, path in paths.items():
-        cmd = [sys.executable, __file__, "--prompts", str(args.prompts), "--new-tokens", str(args.new_tokens),
-               "--threads", str(args.threads), "--child", kind, str(path), str(prompts_file)]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True,
+        cmd = [sys.executable, __file__, "--new-tokens", str(args.new_tokens), "--threads", str(args.threads),
+               "--child", kind, str(path), str(prompts_file)]
+        out = subprocess.run(cmd, capture_output=True, text=True,
                              env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
+        if out.returncode != 0:
+            sys.exit(f"{kind} failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
         results[kind] = json.loads(out.stdout.strip().splitlines()[-1])
     base = results["hf_fp32"]
     print(json.dumps({

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from cogumi_tasks.core.config import EndpointConfig, LLMConfig, ModelRef
 from cogumi_tasks.core.ledger import BudgetExceeded, CostLedger, ResponseCache
@@ -284,7 +284,8 @@ def builtin_gguf(path: str) -> Path:
 
 def load_backend(ref: ModelRef, *, endpoints: dict[str, EndpointConfig], llm: LLMConfig, ledger: CostLedger,
                  cache: ResponseCache | None, fetch: Callable[[str], Path], batch_size: int = 4,
-                 step: str = "eval.run", hf_runtime: str = "transformers", pre_tokenizer: str | None = None,
+                 step: str = "eval.run", hf_runtime: Literal["transformers", "llama_cpp"] = "transformers",
+                 pre_tokenizer: str | None = None,
                  work_dir: Path | None = None) -> ModelBackend:
     """The backend a :class:`ModelRef` names. ``fetch`` turns an ``s3://`` URI (a prefix ending in
     ``/`` for a directory) or a local path into a local path. With ``hf_runtime="llama_cpp"`` an HF
@@ -303,6 +304,8 @@ def load_backend(ref: ModelRef, *, endpoints: dict[str, EndpointConfig], llm: LL
         def as_dir(uri: str) -> str:
             return uri + "/" if uri.startswith("s3://") and not uri.endswith("/") else uri
 
+        if hf_runtime not in ("transformers", "llama_cpp"):
+            raise ValueError(f"unknown hf_runtime {hf_runtime!r}: transformers or llama_cpp")
         if hf_runtime == "llama_cpp":
             from cogumi_tasks.compress.gguf import convert_hf_to_gguf
 

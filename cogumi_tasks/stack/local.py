@@ -312,6 +312,7 @@ def migrate(settings: Settings, log=print) -> bool:
     if marker.exists() and marker.read_text() == version and (settings.airflow_home / "airflow.db").exists():
         return False
     log(f"airflow db migrate (Airflow {version}) ...")
+    (settings.airflow_home / "pools.json").unlink(missing_ok=True)  # a new database has no pools yet
     _airflow_cli(settings, ["db", "migrate"], "migrate")
     marker.write_text(version)
     return True
@@ -320,9 +321,14 @@ def migrate(settings: Settings, log=print) -> bool:
 def sync_pools(settings: Settings, log=print) -> bool:
     """Create or resize the Airflow pools the deployment's config names (``compute.pools``);
     skipped when they are what the last sync set."""
-    from cogumi_tasks.core.config import load_config
+    from cogumi_tasks.core.config import ConfigError, load_config
 
-    pools = load_config({**os.environ, **env(settings)}.get("COGUMI_CONFIG", "tiny")).compute.pools
+    name = {**os.environ, **env(settings)}.get("COGUMI_CONFIG", "tiny")
+    path = name if name.endswith((".yaml", ".yml")) else str(settings.config_dir / f"{name}.yaml")
+    try:
+        pools = load_config(path).compute.pools
+    except ConfigError as exc:
+        raise ServiceError(f"the deployment's config {name!r}: {exc}") from exc
     spec = {name: {"slots": p.slots, "description": "cogumi: " + ", ".join(p.steps), "include_deferred": False}
             for name, p in sorted(pools.items())}
     marker = settings.airflow_home / "pools.json"
@@ -332,7 +338,7 @@ def sync_pools(settings: Settings, log=print) -> bool:
     log("airflow pools: " + ", ".join(f"{n} ({p['slots']} slots)" for n, p in spec.items()))
     wanted = settings.airflow_home / "pools.wanted.json"
     wanted.write_text(text)
-    _airflow_cli(settings, ["pools", "import", str(wanted)], "migrate")
+    _airflow_cli(settings, ["pools", "import", str(wanted)], "pools")
     wanted.replace(marker)
     return True
 

@@ -129,17 +129,28 @@ def test_hf_dir_run_in_llama_cpp_answers_as_transformers_does(hf_dir, tmp_path):
     kw = {"endpoints": {}, "llm": LLMConfig(), "ledger": CostLedger(PRICES, 1.0), "cache": None, "fetch": Path}
     ref = ModelRef(kind="hf", path=str(hf_dir))
     fast = load_backend(ref, hf_runtime="llama_cpp", pre_tokenizer="smollm", work_dir=tmp_path, **kw)
-    slow = load_backend(ref, **kw)
     try:
-        assert isinstance(fast, GGUFBackend) and isinstance(slow, HFBackend)
-        assert fast.name == f"gguf-f16:{hf_dir}" and (tmp_path / "hf-f16.gguf").exists()
-        a, b = fast.generate(PROMPTS, 24), slow.generate(PROMPTS, 24)
+        assert isinstance(fast, GGUFBackend) and fast.name == f"gguf-f16:{hf_dir}"
+        assert (tmp_path / "hf-f16.gguf").exists()
+        a = fast.generate(PROMPTS, 24)
     finally:
         fast.close()
+    slow = load_backend(ref, **kw)
+    try:
+        assert isinstance(slow, HFBackend)
+        b = slow.generate(PROMPTS, 24)
+    finally:
         slow.close()
-    assert [g.text for g in a] == [g.text for g in b] and all(g.text for g in a)
+    # f16 rounding may flip a late greedy choice on another CPU: most of each answer must agree.
+    for x, y in zip(a, b, strict=True):
+        words = min(len(x.text.split()), len(y.text.split()))
+        same = len(_common_prefix(x.text.split(), y.text.split()))
+        log.info("f16 GGUF vs transformers: %d of %d leading words agree", same, words)
+        assert x.text and words and same >= 0.75 * words, (x.text, y.text)
     with pytest.raises(ValueError, match="takes no adapter"):
         load_backend(ref.model_copy(update={"adapter": "x/"}), hf_runtime="llama_cpp", work_dir=tmp_path, **kw)
+    with pytest.raises(ValueError, match="unknown hf_runtime"):
+        load_backend(ref, hf_runtime="vllm", **kw)
 
 
 def _common_prefix(a: list[str], b: list[str]) -> list[str]:

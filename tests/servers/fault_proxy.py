@@ -16,10 +16,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
+import json
 import random
 from pathlib import Path
 
 FAULTS = ("429", "500", "hang", "garbage")
+
+
+def _canonical(body: bytes) -> bytes:
+    """A JSON body with sorted keys and no spacing, so a client's byte layout does not move the draws."""
+    try:
+        return json.dumps(json.loads(body), sort_keys=True, separators=(",", ":")).encode()
+    except ValueError:
+        return body
 
 
 def build_app(upstream: str, fault_rate: float, seed: int, hang_s: float):
@@ -46,7 +55,7 @@ def build_app(upstream: str, fault_rate: float, seed: int, hang_s: float):
         body = await request.body()
         if path.endswith("/chat/completions"):
             stats["requests"] += 1
-            digest = hashlib.sha256(body).hexdigest()
+            digest = hashlib.sha256(_canonical(body)).hexdigest()
             seen[digest] = attempt = seen.get(digest, 0) + 1
             rng = random.Random(f"{seed}:{digest}:{attempt}")
             if rng.random() < fault_rate:
