@@ -25,11 +25,11 @@ $(STAMP): pyproject.toml requirements.lock
 	  >/dev/null; } || echo "note: install the Debian packages $(APT_PACKAGES); tests that need them will fail"
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@test -x $(UV) || $(VENV)/bin/pip install -q uv==0.13.9
+	@mkdir -p $(WHEELS)
 	@# torch first, from the local CPU wheel, so nothing pulls a CUDA build
 	$(UV) pip install --python $(PY) -q $(FIND_LINKS) torch==2.13.0
 	@# llama-cpp-python has no wheel on the index: keep its sdist (it also holds llama.cpp's GGUF converter)
 	@# and build the wheel from it once (~10 min on 2 cores)
-	@mkdir -p $(WHEELS)
 	@ls $(LLAMA_SDIST) >/dev/null 2>&1 || $(VENV)/bin/pip download -q --no-deps --no-binary :all: $(LLAMA_CPP) -d $(WHEELS)
 	@ls $(WHEELS)/llama_cpp_python-0.3.36-*.whl >/dev/null 2>&1 || \
 	  (echo "building $(LLAMA_CPP) (once, ~10 minutes)..." && $(VENV)/bin/pip wheel -q --no-deps $(LLAMA_SDIST) -w $(WHEELS))
