@@ -4,8 +4,9 @@ With probability ``fault_rate`` a request to
 ``/v1/chat/completions`` gets, instead of the upstream's answer, one of: 429 (Retry-After: 0),
 500, a hang longer than the client's timeout, or a 200 with a garbage body. Everything else is
 forwarded. The draw depends only on the seed, the request body and how many times that body was
-seen before, so which calls fail is the same whatever order concurrent calls arrive in. At 0% it is
-a request counter. ``GET /_stats`` returns the counts, ``POST /_reset``
+seen before, so which calls fail is the same whatever order concurrent calls arrive in. A ``plan``
+(fault kinds) fails the first calls to arrive with those faults, in that order, before any draw: the
+totals are then exact whatever the timing. At 0% and no plan it is a request counter. ``GET /_stats`` returns the counts, ``POST /_reset``
 zeroes them.
 
     python -m tests.servers.fault_proxy --upstream http://127.0.0.1:8080 --port 9000 --fault-rate 0.2
@@ -31,13 +32,16 @@ def _canonical(body: bytes) -> bytes:
         return body
 
 
-def build_app(upstream: str, fault_rate: float, seed: int, hang_s: float):
+def build_app(upstream: str, fault_rate: float, seed: int, hang_s: float, plan: tuple[str, ...] = ()):
     import httpx
     from starlette.applications import Starlette
     from starlette.requests import Request
     from starlette.responses import JSONResponse, Response
     from starlette.routing import Route
 
+    unknown = set(plan) - set(FAULTS)
+    if unknown:
+        raise ValueError(f"unknown fault kinds in the plan: {sorted(unknown)}; known: {FAULTS}")
     seen: dict[str, int] = {}
     stats: dict = {"requests": 0, "forwarded": 0, "in_flight": 0, "faults": {k: 0 for k in FAULTS}}
     client = httpx.AsyncClient(base_url=upstream, timeout=600)
@@ -58,8 +62,9 @@ def build_app(upstream: str, fault_rate: float, seed: int, hang_s: float):
             digest = hashlib.sha256(_canonical(body)).hexdigest()
             seen[digest] = attempt = seen.get(digest, 0) + 1
             rng = random.Random(f"{seed}:{digest}:{attempt}")
-            if rng.random() < fault_rate:
-                kind = rng.choice(FAULTS)
+            kind = (plan[stats["requests"] - 1] if stats["requests"] <= len(plan)
+                    else rng.choice(FAULTS) if rng.random() < fault_rate else None)
+            if kind:
                 stats["faults"][kind] += 1
                 if kind == "429":
                     return JSONResponse({"error": {"message": "rate limited"}}, 429, headers={"Retry-After": "0"})
@@ -88,11 +93,13 @@ def build_app(upstream: str, fault_rate: float, seed: int, hang_s: float):
     ])
 
 
-def start_fault_proxy(upstream: str, port: int, fault_rate: float, seed: int, hang_s: float, log_path: Path):
+def start_fault_proxy(upstream: str, port: int, fault_rate: float, seed: int, hang_s: float, log_path: Path,
+                      plan: tuple[str, ...] = ()):
     """Start the proxy as a detached process on 127.0.0.1:port and wait until it answers."""
     from tests.servers.procs import start_test_server
 
     args = ["--upstream", upstream, "--fault-rate", str(fault_rate), "--seed", str(seed), "--hang-s", str(hang_s)]
+    args += ["--plan", ",".join(plan)] if plan else []
     return start_test_server("tests.servers.fault_proxy", port, args, Path(log_path))
 
 
@@ -111,8 +118,10 @@ def main() -> None:
     p.add_argument("--fault-rate", type=float, default=0.2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--hang-s", type=float, default=30.0)
+    p.add_argument("--plan", default="", help="comma-separated fault kinds for the first calls, e.g. 429,hang")
     a = p.parse_args()
-    uvicorn.run(build_app(a.upstream, a.fault_rate, a.seed, a.hang_s), host="127.0.0.1", port=a.port,
+    plan = tuple(k for k in a.plan.split(",") if k)
+    uvicorn.run(build_app(a.upstream, a.fault_rate, a.seed, a.hang_s, plan), host="127.0.0.1", port=a.port,
                 log_level="warning")
 
 
