@@ -1,13 +1,12 @@
 """A fault-injecting reverse proxy for OpenAI-compatible servers, on loopback only.
 
-With probability ``fault_rate`` a request to
-``/v1/chat/completions`` gets, instead of the upstream's answer, one of: 429 (Retry-After: 0),
-500, a hang longer than the client's timeout, or a 200 with a garbage body. Everything else is
-forwarded. The draw depends only on the seed, the request body and how many times that body was
-seen before, so which calls fail is the same whatever order concurrent calls arrive in. A ``plan``
-(fault kinds) fails the first calls to arrive with those faults, in that order, before any draw: the
-totals are then exact whatever the timing. At 0% and no plan it is a request counter. ``GET /_stats`` returns the counts, ``POST /_reset``
-zeroes them.
+With probability ``fault_rate`` a request to ``/v1/chat/completions`` gets, instead of the
+upstream's answer, one of: 429 (Retry-After: 0), 500, a hang longer than the client's timeout, or a
+200 with a garbage body. Everything else is forwarded. The draw depends only on the seed, the
+request body and how many times that body was seen before, so which calls fail is the same whatever
+order concurrent calls arrive in. A ``plan`` (fault kinds) fails the first calls to arrive with those
+faults, in that order, before any draw: the totals are then exact whatever the timing. At 0% and no
+plan it is a request counter. ``GET /_stats`` returns the counts, ``POST /_reset`` zeroes them.
 
     python -m tests.servers.fault_proxy --upstream http://127.0.0.1:8080 --port 9000 --fault-rate 0.2
 """
