@@ -52,6 +52,7 @@ status:
 	$(VENV)/bin/cogumi stack status
 
 test: install
+	$(VENV)/bin/ruff check cogumi_tasks plugins dags tests bench
 	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 lint: install
