@@ -175,6 +175,13 @@ def _ti_label(ti: dict) -> str:
     return ti["task_id"] + (f"[{ti['map_index']}]" if ti.get("map_index", -1) >= 0 else "")
 
 
+def _ti_state(ti: dict) -> str:
+    """A TI's state; a scheduled one in a pool names the pool it waits on (it may wait for minutes)."""
+    state = ti["state"] or "none"
+    pool = ti.get("pool")
+    return f"{state} (pool {pool})" if state == "scheduled" and pool and pool != "default_pool" else state
+
+
 def _progress(tis: list[dict]) -> str:
     by_task: dict[str, list[dict]] = {}
     for ti in tis:
@@ -185,7 +192,7 @@ def _progress(tis: list[dict]) -> str:
             done = sum(t["state"] in TERMINAL for t in group)
             parts.append(f"{task_id}: {done}/{len(group)} mapped done")
         else:
-            parts.append(f"{task_id}: {group[0]['state'] or 'none'}")
+            parts.append(f"{task_id}: {_ti_state(group[0])}")
     return "; ".join(parts)
 
 
@@ -203,7 +210,7 @@ def follow(api: AirflowREST, dag_id: str, run_id: str, timeout_s: float, poll_s:
             if seen.get(key, None) != ti["state"]:
                 seen[key] = ti["state"]
                 dur = f" ({ti['duration']:.1f}s)" if ti.get("duration") is not None else ""
-                log(f"  {_ti_label(ti)}: {ti['state'] or 'none'}{dur}")
+                log(f"  {_ti_label(ti)}: {_ti_state(ti)}{dur}")
         now = time.monotonic()
         if state in ("success", "failed"):
             return state, tis
