@@ -58,7 +58,11 @@ def gpu_stack(tmp_path_factory):
         "AIRFLOW__CORE__EXECUTOR": f"LocalExecutor,{EDGE_EXECUTOR}",
         "AIRFLOW__EDGE__API_ENABLED": "True",
         "AIRFLOW__EDGE__API_URL": f"{airflow_url}/edge_worker/v1/rpcapi",
-        "AIRFLOW__EDGE__JOB_POLL_INTERVAL": "1",
+        # The worker starts a fetch every poll interval without waiting for the last one, and on SQLite the
+        # API server's FOR UPDATE SKIP LOCKED is a no-op: two fetches in flight at once both took the same job
+        # (seen with 1 s on a loaded machine: the second fork got 409 "running elsewhere" and failed the task).
+        # Airflow's default of 5 s leaves a slow fetch that much time to end first.
+        "AIRFLOW__EDGE__JOB_POLL_INTERVAL": "5",
         "AIRFLOW__EDGE__HEARTBEAT_INTERVAL": "5",
         "AIRFLOW__CORE__UNIT_TEST_MODE": "False",  # conftest sets it for in-process tests; not for the stack
         "COGUMI_CONFIG": config,
