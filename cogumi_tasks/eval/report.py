@@ -4,14 +4,15 @@ A run's report holds every step result it used: the manifests it published and, 
 inputs, the cached results of earlier runs it reused. Steps are grouped by phase (the step name's
 prefix); each shows its metrics, timings and cost, and plots are drawn where the data exists. The
 plan's promised figures (``configs/plan_targets.yaml``) stand beside what was measured, or say
-"not measured yet": no figure is ever filled in.
+"not measured yet": no figure is ever filled in. The page is the Jinja2 template ``resources/report.html.j2``,
+rendered with autoescaping.
 """
 
 from __future__ import annotations
 
 import base64
 import fnmatch
-import html
+import functools
 import io
 import json
 import math
@@ -19,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import jinja2
 import yaml
 
 from cogumi_tasks.core.artifacts import MANIFEST, ArtifactStore, join_uri, parent_uri
@@ -373,33 +375,35 @@ def make_plots(manifests: list[dict]) -> list[dict]:
 
 
 # ---------------------------------------------------------------- the report
-CSS = """body{font:14px/1.45 system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222;padding:0 1em}
-h1{font-size:1.6em}h2{border-bottom:2px solid #4a7bb7;padding-bottom:.2em;margin-top:2em}h3{margin:1.4em 0 .3em}
-table{border-collapse:collapse;margin:.4em 0 1em;font-size:13px}td,th{border:1px solid #ddd;padding:3px 8px;
-text-align:left;vertical-align:top}th{background:#f2f5f9}td.n{text-align:right;font-variant-numeric:tabular-nums}
-.met{color:#1e7d32;font-weight:600}.notmet{color:#c0392b;font-weight:600}.nm{color:#888;font-style:italic}
-.muted{color:#777;font-size:12px}img{max-width:100%;margin:.3em 1em .3em 0}.plots{display:flex;flex-wrap:wrap}
-code{background:#f4f4f4;padding:0 3px}"""
-
-
-def _e(v: Any) -> str:
-    return html.escape(v if isinstance(v, str) else fmt(v))
-
-
 def _slug(text: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-")
 
 
-def _table(headers: list[str], rows: list[list[Any]]) -> str:
-    head = "".join(f"<th>{_e(h)}</th>" for h in headers)
-    body = "".join(
-        "<tr>" + "".join(f'<td class="n">{_e(c)}</td>' if _is_number(c) else f"<td>{_e(c)}</td>" for c in r) + "</tr>"
-        for r in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
-
-
 def _cost_row(cost: dict) -> list[Any]:
     return [cost.get(k, 0) for k in ("calls", "cached_calls", "prompt_tokens", "completion_tokens", "usd")]
+
+
+def _target_view(t: dict) -> dict:
+    """A target row as the template shows it: the check, the measured text and the status's CSS class."""
+    check = t["check"] or {}
+    classes = (("not met", "notmet"), ("met", "met"), (NOT_MEASURED, "nm"))
+    cls = next((c for k, c in classes if t["status"].startswith(k)), "")
+    ci = t["ci"]
+    measured = NOT_MEASURED if t["source"] is None else fmt(t["measured"]) + (
+        f" (CI {fmt(ci[0])}-{fmt(ci[1])})" if isinstance(ci, list) and len(ci) == 2 else "")
+    return {**t, "check_op": check.get("op", ""), "check_value": check.get("value", ""), "cls": cls,
+            "measured_text": measured}
+
+
+@functools.cache
+def _template() -> jinja2.Template:
+    """``resources/report.html.j2`` with autoescaping: every value reaches the page escaped."""
+    env = jinja2.Environment(loader=jinja2.PackageLoader("cogumi_tasks", "resources"), autoescape=True,
+                             undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    env.filters.update(fmt=fmt, when=_when, slug=_slug)
+    env.tests["num"] = _is_number
+    env.globals["cost_row"] = _cost_row
+    return env.get_template("report.html.j2")
 
 
 def _step_entry(m: dict, run_id: str) -> dict:
@@ -428,66 +432,18 @@ def build_report(run: dict, targets: dict) -> tuple[str, dict]:
 
     order = list(PHASES.values())
     phases = sorted({s["phase"] for s in steps}, key=lambda p: order.index(p) if p in order else len(order))
-    title = f"Cogumi report: {run['pipeline']} / run {run_id}"
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{_e(title)}</title>",
-             f"<style>{CSS}</style></head><body><h1>{_e(title)}</h1>",
-             f"<p class='muted'>generated {_e(_when(data['generated_at']))} &middot; "
-             + " &middot; ".join(f"<a href='#{_slug(x)}'>{_e(x)}</a>" for x in ["Run summary", "Plan targets", *phases])
-             + "</p>"]
-    if not steps:
-        parts.append("<p class='nm'>No step results under this run id. A run whose every step was cached publishes "
-                     "nothing new: its results carry the run id that first produced them.</p>")
     ledger = summary["ledger"] or {}
-    parts.append("<h2 id='run-summary'>Run summary</h2>" + _table(["", "value"], [
+    summary_rows = [
         ["step results", summary["steps"]], ["reused from earlier runs", summary["reused_from_earlier_runs"]],
         ["step seconds (this run)", summary["step_seconds"]], ["wall seconds (this run)", summary["wall_seconds"]],
         ["LLM calls (ledger)", ledger.get("calls", 0)], ["cached calls", ledger.get("cached_calls", 0)],
         ["prompt tokens", ledger.get("prompt_tokens", 0)], ["completion tokens", ledger.get("completion_tokens", 0)],
-        ["USD (ledger)", ledger.get("usd", 0.0)]]))
-    if ledger.get("per_endpoint"):
-        parts.append(_table(["endpoint", "calls", "cached", "prompt tokens", "completion tokens", "USD"],
-                            [[k, *_cost_row(v)] for k, v in sorted(ledger["per_endpoint"].items())]))
-
-    parts.append("<h2 id='plan-targets'>Plan targets</h2><p class='muted'>The plan's figures beside this run's. "
-                 "A figure this run did not produce reads <i>not measured yet</i>.</p>")
-    rows = []
-    for t in target_rows:
-        check = t["check"] or {}
-        cls = next((c for k, c in (("not met", "notmet"), ("met", "met"), (NOT_MEASURED, "nm"))
-                    if t["status"].startswith(k)), "")
-        measured = NOT_MEASURED if t["source"] is None else fmt(t["measured"]) + (
-            f" (CI {fmt(t['ci'][0])}-{fmt(t['ci'][1])})" if isinstance(t["ci"], list) and len(t["ci"]) == 2 else "")
-        rows.append(f"<tr><td>{_e(t['phase'])}</td><td>{_e(t['promised'])}</td>"
-                    f"<td>{_e(check.get('op', ''))} {_e(check.get('value', '')) if check else ''}</td>"
-                    f"<td class='{cls}'>{_e(measured)}</td><td class='{cls}'>{_e(t['status'])}</td>"
-                    f"<td class='muted'>{_e(t['source'] or '')} <code>{_e(t['step'])}: {_e(t['path'])}</code>"
-                    f"{'<br>' + _e(t['note']) if t['note'] else ''}</td></tr>")
-    parts.append("<table><tr><th>phase</th><th>promised</th><th>check</th><th>measured</th><th>status</th>"
-                 f"<th>source</th></tr>{''.join(rows)}</table>")
-
-    for phase in phases:
-        parts.append(f"<h2 id='{_slug(phase)}'>{_e(phase)}</h2>")
-        imgs = [p for p in plots if p["phase"] == phase]
-        if imgs:
-            parts.append("<div class='plots'>" + "".join(
-                f"<img alt='{_e(p['title'])}' title='{_e(p['title'])}' src='data:image/png;base64,{p['png']}'>"
-                if p["png"] else f"<p class='nm'>{_e(p['title'])}: not drawn ({_e(p['error'])})</p>"
-                for p in imgs) + "</div>")
-        for s in (s for s in steps if s["phase"] == phase):
-            t = s["timings"]
-            reused = f" &middot; reused from run {_e(s['run_id'])}" if s["reused"] else ""
-            parts.append(f"<h3>{_e(s['step'])} <span class='muted'>v{_e(s['version'])}{reused}</span></h3>"
-                         f"<p class='muted'><code>{_e(s['prefix'])}</code> &middot; code {_e(s['code_version'])}<br>"
-                         f"started {_e(_when(t.get('started')))} &middot; finished {_e(_when(t.get('finished')))}"
-                         f" &middot; {_e(t.get('seconds', '-'))} s</p>")
-            if s["cost"]:
-                parts.append(_table(["calls", "cached", "prompt tokens", "completion tokens", "USD"],
-                                    [_cost_row(s["cost"])]))
-            flat = s["metrics_flat"]
-            parts.append(_table(["metric", "value"], [[k, v] for k, v in flat.items()]) if flat
-                         else "<p class='nm'>no metrics</p>")
-    parts.append("</body></html>")
-    return "\n".join(parts), data
+        ["USD (ledger)", ledger.get("usd", 0.0)]]
+    page = _template().render(
+        title=f"Cogumi report: {run['pipeline']} / run {run_id}", generated=data["generated_at"], phases=phases,
+        steps=steps, plots=plots, summary_rows=summary_rows, targets=[_target_view(t) for t in target_rows],
+        endpoint_rows=[[k, *_cost_row(v)] for k, v in sorted(ledger.get("per_endpoint", {}).items())])
+    return page, data
 
 
 def write_report(store: ArtifactStore, pipeline: str, run_id: str | None, out_dir: Path,

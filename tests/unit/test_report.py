@@ -118,6 +118,19 @@ def test_targets_measured_or_not_measured(report):
     assert row and NOT_MEASURED in row.group(0)
 
 
+def test_values_with_html_are_escaped():
+    run = fake_run()
+    label = "<script>alert('x')</script>"
+    run["manifests"].append(manifest("b", "train.failure_analysis", "k5", "run-2", 500.0,
+                                     {"clusters": [{"id": 0, "label": label, "size": 3}]}))
+    run["manifests"].append(manifest("b", "eval.<b>odd</b>", "k6", "run-2", 600.0, {"n": 1}))
+    page, data = build_report(run, load_targets(TARGETS))
+    assert data["steps"][-2]["metrics_flat"]["clusters[0].label"] == label
+    assert "<script" not in page and "<b>" not in page
+    assert "<td>&lt;script&gt;alert(&#39;x&#39;)&lt;/script&gt;</td>" in page
+    assert ">eval.&lt;b&gt;odd&lt;/b&gt; <span" in page
+
+
 def test_empty_run_and_bad_targets(tmp_path):
     page, data = build_report({"pipeline": "p", "run_id": "r", "manifests": [], "ledger": {}}, {"targets": []})
     assert data["steps"] == [] and "No step results" in page
