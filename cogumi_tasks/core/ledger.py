@@ -47,9 +47,11 @@ def load_prices(path: str | Path) -> dict[str, Price]:
 
 
 class CostLedger:
-    """Rows for one process's calls, flushed to ``<ledger_prefix>/<part>.jsonl`` in S3.
+    """Rows for one process's calls, appended to S3 under ``<ledger_prefix>/``.
 
-    ``others_total`` is the spend of the run's other parts, re-read at most every ``refresh_s``.
+    Each flush writes the rows recorded since the last one as a new object, ``<part>-<uuid>-<seq>.jsonl``,
+    never rewritten: every row is in exactly one object. The spend of the run's other parts is summed
+    from the objects not seen before, listed at most every ``refresh_s``.
     """
 
     def __init__(
@@ -67,16 +69,17 @@ class CostLedger:
         self.budget_usd = budget_usd
         self.store = store
         self.ledger_prefix = ledger_prefix
-        self.part_uri = (
-            join_uri(ledger_prefix, f"{part or 'part'}-{uuid.uuid4().hex[:8]}.jsonl") if ledger_prefix else None
-        )
+        self.part = f"{part or 'part'}-{uuid.uuid4().hex[:8]}"
         self.rows: list[dict] = []
         self._lock = threading.Lock()
+        self._flush_lock = threading.Lock()
+        self._flushed = 0  # rows[:_flushed] are in S3
+        self._seq = 0
+        self._seen: set[str] = set()  # other parts' objects already summed into _others
         self._others = 0.0
         self._others_at = -1e18
         self._refresh_s = refresh_s
         self._clock = clock
-        self._dirty = False
 
     # ------------------------------------------------------------ spending
     def price(self, name: str) -> Price:
@@ -132,27 +135,33 @@ class CostLedger:
         }
         with self._lock:
             self.rows.append(row)
-            self._dirty = True
         return row
 
     # ------------------------------------------------------------ persistence
     def flush(self) -> None:
-        if not (self.store and self.part_uri and self._dirty):
+        """Write the rows recorded since the last flush as one new object (none if there are none)."""
+        if not (self.store and self.ledger_prefix):
             return
-        with self._lock:
-            body = "".join(json.dumps(r) + "\n" for r in self.rows)
-            self._dirty = False
-        self.store.put_bytes(self.part_uri, body.encode())
+        with self._flush_lock:  # one writer at a time: each row goes into exactly one object
+            with self._lock:
+                new = self.rows[self._flushed :]
+            if not new:
+                return
+            uri = join_uri(self.ledger_prefix, f"{self.part}-{self._seq:06d}.jsonl")
+            self.store.put_bytes(uri, "".join(json.dumps(r) + "\n" for r in new).encode())
+            self._flushed += len(new)
+            self._seq += 1
 
     def _read_others(self) -> float:
-        total = 0.0
+        """The other parts' spend: the running sum plus the objects that appeared since the last look."""
+        own = join_uri(self.ledger_prefix, self.part + "-")
         for uri in self.store.list(self.ledger_prefix + "/"):
-            if uri == self.part_uri:
+            if uri in self._seen or uri.startswith(own) or not uri.endswith(".jsonl"):
                 continue
-            for line in self.store.get_bytes(uri).decode().splitlines():
-                if line.strip():
-                    total += json.loads(line)["usd"]
-        return total
+            body = self.store.get_bytes(uri).decode()
+            self._others += sum(json.loads(line)["usd"] for line in body.splitlines() if line.strip())
+            self._seen.add(uri)
+        return self._others
 
     def totals(self) -> dict:
         """Calls, tokens and USD, overall and per endpoint, for this process's rows."""
