@@ -37,9 +37,9 @@ PROMPTS = [
 
 def build(work: Path) -> dict[str, Path]:
     """The HF fp32 directory, the f16 GGUF and the Q5_K_M GGUF, made once by the pipeline's helpers."""
-    from cogumi_tasks.compress.gguf import convert_hf_to_gguf, quantize_gguf
-    from cogumi_tasks.eval.backends import hf_dir_from_gguf
-    from cogumi_tasks.stack.services import smollm2_gguf
+    from cogumi_tasks.compress.gguf import quantize_gguf
+    from cogumi_tasks.models.convert import convert_hf_to_gguf, hf_dir_from_gguf
+    from cogumi_tasks.models.packaged import smollm2_gguf
 
     hf, f16, q5 = work / "hf", work / "model-f16.gguf", work / "model-Q5_K_M.gguf"
     if not (hf / "config.json").exists():

@@ -136,7 +136,7 @@ def write_config(tmp_path):
 @pytest.fixture(scope="session")
 def hf_dir(tmp_path_factory) -> Path:
     """The packaged SmolLM2-135M-Instruct GGUF as an fp32 transformers directory (read-only: copy to change it)."""
-    from cogumi_tasks.eval.backends import hf_dir_from_gguf
-    from cogumi_tasks.stack.services import smollm2_gguf
+    from cogumi_tasks.models.convert import hf_dir_from_gguf
+    from cogumi_tasks.models.packaged import smollm2_gguf
 
     return hf_dir_from_gguf(smollm2_gguf(), tmp_path_factory.mktemp("smollm2-hf"))

@@ -1,8 +1,5 @@
-"""GGUF export and its checks: llama.cpp's HF converter, quantization, token agreement and perplexity.
-
-The converter (``convert_hf_to_gguf.py``, ``convert_lora_to_gguf.py``, ``conversion/``, ``gguf-py/``) is not in
-the llama-cpp-python wheel: ``make install`` extracts it from the sdist into ``<venv>/share/llama-convert``
-(``COGUMI_LLAMA_CONVERT`` overrides). Quantization and inference go through llama-cpp-python in process.
+"""GGUF export checks: quantization, token agreement, perplexity and a chat answer, through llama-cpp-python in
+process (the HF -> GGUF conversion itself is :mod:`cogumi_tasks.models.convert`).
 """
 
 from __future__ import annotations
@@ -10,60 +7,15 @@ from __future__ import annotations
 import logging
 import math
 import os
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from cogumi_tasks.train.vocab import NLLStats
+from cogumi_tasks.models.nll import NLLStats
 
 log = logging.getLogger("cogumi")
 
 # llama.cpp file types by name (llama_cpp.LLAMA_FTYPE_MOSTLY_<NAME>)
 QUANT_TYPES = ("Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q5_0", "Q5_1", "Q4_K_M", "Q4_K_S", "Q4_0", "Q3_K_M", "Q2_K")
-
-
-class ConverterMissing(RuntimeError):
-    """llama.cpp's converter scripts are not where setup puts them."""
-
-
-def converter_dir() -> Path:
-    path = Path(os.environ.get("COGUMI_LLAMA_CONVERT") or Path(sys.prefix) / "share" / "llama-convert")
-    if not (path / "convert_hf_to_gguf.py").exists() or not (path / "conversion").is_dir():
-        raise ConverterMissing(f"llama.cpp's converter is not in {path}: run `make install` (it extracts "
-                               "convert_hf_to_gguf.py, conversion/ and gguf-py/ from the llama-cpp-python sdist), "
-                               "or point COGUMI_LLAMA_CONVERT at a llama.cpp checkout")
-    return path
-
-
-def run_converter(script: str, args: list[str], pre_tokenizer: str | None = None) -> None:
-    """Run one of llama.cpp's converter scripts in a subprocess (see :mod:`cogumi_tasks.compress.run_converter`)."""
-    cmd = [sys.executable, "-m", "cogumi_tasks.compress.run_converter", str(converter_dir() / script)]
-    if pre_tokenizer:
-        cmd += ["--pre-tokenizer", pre_tokenizer]
-    proc = subprocess.run([*cmd, "--", *args], capture_output=True, text=True)
-    if proc.returncode != 0:
-        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
-        hint = ""
-        if "pre-tokenizer was not recognized" in tail:
-            hint = "\n(a trimmed vocabulary changes the tokenizer's hash: set compress.gguf.pre_tokenizer, e.g. smollm)"
-        raise RuntimeError(f"{script} failed (exit {proc.returncode}):\n{tail}{hint}")
-
-
-def convert_hf_to_gguf(model_dir: Path, out: Path, outtype: str = "f16", pre_tokenizer: str | None = None) -> Path:
-    """An HF model directory -> one GGUF file of ``outtype`` (f32, f16, bf16, q8_0)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    run_converter("convert_hf_to_gguf.py", [str(model_dir), "--outfile", str(out), "--outtype", outtype],
-                  pre_tokenizer)
-    return out
-
-
-def convert_lora_to_gguf(adapter_dir: Path, base_dir: Path, out: Path) -> Path:
-    """A peft LoRA adapter -> a GGUF LoRA that llama.cpp applies at load time (``Llama(lora_path=...)``)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    run_converter("convert_lora_to_gguf.py", [str(adapter_dir), "--base", str(base_dir), "--outfile", str(out),
-                                             "--outtype", "f16"])
-    return out
 
 
 def quantize_gguf(src: Path, dst: Path, qtype: str, threads: int | None = None) -> Path:
@@ -94,7 +46,7 @@ def load_gguf(path: Path, n_ctx: int = 1024, lora: Path | None = None):
 
 def gguf_nll_stats(path: Path, hf_tokenizer_dir: Path, texts: list[str], max_len: int = 256) -> NLLStats:
     """Per-token and per-byte NLL of ``texts`` under a GGUF model, tokenized by the HF tokenizer exactly as
-    :func:`cogumi_tasks.train.vocab.nll_stats` does, so the figures compare with the HF model's."""
+    :func:`cogumi_tasks.models.nll.nll_stats` does, so the figures compare with the HF model's."""
     import numpy as np
     from transformers import AutoTokenizer
 

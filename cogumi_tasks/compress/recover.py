@@ -13,7 +13,8 @@ from pathlib import Path
 from cogumi_tasks.core.config import SFTConfig
 from cogumi_tasks.core.records import write_jsonl
 from cogumi_tasks.core.steps import StepContext, StepFailed, StepOutput, step
-from cogumi_tasks.train.steps import dataset_rows, train_lora
+from cogumi_tasks.models.step_io import dataset_rows
+from cogumi_tasks.train.lora import train_lora
 
 log = logging.getLogger("cogumi")
 
@@ -28,7 +29,7 @@ def row_byte_ppl(model_dir: Path, rows: list[dict]) -> list[float]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from cogumi_tasks.train.vocab import chat_texts, nll_stats
+    from cogumi_tasks.models.nll import chat_texts, nll_stats
 
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
@@ -38,8 +39,8 @@ def row_byte_ppl(model_dir: Path, rows: list[dict]) -> list[float]:
 
 def improved_answers(ctx: StepContext, rows: list[dict]) -> list[dict]:
     """The recovery teacher rewrites each row's answer; rows whose call failed are dropped (and counted)."""
-    from cogumi_tasks.data.llm_calls import ask, finish_calls, make_client, make_ledger
     from cogumi_tasks.llm.client import ChatRequest, ChatResult
+    from cogumi_tasks.llm.step_calls import ask, finish_calls, make_client, make_ledger
 
     cfg = ctx.config.compress.recover
     teacher = ctx.config.teacher(cfg.teacher) if cfg.teacher else ctx.config.teachers[-1]
@@ -73,9 +74,9 @@ def recover(ctx: StepContext) -> StepOutput:
     """
     from transformers import AutoTokenizer
 
-    from cogumi_tasks.compress.gguf import convert_lora_to_gguf
     from cogumi_tasks.compress.steps import compress_config
-    from cogumi_tasks.train.vocab import chat_texts, nll_stats
+    from cogumi_tasks.models.convert import convert_lora_to_gguf
+    from cogumi_tasks.models.nll import chat_texts, nll_stats
 
     cfg = compress_config(ctx).recover
     model_dir = ctx.fetch_dir(ctx.input("model"))

@@ -13,7 +13,7 @@ import random
 from cogumi_tasks.core.config import CompressConfig
 from cogumi_tasks.core.records import iter_jsonl_dicts
 from cogumi_tasks.core.steps import StepContext, StepFailed, StepOutput, step
-from cogumi_tasks.train.steps import dataset_rows, model_stats, pass_on
+from cogumi_tasks.models.step_io import dataset_rows, model_stats, pass_on
 
 log = logging.getLogger("cogumi")
 
@@ -33,7 +33,7 @@ def shuffled(rows: list[dict]) -> list[dict]:
 
 def split_texts(rows: list[dict], tokenizer, n_calib: int, n_ppl: int) -> tuple[list[str], list[str]]:
     """Chat-formatted dataset rows: calibration texts and (disjoint) held-out perplexity texts."""
-    from cogumi_tasks.train.vocab import chat_texts
+    from cogumi_tasks.models.nll import chat_texts
 
     rows = shuffled(rows)
     texts = chat_texts(tokenizer, [(r["prompt"], r["response"]) for r in rows])
@@ -59,7 +59,7 @@ def prune(ctx: StepContext) -> StepOutput:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from cogumi_tasks.compress.oneshot import gradual_prune, load_recipe, sparsity
-    from cogumi_tasks.train.vocab import nll_stats
+    from cogumi_tasks.models.nll import nll_stats
 
     cfg = compress_config(ctx).prune
     src_uri = ctx.input("model")
@@ -95,7 +95,7 @@ def quantize_awq(ctx: StepContext) -> StepOutput:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from cogumi_tasks.compress.oneshot import load_recipe, run_oneshot, with_value
-    from cogumi_tasks.train.vocab import nll_stats
+    from cogumi_tasks.models.nll import nll_stats
 
     cfg = compress_config(ctx).awq
     src = ctx.fetch_dir(ctx.input("model"))
@@ -137,15 +137,9 @@ def export_gguf(ctx: StepContext) -> StepOutput:
     """
     from transformers import AutoTokenizer
 
-    from cogumi_tasks.compress.gguf import (
-        chat_answer,
-        convert_hf_to_gguf,
-        gguf_nll_stats,
-        hf_greedy,
-        quantize_gguf,
-        token_agreement,
-    )
-    from cogumi_tasks.train.vocab import nll_stats
+    from cogumi_tasks.compress.gguf import chat_answer, gguf_nll_stats, hf_greedy, quantize_gguf, token_agreement
+    from cogumi_tasks.models.convert import convert_hf_to_gguf
+    from cogumi_tasks.models.nll import nll_stats
 
     cfg = compress_config(ctx).gguf
     src = ctx.fetch_dir(ctx.input("model"))

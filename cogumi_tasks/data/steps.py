@@ -22,7 +22,7 @@ from cogumi_tasks.core.records import (
     write_jsonl,
 )
 from cogumi_tasks.core.steps import StepContext, StepFailed, StepOutput, step
-from cogumi_tasks.data.llm_calls import judge_answers, teacher_answers
+from cogumi_tasks.llm.step_calls import judge_answers, teacher_answers
 
 Domain = Literal["code", "reasoning", "automation", "general"]
 

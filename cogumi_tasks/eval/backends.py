@@ -15,10 +15,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Literal, Protocol
 
 from cogumi_tasks.core.config import EndpointConfig, LLMConfig, ModelRef
 from cogumi_tasks.core.ledger import BudgetExceeded, CostLedger, ResponseCache
+from cogumi_tasks.models.packaged import builtin_gguf
 
 log = logging.getLogger("cogumi.eval")
 
@@ -134,46 +135,6 @@ class HFBackend:
         gc.collect()
 
 
-def hf_dir_from_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
-    """Convert a GGUF (e.g. the packaged SmolLM2 Q4_1) into an fp32 transformers directory.
-
-    Dequantizes, saves model and tokenizer, and sets ``architectures`` (the GGUF loader leaves it
-    out, and llama.cpp's converter needs it). Returns ``out_dir``; ~30 s for the 135M model.
-    """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
-
-    gguf_path, out = Path(gguf_path), Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    kwargs: dict[str, Any] = {"gguf_file": gguf_path.name}
-    model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), dtype=torch.float32,
-                                                 quantization_config=GgufConfig(dequantize=True), **kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), **kwargs)
-    model.config.architectures = [type(model).__name__]
-    _restore_byte_level(tokenizer, model.generation_config)
-    model.save_pretrained(str(out))
-    tokenizer.save_pretrained(str(out))
-    return out
-
-
-def _restore_byte_level(tokenizer: Any, generation_config: Any) -> None:
-    """Undo two artefacts of transformers' GGUF tokenizer import, so the directory matches the original model:
-    a byte-level BPE gets a SentencePiece-style decoder (ByteFallback, Replace "▁"), which makes llama.cpp's
-    converter treat it as a Llama SPM vocabulary; and eos comes from the GGUF's token types (SmolLM2: ``<|im_start|>``)
-    instead of the model's end of turn (``generation_config.eos_token_id``)."""
-    from tokenizers import decoders
-
-    backend = tokenizer.backend_tokenizer
-    if type(backend.pre_tokenizer).__name__ == "ByteLevel" and type(backend.decoder).__name__ == "Sequence":
-        backend.decoder = decoders.ByteLevel()
-    eos = generation_config.eos_token_id
-    eos = eos[0] if isinstance(eos, list) else eos
-    if isinstance(eos, int) and eos != tokenizer.eos_token_id:
-        tokenizer.eos_token = tokenizer.convert_ids_to_tokens(eos)
-    if tokenizer.pad_token is None and isinstance(generation_config.pad_token_id, int):
-        tokenizer.pad_token = tokenizer.convert_ids_to_tokens(generation_config.pad_token_id)
-
-
 # ---------------------------------------------------------------- llama.cpp
 class GGUFBackend:
     """llama.cpp in process (``llama_cpp.Llama``), one conversation at a time, temperature 0.
@@ -273,15 +234,6 @@ class EndpointBackend:
 
 
 # ---------------------------------------------------------------- from config
-def builtin_gguf(path: str) -> Path:
-    from cogumi_tasks.stack.services import MODELS
-
-    name = path.removeprefix("builtin:")
-    if name not in MODELS:
-        raise ValueError(f"unknown builtin model {path!r}; known: {sorted('builtin:' + m for m in MODELS)}")
-    return Path(MODELS[name]())
-
-
 def load_backend(ref: ModelRef, *, endpoints: dict[str, EndpointConfig], llm: LLMConfig, ledger: CostLedger,
                  cache: ResponseCache | None, fetch: Callable[[str], Path], batch_size: int = 4,
                  step: str = "eval.run", hf_runtime: Literal["transformers", "llama_cpp"] = "transformers",
@@ -307,7 +259,7 @@ def load_backend(ref: ModelRef, *, endpoints: dict[str, EndpointConfig], llm: LL
         if hf_runtime not in ("transformers", "llama_cpp"):
             raise ValueError(f"unknown hf_runtime {hf_runtime!r}: transformers or llama_cpp")
         if hf_runtime == "llama_cpp":
-            from cogumi_tasks.compress.gguf import convert_hf_to_gguf
+            from cogumi_tasks.models.convert import convert_hf_to_gguf
 
             if ref.adapter:
                 raise ValueError("hf_runtime llama_cpp takes no adapter: merge it into the model first")

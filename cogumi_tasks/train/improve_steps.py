@@ -20,7 +20,9 @@ from pathlib import Path
 from cogumi_tasks.core.config import TeacherConfig
 from cogumi_tasks.core.records import Quarantine, check_error_rate, iter_jsonl_dicts, write_jsonl
 from cogumi_tasks.core.steps import StepContext, StepOutput, step
-from cogumi_tasks.train.steps import dataset_rows, pass_on, train_config, train_lora
+from cogumi_tasks.models.step_io import dataset_rows, pass_on
+from cogumi_tasks.train.lora import train_lora
+from cogumi_tasks.train.steps import train_config
 
 log = logging.getLogger("cogumi")
 
@@ -40,7 +42,7 @@ def failure_analysis(ctx: StepContext) -> StepOutput:
     Inputs: ``items`` (``eval.run``'s per-item results). Outputs: ``clusters`` (JSON: sizes, labels,
     examples, silhouette), ``failures`` (the failed items with their cluster id).
     """
-    from cogumi_tasks.data.llm_calls import make_client, make_ledger
+    from cogumi_tasks.llm.step_calls import make_client, make_ledger
     from cogumi_tasks.train.failures import (
         cluster_failures,
         cluster_summary,
@@ -120,8 +122,8 @@ def _normal(text: str) -> str:
 
 def write_examples(ctx: StepContext, clusters: list[dict], quarantine: Quarantine) -> tuple[list[dict], dict]:
     """New (prompt, response) pairs per pattern, judged; returns (rows with judge_score, counts)."""
-    from cogumi_tasks.data.llm_calls import ask, finish_calls, judge_request, make_client, make_ledger, parse_verdict
     from cogumi_tasks.llm.client import ChatRequest, ChatResult
+    from cogumi_tasks.llm.step_calls import ask, finish_calls, judge_request, make_client, make_ledger, parse_verdict
 
     cfg = train_config(ctx).distill
     teacher = strongest_teacher(ctx)
@@ -236,7 +238,7 @@ def general_perplexity(before_dir: Path, after_dir: Path, rows: list[dict]) -> d
     """Per-byte perplexity of Phase 0 rows not trained on here, before and after: the forgetting check."""
     from transformers import AutoTokenizer
 
-    from cogumi_tasks.train.vocab import chat_texts, nll_stats
+    from cogumi_tasks.models.nll import chat_texts, nll_stats
 
     if not rows:
         return {}

@@ -13,9 +13,10 @@ import random
 import shutil
 from pathlib import Path
 
-from cogumi_tasks.core.config import SFTConfig, TrainConfig
-from cogumi_tasks.core.records import iter_jsonl_dicts
+from cogumi_tasks.core.config import TrainConfig
 from cogumi_tasks.core.steps import StepContext, StepFailed, StepOutput, step
+from cogumi_tasks.models.step_io import dataset_rows, model_stats, pass_on
+from cogumi_tasks.train.lora import train_lora
 
 log = logging.getLogger("cogumi")
 
@@ -24,43 +25,6 @@ def train_config(ctx: StepContext) -> TrainConfig:
     if ctx.config.train is None:
         raise StepFailed(f"config {ctx.config.name} has no train section")
     return ctx.config.train
-
-
-def dataset_rows(ctx: StepContext, name: str = "dataset") -> list[dict]:
-    """The ``prompt``/``response`` pairs of a Phase 0 dataset input."""
-    rows = []
-    for i, r in enumerate(iter_jsonl_dicts(ctx.fetch(ctx.input(name))), 1):
-        if not isinstance(r.get("prompt"), str) or not isinstance(r.get("response"), str):
-            raise StepFailed(f"{ctx.input(name)} line {i}: needs string fields prompt and response")
-        rows.append({"prompt": r["prompt"], "response": r["response"]})
-    if not rows:
-        raise StepFailed(f"{ctx.input(name)}: no rows")
-    return rows
-
-
-def model_stats(model_dir: Path) -> dict:
-    """Parameter count, weight bytes on disk and vocabulary size of an HF model directory."""
-    import json
-    import math
-
-    from safetensors import safe_open
-
-    weights = sorted(Path(model_dir).glob("*.safetensors"))
-    params = 0
-    for f in weights:
-        with safe_open(str(f), "pt") as st:
-            params += sum(math.prod(st.get_slice(k).get_shape()) for k in st.keys())
-    cfg = json.loads((Path(model_dir) / "config.json").read_text())
-    return {"parameters": params, "weight_bytes": sum(f.stat().st_size for f in weights),
-            "vocab_size": cfg.get("vocab_size")}
-
-
-def pass_on(ctx: StepContext, uri: str, src: Path, name: str = "model") -> str:
-    """The output value for an unchanged model: the input's own S3 URI, or a copy of a local directory."""
-    if uri.startswith("s3://"):
-        return uri
-    shutil.copytree(src, ctx.out_dir / name)
-    return f"{name}/"
 
 
 @step("train.base_model", version=2, reads=("train.base_model",))
@@ -74,7 +38,8 @@ def base_model(ctx: StepContext) -> StepOutput:
     ref = train_config(ctx).base_model
     dest = ctx.out_dir / "model"
     if ref.kind == "gguf" and ref.path:
-        from cogumi_tasks.eval.backends import builtin_gguf, hf_dir_from_gguf
+        from cogumi_tasks.models.convert import hf_dir_from_gguf
+        from cogumi_tasks.models.packaged import builtin_gguf
 
         gguf = builtin_gguf(ref.path) if ref.path.startswith("builtin:") else ctx.fetch(ref.path)
         hf_dir_from_gguf(gguf, dest)
@@ -104,12 +69,11 @@ def vocab_trim(ctx: StepContext) -> StepOutput:
     """
     from transformers import AutoTokenizer
 
+    from cogumi_tasks.models.nll import chat_texts, nll_stats
     from cogumi_tasks.train.vocab import (
         TokenizerBroken,
-        chat_texts,
         check_round_trip,
         load_prompt_texts,
-        nll_stats,
         passes_gate,
         ppl_increase_pct,
         trim_model,
@@ -164,21 +128,6 @@ def vocab_trim(ctx: StepContext) -> StepOutput:
     shutil.rmtree(trimmed, ignore_errors=True)
     metrics.update(used="untrimmed", gate_message=why)
     return StepOutput(files={"model": pass_on(ctx, src_uri, src)}, metrics=metrics)
-
-
-def train_lora(ctx: StepContext, model_dir: Path, rows: list[dict], cfg: SFTConfig) -> dict:
-    """Run :func:`train_sft` into the step's outputs, checkpointing to (and resuming from) its ``_work/``."""
-    from cogumi_tasks.train.checkpoints import restore_checkpoint, upload_checkpoint
-    from cogumi_tasks.train.sft import train_sft
-
-    ckpt_dir, work = ctx.tmp_dir / "checkpoints", ctx.work_uri("checkpoints")
-    restored = restore_checkpoint(ctx.store, work, ckpt_dir)
-    if restored is not None:
-        log.info("%s: resuming from the checkpoint at step %d", ctx.spec.name, restored)
-    metrics = train_sft(model_dir, rows, ctx.out_dir, cfg, checkpoint_dir=ckpt_dir,
-                        on_checkpoint=lambda path, n: upload_checkpoint(ctx.store, work, path, n))
-    metrics["model"] = model_stats(ctx.out_dir / "merged")
-    return metrics
 
 
 @step("train.sft", version=1, reads=("train.sft",))

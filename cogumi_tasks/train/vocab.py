@@ -16,21 +16,22 @@ before is still present, and removed merges only produce tokens that never appea
 fall back to their kept sub-pieces (down to bytes) and get longer; nothing becomes unencodable.
 
 Perplexity across vocabularies: token-level perplexity is not comparable when the tokenization changes (a
-trimmed model predicts more, easier tokens). :func:`nll_stats` therefore also reports bits per UTF-8 byte over
-the same texts; :func:`ppl_increase_pct` compares ``2 ** bits_per_byte`` (per-byte perplexity), and that is the
-figure the ``max_ppl_increase_pct`` gate uses.
+trimmed model predicts more, easier tokens). :func:`~cogumi_tasks.models.nll.nll_stats` therefore also reports
+bits per UTF-8 byte over the same texts; :func:`ppl_increase_pct` compares ``2 ** bits_per_byte`` (per-byte
+perplexity), and that is the figure the ``max_ppl_increase_pct`` gate uses.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import shutil
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from cogumi_tasks.models.nll import NLLStats, chat_texts
 
 TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "chat_template.json")
 CANNED_RESPONSE = "Sure. Here is a short, clear answer to your question, with an example where it helps."
@@ -63,28 +64,7 @@ class TrimResult:
         return [old for old, new in enumerate(self.old_to_new) if new >= 0]
 
 
-@dataclass
-class NLLStats:
-    """Negative log-likelihood over a text set: token perplexity and bits per UTF-8 byte."""
-
-    token_ppl: float
-    bits_per_byte: float
-    tokens: int
-    bytes: int
-
-    @property
-    def byte_ppl(self) -> float:
-        """Per-byte perplexity, comparable across vocabularies."""
-        return 2.0 ** self.bits_per_byte
-
-
 # ---------------------------------------------------------------- counting and choosing
-def chat_texts(tokenizer: Any, pairs: Iterable[tuple[str, str]]) -> list[str]:
-    """Format (prompt, response) pairs through the tokenizer's chat template: the target chat distribution."""
-    return [tokenizer.apply_chat_template([{"role": "user", "content": p}, {"role": "assistant", "content": r}],
-                                          tokenize=False) for p, r in pairs]
-
-
 def load_prompt_texts(path: Path | str, tokenizer: Any, response: str = CANNED_RESPONSE) -> list[str]:
     """Chat-formatted texts from a prompts JSONL (``{"prompt": ..., "response"?: ...}`` per line)."""
     rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
@@ -307,42 +287,6 @@ def check_round_trip(tokenizer_dir: Path, texts: list[str]) -> None:
             if unk is not None and unk in enc and unk not in tok.encode(back, add_special_tokens=False):
                 detail += " (unknown token produced: missing byte-alphabet tokens?)"
             raise TokenizerBroken(file, text, detail)
-
-
-def nll_stats(model_dir: Path | Any, texts: list[str], max_len: int = 256, tokenizer: Any = None) -> NLLStats:
-    """Summed NLL of each text (tokens after a leading BOS, truncated to ``max_len``) -> token ppl and bits/byte.
-
-    ``model_dir`` is a directory or an already loaded model (then pass its ``tokenizer``). The byte count is that
-    of the decoded, scored span, so truncation does not bias bits per byte.
-    """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if isinstance(model_dir, (str, Path)):
-        tok = AutoTokenizer.from_pretrained(str(model_dir))
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
-    else:
-        tok, model = tokenizer, model_dir.eval()
-    bos = model.config.bos_token_id
-    bos = bos[0] if isinstance(bos, list) else bos
-    nll, n_tokens, n_bytes = 0.0, 0, 0
-    with torch.inference_mode():
-        for text in texts:
-            ids = tok.encode(text, add_special_tokens=False)[:max_len]
-            if not ids:
-                continue
-            inp = torch.tensor([[bos, *ids]])
-            logits = model(inp).logits[0, :-1].float()
-            nll += torch.nn.functional.cross_entropy(logits, inp[0, 1:], reduction="sum").item()
-            n_tokens += len(ids)
-            n_bytes += len(tok.decode(ids, skip_special_tokens=False).encode("utf-8"))
-    return NLLStats(token_ppl=math.exp(nll / max(n_tokens, 1)), bits_per_byte=nll / math.log(2) / max(n_bytes, 1),
-                    tokens=n_tokens, bytes=n_bytes)
-
-
-def perplexity(model_dir: Path, texts: list[str], max_len: int = 256) -> float:
-    """Token-level perplexity (not comparable across vocabularies: gate on :func:`ppl_increase_pct`)."""
-    return nll_stats(model_dir, texts, max_len).token_ppl
 
 
 def ppl_increase_pct(before: NLLStats, after: NLLStats) -> float:

@@ -66,7 +66,7 @@ FAST_RETRIES = LLMConfig(max_retries=2, backoff_base_s=0.05, backoff_max_s=0.2)
 @pytest.fixture(scope="module")
 def gguf_answers():
     from cogumi_tasks.eval.backends import GGUFBackend
-    from cogumi_tasks.stack.services import smollm2_gguf
+    from cogumi_tasks.models.packaged import smollm2_gguf
 
     backend = GGUFBackend(smollm2_gguf())
     try:

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from cogumi_tasks.compress.gguf import convert_hf_to_gguf, hf_greedy, quantize_gguf, token_agreement
+from cogumi_tasks.compress.gguf import hf_greedy, quantize_gguf, token_agreement
+from cogumi_tasks.models.convert import convert_hf_to_gguf
 
 pytestmark = pytest.mark.stack
 
@@ -35,7 +36,8 @@ def test_trimmed_vocabulary_needs_and_accepts_its_pre_tokenizer(hf_dir, tmp_path
     from llama_cpp import Llama
     from transformers import AutoTokenizer
 
-    from cogumi_tasks.train.vocab import chat_texts, trim_model
+    from cogumi_tasks.models.nll import chat_texts
+    from cogumi_tasks.train.vocab import trim_model
 
     tok = AutoTokenizer.from_pretrained(str(hf_dir))
     texts = chat_texts(tok, [(p, "Here is a short answer with a list and a number: 42.") for p in PROMPTS * 3])

@@ -14,11 +14,10 @@ from pathlib import Path
 
 import pytest
 
+from cogumi_tasks.models.nll import chat_texts, nll_stats
 from cogumi_tasks.train.vocab import (
     TokenizerBroken,
-    chat_texts,
     check_round_trip,
-    nll_stats,
     passes_gate,
     ppl_increase_pct,
     trim_model,

@@ -1,6 +1,6 @@
 """Run a llama.cpp converter script, optionally naming the BPE pre-tokenizer.
 
-    python -m cogumi_tasks.compress.run_converter <dir>/convert_hf_to_gguf.py [--pre-tokenizer smollm] -- <args>
+    python -m cogumi_tasks.models.run_converter <dir>/convert_hf_to_gguf.py [--pre-tokenizer smollm] -- <args>
 
 The converter recognises a tokenizer by hashing the ids of a probe string; a trimmed vocabulary changes
 them, so ``--pre-tokenizer`` supplies the type that the untrimmed tokenizer had (llama.cpp then tokenizes

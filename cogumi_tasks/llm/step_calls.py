@@ -1,4 +1,4 @@
-"""Teacher and judge calls of Phase 0, on top of the shared LLM client.
+"""LLM calls made by steps (teachers, judge, recovery teacher), on top of the shared LLM client.
 
 One ledger per step execution (persisted under the run's ledger prefix, checked against the run's
 budget) and one response cache per pipeline, so a killed, retried or re-run task never pays twice.

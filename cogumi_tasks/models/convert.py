@@ -1,0 +1,98 @@
+"""Model format conversion: a GGUF to an fp32 transformers directory, and an HF directory (or a peft LoRA) to
+GGUF with llama.cpp's converter.
+
+The converter (``convert_hf_to_gguf.py``, ``convert_lora_to_gguf.py``, ``conversion/``, ``gguf-py/``) is not in
+the llama-cpp-python wheel: ``make install`` extracts it from the sdist into ``<venv>/share/llama-convert``
+(``COGUMI_LLAMA_CONVERT`` overrides).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+
+class ConverterMissing(RuntimeError):
+    """llama.cpp's converter scripts are not where setup puts them."""
+
+
+def converter_dir() -> Path:
+    path = Path(os.environ.get("COGUMI_LLAMA_CONVERT") or Path(sys.prefix) / "share" / "llama-convert")
+    if not (path / "convert_hf_to_gguf.py").exists() or not (path / "conversion").is_dir():
+        raise ConverterMissing(f"llama.cpp's converter is not in {path}: run `make install` (it extracts "
+                               "convert_hf_to_gguf.py, conversion/ and gguf-py/ from the llama-cpp-python sdist), "
+                               "or point COGUMI_LLAMA_CONVERT at a llama.cpp checkout")
+    return path
+
+
+def run_converter(script: str, args: list[str], pre_tokenizer: str | None = None) -> None:
+    """Run one of llama.cpp's converter scripts in a subprocess (see :mod:`cogumi_tasks.models.run_converter`)."""
+    cmd = [sys.executable, "-m", "cogumi_tasks.models.run_converter", str(converter_dir() / script)]
+    if pre_tokenizer:
+        cmd += ["--pre-tokenizer", pre_tokenizer]
+    proc = subprocess.run([*cmd, "--", *args], capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
+        hint = ""
+        if "pre-tokenizer was not recognized" in tail:
+            hint = "\n(a trimmed vocabulary changes the tokenizer's hash: set compress.gguf.pre_tokenizer, e.g. smollm)"
+        raise RuntimeError(f"{script} failed (exit {proc.returncode}):\n{tail}{hint}")
+
+
+def convert_hf_to_gguf(model_dir: Path, out: Path, outtype: str = "f16", pre_tokenizer: str | None = None) -> Path:
+    """An HF model directory -> one GGUF file of ``outtype`` (f32, f16, bf16, q8_0)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    run_converter("convert_hf_to_gguf.py", [str(model_dir), "--outfile", str(out), "--outtype", outtype],
+                  pre_tokenizer)
+    return out
+
+
+def convert_lora_to_gguf(adapter_dir: Path, base_dir: Path, out: Path) -> Path:
+    """A peft LoRA adapter -> a GGUF LoRA that llama.cpp applies at load time (``Llama(lora_path=...)``)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    run_converter("convert_lora_to_gguf.py", [str(adapter_dir), "--base", str(base_dir), "--outfile", str(out),
+                                             "--outtype", "f16"])
+    return out
+
+
+def hf_dir_from_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
+    """Convert a GGUF (e.g. the packaged SmolLM2 Q4_1) into an fp32 transformers directory.
+
+    Dequantizes, saves model and tokenizer, and sets ``architectures`` (the GGUF loader leaves it
+    out, and llama.cpp's converter needs it). Returns ``out_dir``; ~30 s for the 135M model.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    gguf_path, out = Path(gguf_path), Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    kwargs: dict[str, Any] = {"gguf_file": gguf_path.name}
+    model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), dtype=torch.float32,
+                                                 quantization_config=GgufConfig(dequantize=True), **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), **kwargs)
+    model.config.architectures = [type(model).__name__]
+    _restore_byte_level(tokenizer, model.generation_config)
+    model.save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))
+    return out
+
+
+def _restore_byte_level(tokenizer: Any, generation_config: Any) -> None:
+    """Undo two artefacts of transformers' GGUF tokenizer import, so the directory matches the original model:
+    a byte-level BPE gets a SentencePiece-style decoder (ByteFallback, Replace "▁"), which makes llama.cpp's
+    converter treat it as a Llama SPM vocabulary; and eos comes from the GGUF's token types (SmolLM2: ``<|im_start|>``)
+    instead of the model's end of turn (``generation_config.eos_token_id``)."""
+    from tokenizers import decoders
+
+    backend = tokenizer.backend_tokenizer
+    if type(backend.pre_tokenizer).__name__ == "ByteLevel" and type(backend.decoder).__name__ == "Sequence":
+        backend.decoder = decoders.ByteLevel()
+    eos = generation_config.eos_token_id
+    eos = eos[0] if isinstance(eos, list) else eos
+    if isinstance(eos, int) and eos != tokenizer.eos_token_id:
+        tokenizer.eos_token = tokenizer.convert_ids_to_tokens(eos)
+    if tokenizer.pad_token is None and isinstance(generation_config.pad_token_id, int):
+        tokenizer.pad_token = tokenizer.convert_ids_to_tokens(generation_config.pad_token_id)
