@@ -9,8 +9,9 @@ Signatures follow datasketch's conventions bit for bit: the permutations come fr
 datasketch 2.x's default: ``a * fmix32(h) + b mod 2**32``; or "legacy":
 ``((a * h + b) % (2**61 - 1)) & (2**32 - 1)``). The speed comes from hashing each distinct shingle
 of a chunk once (found by one integer sort) and applying the permutations to all documents'
-shingles at once, with ``np.minimum.reduceat`` by document offsets. Texts are processed in chunks
-of ``CHUNK_CHARS`` characters (about 0.6 GB peak at the default).
+shingles at once, with ``np.minimum.reduceat`` by document offsets. Texts stream through in chunks
+of ``CHUNK_CHARS`` characters; between chunks only signatures (and, for exact dedup, a 16-byte
+digest per distinct text) are kept. Peak memory at 50,000 documents: ``bench/dedup.py``.
 
 Near duplicates: LSH banding with (bands, rows) chosen so that a pair at the threshold is missed
 with probability <= 0.1 % (128 perms, 0.8: 25 bands x 5 rows), then every candidate pair is
@@ -25,7 +26,8 @@ from __future__ import annotations
 import hashlib
 import string
 import sys
-from collections.abc import Iterator
+from array import array
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -157,7 +159,7 @@ def _chunk_shingle_hashes(docs: list[str], k: int) -> tuple[np.ndarray, np.ndarr
     return _sha1_32(items)[ids], counts
 
 
-def _signatures(norm: list[str], k: int, perm: _Permuter, progress: bool = False) -> np.ndarray:
+def _signatures(norm: list[str], k: int, perm: _Permuter, bar: tqdm | None = None) -> np.ndarray:
     """(n, num_perm) signatures of already-normalised texts, in the scheme's dtype."""
     if k < 1:
         raise ValueError(f"shingle_size must be >= 1, got {k}")
@@ -168,9 +170,8 @@ def _signatures(norm: list[str], k: int, perm: _Permuter, progress: bool = False
     if len(short):
         sig[short] = perm.rows(perm.prepare(_sha1_32([norm[i].encode("utf-8") for i in short.tolist()])))
     long_idx = np.flatnonzero(lens >= k)
-    bar = tqdm(total=n, desc="dedup: minhash", unit="doc", disable=not progress, file=sys.stderr,
-               mininterval=5.0, ascii=True)
-    bar.update(n - len(long_idx))
+    if bar is not None:
+        bar.update(n - len(long_idx))
     for chunk in _chunks(long_idx, lens, CHUNK_CHARS):
         hv, counts = _chunk_shingle_hashes([norm[i] for i in chunk.tolist()], k)
         x = perm.prepare(hv)
@@ -185,9 +186,52 @@ def _signatures(norm: list[str], k: int, perm: _Permuter, progress: bool = False
             for j in range(perm.num_perm):
                 np.minimum.reduceat(perm.apply(xs, j, tmp), starts, out=out[j, s:e])
         sig[chunk] = out.T
-        bar.update(len(chunk))
-    bar.close()
+        if bar is not None:
+            bar.update(len(chunk))
     return sig
+
+
+def _progress(on: bool) -> tqdm:
+    return tqdm(desc="dedup: minhash", unit="doc", disable=not on, file=sys.stderr, mininterval=5.0, ascii=True)
+
+
+def _stream_signatures(norm: Iterable[str], k: int, perm: _Permuter, bar: tqdm | None = None) -> np.ndarray:
+    """Signatures of a stream of normalised texts, holding about ``CHUNK_CHARS`` characters of them at a time."""
+    blocks, buf, chars = [], [], 0
+    for t in norm:
+        buf.append(t)
+        chars += len(t)
+        if chars >= CHUNK_CHARS:
+            blocks.append(_signatures(buf, k, perm, bar))
+            buf, chars = [], 0
+    blocks.append(_signatures(buf, k, perm, bar))
+    return np.concatenate(blocks)
+
+
+def _reiterable(texts: Iterable[str]) -> Iterable[str]:
+    if isinstance(texts, Iterator):  # one pass only
+        raise TypeError("texts must be re-iterable (a list, or an object whose __iter__ starts a new pass): "
+                        "the texts of pairs near the threshold are read again for their exact Jaccard")
+    return texts
+
+
+def _normalized_at(texts: Iterable[str], docs: np.ndarray) -> list[str]:
+    """``normalize(texts[d])`` for each d in ``docs`` (any order), read in one pass that stops at the last."""
+    where: dict[int, list[int]] = {}
+    for pos, d in enumerate(docs.tolist()):
+        where.setdefault(d, []).append(pos)
+    out = [""] * len(docs)
+    if not where:
+        return out
+    last = max(where)
+    for i, t in enumerate(texts):
+        if i in where:
+            norm = normalize(t)
+            for pos in where[i]:
+                out[pos] = norm
+        if i >= last:
+            break
+    return out
 
 
 def _chunks(idx: np.ndarray, lens: np.ndarray, max_chars: int) -> Iterator[np.ndarray]:
@@ -200,12 +244,13 @@ def _chunks(idx: np.ndarray, lens: np.ndarray, max_chars: int) -> Iterator[np.nd
         s = e
 
 
-def minhash_signatures(texts: list[str], num_perm: int, shingle_size: int, seed: int = 1,
+def minhash_signatures(texts: Iterable[str], num_perm: int, shingle_size: int, seed: int = 1,
                        scheme: str = "affine32") -> np.ndarray:
     """(n, num_perm) uint64 MinHash signatures; row i equals the hashvalues of
-    ``datasketch.MinHash(num_perm, seed, scheme=scheme)`` updated with ``shingles(texts[i], k)``."""
+    ``datasketch.MinHash(num_perm, seed, scheme=scheme)`` updated with ``shingles(texts[i], k)``.
+    The texts are read once, in chunks."""
     perm = _Permuter(num_perm, seed, scheme)
-    return _signatures([normalize(t) for t in texts], shingle_size, perm).astype(np.uint64)
+    return _stream_signatures(map(normalize, texts), shingle_size, perm).astype(np.uint64)
 
 
 def lsh_params(threshold: float, num_perm: int, max_miss: float | None = None) -> tuple[int, int]:
@@ -304,24 +349,36 @@ def _exact_jaccards(norm: list[str], pairs: np.ndarray, k: int, progress: bool =
     return out
 
 
-def _verified_pairs(norm: list[str], sig: np.ndarray, threshold: float, k: int,
+def _verified_pairs(sig: np.ndarray, threshold: float, k: int, texts: Iterable[str], doc_of_row: np.ndarray,
                     progress: bool = False) -> np.ndarray:
-    """Candidate pairs from LSH that pass verification, (m, 2) int64 with i < j."""
+    """Candidate pairs of signature rows from LSH that pass verification, (m, 2) int64 with i < j.
+
+    Only the pairs whose estimate is near the threshold need texts: those of their documents
+    (``texts[doc_of_row[row]]``) are read again, in one pass.
+    """
     bands, rows = lsh_params(threshold, sig.shape[1])
     pairs = _candidate_pairs(sig, bands, rows)
     est = _estimates(sig, pairs)
     ok = est >= threshold + VERIFY_MARGIN
     unsure = np.flatnonzero(np.abs(est - threshold) < VERIFY_MARGIN)
-    ok[unsure] = _exact_jaccards(norm, pairs[unsure], k, progress) >= threshold
+    if len(unsure):
+        needed, local = np.unique(pairs[unsure], return_inverse=True)
+        norm = _normalized_at(texts, doc_of_row[needed])
+        ok[unsure] = _exact_jaccards(norm, local.reshape(-1, 2), k, progress) >= threshold
     return pairs[ok]
 
 
-def near_duplicate_pairs(texts: list[str], *, num_perm: int = 128, shingle_size: int = 5,
+def near_duplicate_pairs(texts: Iterable[str], *, num_perm: int = 128, shingle_size: int = 5,
                          threshold: float = 0.8, seed: int = 1, progress: bool = False) -> np.ndarray:
-    """Verified near-duplicate pairs (i < j) as an (m, 2) int64 array, without exact dedup."""
-    norm = [normalize(t) for t in texts]
-    sig = _signatures(norm, shingle_size, _Permuter(num_perm, seed, "affine32"), progress)
-    return _verified_pairs(norm, sig, threshold, shingle_size, progress)
+    """Verified near-duplicate pairs (i < j) as an (m, 2) int64 array, without exact dedup.
+
+    ``texts`` is re-iterable and read at most twice (signatures; then the texts of pairs near the
+    threshold); only signatures are held between the passes.
+    """
+    texts = _reiterable(texts)
+    with _progress(progress) as bar:
+        sig = _stream_signatures(map(normalize, texts), shingle_size, _Permuter(num_perm, seed, "affine32"), bar)
+    return _verified_pairs(sig, threshold, shingle_size, texts, np.arange(len(sig)), progress)
 
 
 @dataclass
@@ -331,38 +388,58 @@ class DedupResult:
     near_dropped: list[tuple[int, int, float]] = field(default_factory=list)  # (dropped, kept, estimate)
 
 
-def dedup(texts: list[str], scores: list[float] | None = None, *, num_perm: int = 128, shingle_size: int = 5,
-          threshold: float = 0.8, seed: int = 1, progress: bool = False) -> DedupResult:
+def dedup(texts: Iterable[str], scores: Iterable[float] | None = None, *, num_perm: int = 128,
+          shingle_size: int = 5, threshold: float = 0.8, seed: int = 1, progress: bool = False) -> DedupResult:
     """Drop exact duplicates of the normalised text, then near duplicates (Jaccard >= threshold).
 
     Each group (exact) or cluster of verified pairs (near, union-find) keeps its best-scored record,
     ties to the lowest index; a dropped record names its group's kept record, and near duplicates
     the MinHash Jaccard estimate between the two (below ``threshold`` only when the cluster is a
     chain, a~b~c with a and c further apart).
+
+    ``texts`` is re-iterable (a list, or an object whose ``__iter__`` starts a new pass) and read at
+    most twice: once for a 128-bit digest and a signature per distinct text, then once for the texts
+    of pairs whose estimate is near the threshold. Memory holds signatures and digests, not texts.
     """
-    n = len(texts)
-    if scores is not None and len(scores) != n:
-        raise ValueError(f"{len(scores)} scores for {n} texts")
     if not 0.0 < threshold <= 1.0:
         raise ValueError(f"threshold must be in (0, 1], got {threshold}")
-    score = list(scores) if scores is not None else [0.0] * n
+    texts = _reiterable(texts)
+    perm = _Permuter(num_perm, seed, "affine32")
+    first: dict[bytes, int] = {}  # digest of a normalised text -> its number among the distinct texts
+    group = array("q")  # text index -> number of its distinct text
+    best: list[int] = []  # distinct text -> index of its best-scored text
+    score = array("d")
+    given = iter(scores) if scores is not None else None
 
     def better(i: int, j: int) -> bool:
         return (score[i], -i) > (score[j], -j)
 
-    norm = [normalize(t) for t in texts]
-    best: dict[str, int] = {}
-    for i, t in enumerate(norm):
-        if t not in best or better(i, best[t]):
-            best[t] = i
-    exact = sorted((i, best[t]) for i, t in enumerate(norm) if best[t] != i)
-    survivors = sorted(best.values())
+    def distinct() -> Iterator[str]:  # each new normalised text, in order; exact groups on the way
+        for i, text in enumerate(texts):
+            s = next(given, None) if given is not None else 0.0
+            if s is None:
+                raise ValueError(f"fewer scores than texts: none for text {i}")
+            norm = normalize(text)
+            score.append(float(s))
+            key = hashlib.blake2b(norm.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+            g = first.setdefault(key, len(best))
+            group.append(g)
+            if g == len(best):
+                best.append(i)
+                yield norm
+            elif better(i, best[g]):
+                best[g] = i
 
-    kept_norm = [norm[i] for i in survivors]
-    sig = _signatures(kept_norm, shingle_size, _Permuter(num_perm, seed, "affine32"), progress)
-    pairs = _verified_pairs(kept_norm, sig, threshold, shingle_size, progress)
+    with _progress(progress) as bar:
+        sig = _stream_signatures(distinct(), shingle_size, perm, bar)
+    if given is not None and next(given, None) is not None:
+        raise ValueError(f"more scores than the {len(score)} texts")
+    exact = [(i, best[g]) for i, g in enumerate(group) if best[g] != i]
+    first.clear()
+    heads = np.array(best, dtype=np.int64)
+    pairs = _verified_pairs(sig, threshold, shingle_size, texts, heads, progress)
 
-    parent = list(range(len(survivors)))
+    parent = list(range(len(best)))
 
     def find(x: int) -> int:
         while parent[x] != x:
@@ -375,13 +452,13 @@ def dedup(texts: list[str], scores: list[float] | None = None, *, num_perm: int 
         if ra != rb:
             parent[max(ra, rb)] = min(ra, rb)
     head: dict[int, int] = {}
-    for local, i in enumerate(survivors):
-        r = find(local)
-        if r not in head or better(i, survivors[head[r]]):
-            head[r] = local
-    near_local = [(local, head[find(local)]) for local in range(len(survivors)) if head[find(local)] != local]
-    est = _estimates(sig, np.array(near_local, dtype=np.int64).reshape(-1, 2)).tolist()
-    near = [(survivors[d], survivors[k], e) for (d, k), e in zip(near_local, est, strict=True)]
+    for g, i in enumerate(best):
+        r = find(g)
+        if r not in head or better(i, best[head[r]]):
+            head[r] = g
+    near_g = sorted(((g, head[find(g)]) for g in range(len(best)) if head[find(g)] != g), key=lambda p: best[p[0]])
+    est = _estimates(sig, np.array(near_g, dtype=np.int64).reshape(-1, 2)).tolist()
+    near = [(best[d], best[k], e) for (d, k), e in zip(near_g, est, strict=True)]
     near_set = {d for d, _, _ in near}
-    keep = [i for i in survivors if i not in near_set]
+    keep = sorted(i for i in best if i not in near_set)
     return DedupResult(keep=keep, exact_dropped=exact, near_dropped=near)

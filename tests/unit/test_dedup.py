@@ -160,3 +160,41 @@ def test_empty_and_single() -> None:
     assert res.keep == [0, 2] and res.exact_dropped == [(1, 0), (3, 2)] and res.near_dropped == []
     with pytest.raises(ValueError):
         dedup(["a", "b"], [1.0])
+
+
+class Passes:
+    """Texts that count how often they are read (a re-iterable like the step's JSONL rows)."""
+
+    def __init__(self, texts: list[str]) -> None:
+        self.texts, self.passes = texts, 0
+
+    def __iter__(self):
+        self.passes += 1
+        return iter(self.texts)
+
+
+def test_streamed_texts_read_at_most_twice_and_chunking_does_not_matter(monkeypatch: pytest.MonkeyPatch) -> None:
+    base = doc(60, 80)
+    texts = [" ".join(base)] + [" ".join(edit(base, 200 + n, n)) for n in range(1, 9)] + [" ".join(doc(61))] * 2
+    scores = [float(i % 3) for i in range(len(texts))]
+    whole = dedup(texts, scores)
+    assert whole.exact_dropped and whole.near_dropped
+    monkeypatch.setattr(dd, "CHUNK_CHARS", 700)  # several chunks of streamed texts
+    src = Passes(texts)
+    assert dedup(src, iter(scores)) == whole
+    assert src.passes == 2  # signatures, then the texts of pairs near the threshold
+    src = Passes(texts)
+    pairs = dd.near_duplicate_pairs(src)
+    assert src.passes == 2
+    assert {tuple(p) for p in pairs.tolist()} == {
+        (i, j) for i in range(len(texts)) for j in range(i + 1, len(texts)) if exact_j(texts[i], texts[j]) >= 0.8}
+    np.testing.assert_array_equal(minhash_signatures(iter(texts), 128, 5), minhash_signatures(texts, 128, 5))
+
+
+def test_one_shot_iterator_and_score_count_refused() -> None:
+    with pytest.raises(TypeError, match="re-iterable"):
+        dedup(iter(["a", "b"]))
+    with pytest.raises(ValueError, match="fewer scores"):
+        dedup(["a", "b"], iter([1.0]))
+    with pytest.raises(ValueError, match="more scores"):
+        dedup(["a", "b"], [1.0, 2.0, 3.0])
