@@ -53,10 +53,12 @@ status:
 
 test: install
 	$(VENV)/bin/ruff check cogumi_tasks plugins dags tests bench
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check cogumi_tasks plugins dags tests bench
+	$(VENV)/bin/lint-imports
 
 bench: install
 	$(PY) bench/dedup.py
