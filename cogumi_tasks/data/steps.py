@@ -18,7 +18,7 @@ from cogumi_tasks.core.records import (
     Quarantine,
     check_error_rate,
     iter_jsonl_dicts,
-    load_records,
+    iter_records,
     write_jsonl,
 )
 from cogumi_tasks.core.steps import StepContext, StepFailed, StepOutput, step
@@ -87,14 +87,14 @@ def prompts(ctx: StepContext) -> StepOutput:
     cfg = ctx.config.dataset.prompts
     source = ctx.input("source")
     quarantine = Quarantine()
-    records = load_records(ctx.fetch(source), PromptRecord, source, quarantine)
-    seen: set[str] = set()
+    seen: dict[str, int] = {}
     unique = []
-    for rec in records:
+    for line, rec in iter_records(ctx.fetch(source), PromptRecord, source, quarantine, cfg.max_record_bytes):
         if rec.id in seen:
-            quarantine.add(source, None, "id", f"duplicate id: {rec.id!r} appears earlier", rec.model_dump())
+            quarantine.add(source, line, "id", f"duplicate id: {rec.id!r} first at line {seen[rec.id]}",
+                           rec.model_dump())
             continue
-        seen.add(rec.id)
+        seen[rec.id] = line
         unique.append(rec)
     total = len(unique) + len(quarantine)
     quarantine.write(ctx.out("quarantine.jsonl"))

@@ -183,7 +183,7 @@ def load_suite(cfg: SuiteConfig, fetch: Callable[[str], Path]) -> list[Item]:
             with gzip.open(path, "rb") as src, open(local, "wb") as dst:
                 shutil.copyfileobj(src, dst)
         quarantine = Quarantine()
-        records = load_records(local, MODELS[cfg.kind], str(path), quarantine)
+        records = load_records(local, MODELS[cfg.kind], str(path), quarantine, cfg.max_record_bytes)
     if len(quarantine):
         first = "; ".join(describe(r) for r in quarantine.rows[:3])
         raise SuiteError(f"{cfg.kind} suite {cfg.source}: {len(quarantine)} bad line(s), benchmarks must be exact: "

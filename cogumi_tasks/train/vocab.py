@@ -67,8 +67,9 @@ class TrimResult:
 # ---------------------------------------------------------------- counting and choosing
 def load_prompt_texts(path: Path | str, tokenizer: Any, response: str = CANNED_RESPONSE) -> list[str]:
     """Chat-formatted texts from a prompts JSONL (``{"prompt": ..., "response"?: ...}`` per line)."""
-    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-    return chat_texts(tokenizer, [(r["prompt"], r.get("response") or response) for r in rows])
+    from cogumi_tasks.core.records import iter_jsonl_dicts
+
+    return chat_texts(tokenizer, [(r["prompt"], r.get("response") or response) for r in iter_jsonl_dicts(Path(path))])
 
 
 def count_tokens(tokenizer: Any, texts: Iterable[str]) -> Counter:

@@ -68,3 +68,50 @@ def test_builtin_prompt_set_is_valid(s3_server, store_for):
     assert res.metrics["prompts_quarantined"] == 0
     assert res.metrics["prompts"] >= 300
     assert set(res.metrics["per_domain"]) == {"code", "reasoning", "automation", "general"}
+
+
+def test_malformed_prompt_file_bom_bad_utf8_oversized_line_and_duplicate(s3_server, store_for, tmp_path):
+    src = tmp_path / "prompts.jsonl"
+    good = [json.dumps(r).encode() for r in GOOD]
+    huge = json.dumps({"id": "huge", "prompt": "x" * (10 * 1024 * 1024), "domain": "general"}).encode()
+    latin1 = '{"id": "caf\u00e9", "prompt": "q", "domain": "code"}'.encode("latin-1")
+    again = json.dumps({"id": "p3", "prompt": "again", "domain": "code"}).encode()
+    lines = [b"\xef\xbb\xbf" + good[0], *good[1:], latin1, huge, again]
+    src.write_bytes(b"\n".join(lines) + b"\n")
+    cfg = load_config("tiny", {"name": "t-prompts-malformed", "dataset.prompts.source": str(src),
+                               "dataset.prompts.max_error_rate": 0.1, "dataset.prompts.limit": 100000})
+    store = store_for(cfg)
+    res = run_step("data.prompts", cfg, store=store)
+    assert res.metrics["prompts"] == 40 and res.metrics["prompts_quarantined"] == 3  # the BOM line is p0
+    rows = [json.loads(x) for x in store.get_bytes(res.outputs["quarantine"]).decode().splitlines()]
+    q = {r["line"]: r for r in rows}
+    assert sorted(q) == [41, 42, 43] and all(r["source"] == str(src) for r in q.values())
+    bad_start = sum(len(x) + 1 for x in lines[:40])
+    assert q[41]["field"] == "<line>" and q[41]["offset"] == bad_start
+    bad_byte = bad_start + latin1.index(0xE9)
+    assert q[41]["reason"] == f"invalid UTF-8: at byte offset {bad_byte} of the file"
+    assert q[42]["field"] == "<line>" and q[42]["reason"] == (
+        f"record too large: {len(huge)} bytes, above the limit of {cfg.dataset.prompts.max_record_bytes} bytes")
+    assert q[43]["field"] == "id" and q[43]["reason"] == "duplicate id: 'p3' first at line 4"
+    shards = b"".join(store.get_bytes(u) for u in res.outputs["shards"])
+    assert len(shards) < 100_000 and b"huge" not in shards and "\ufffd" not in shards.decode()
+
+
+def test_cli_turns_error_rate_into_one_line_and_exit_code(s3_server, store_for, tmp_path):
+    import subprocess
+    import sys
+
+    src = _write(tmp_path / "prompts.jsonl", GOOD[:10] + [
+        {"id": "b1", "prompt": "x", "domain": "cooking"},
+        {"id": "p1", "prompt": "dup id", "domain": "code"},
+    ])
+    store_for(load_config("tiny", {"name": "t-prompts-cli"}))  # the bucket
+    proc = subprocess.run([sys.executable, "-m", "cogumi_tasks.cli", "run-step", "data.prompts", "--config", "tiny",
+                           "--set", "name=t-prompts-cli", "--input", f"source={src}"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stdout == ""
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("cogumi:")]
+    assert errors == [errors[0]] and errors[0].startswith("cogumi: data.prompts failed: prompts from ")
+    assert "2 of 12 records bad" in errors[0] and f"{src}:11: field 'domain'" in errors[0]
+    assert f"{src}:12: field 'id': duplicate id: 'p1' first at line 2" in errors[0]
