@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from cogumi_tasks.core.config import ConfigError, load_config, parse_set_flags
+from cogumi_tasks.core.secrets import install_log_filter
 
 
 def _parse_inputs(pairs: list[str], inputs_json: str | None) -> dict:
@@ -176,6 +177,7 @@ def one_line(exc: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    install_log_filter()  # no secret value in any log line
     for noisy in ("httpx", "httpcore", "botocore", "boto3", "urllib3", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     argv = list(sys.argv[1:] if argv is None else argv)

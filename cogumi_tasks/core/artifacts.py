@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from cogumi_tasks.core.config import StorageConfig
+from cogumi_tasks.core.secrets import redact
 
 MANIFEST = "_manifest.json"
 CHUNK = 8 * 1024 * 1024
@@ -115,7 +116,8 @@ class ArtifactStore:
             raise ArtifactError(f"cannot read {uri}: {exc}") from exc
 
     def put_json(self, uri: str, obj: Any) -> None:
-        self.put_bytes(uri, json.dumps(obj, indent=1, sort_keys=True).encode())
+        """Write ``obj`` as JSON (manifests, metrics, markers), every secret value masked (core.secrets)."""
+        self.put_bytes(uri, redact(json.dumps(obj, indent=1, sort_keys=True)).encode())
 
     def get_json(self, uri: str) -> Any:
         return json.loads(self.get_bytes(uri))

@@ -17,6 +17,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from cogumi_tasks.core.secrets import looks_secret, register_env_names
+
 REPO_CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 
 
@@ -102,6 +104,12 @@ class EndpointConfig(Strict):
     max_concurrency: int = 4
     batch: bool = False
     timeout_s: float = 60.0
+
+    @property
+    def key_env(self) -> str:
+        """The environment variable that holds the key: ``api_key_env``, else the one the provider fills
+        from the ``conn_id`` connection's password."""
+        return self.api_key_env or f"COGUMI_KEY_{self.name.upper().replace('-', '_')}"
 
 
 class TeacherConfig(EndpointConfig):
@@ -356,6 +364,16 @@ class PipelineConfig(Strict):
                 return t
         raise KeyError(f"no teacher named {name!r}")
 
+    def endpoints(self) -> list[EndpointConfig]:
+        """Every LLM endpoint the config names: the teachers, the judge and the eval reference."""
+        return [*self.teachers, self.judge, *([self.eval.reference] if self.eval else [])]
+
+    def secret_env_names(self) -> list[str]:
+        """Environment variables that hold secrets by this config's word: the endpoints' key variables
+        and those the Kubernetes secrets provide."""
+        kube = self.compute.kubernetes.secret_env
+        return sorted({*(e.key_env for e in self.endpoints()), *(v for names in kube.values() for v in names)})
+
     def section(self, dotted: str) -> Any:
         """The sub-config at a dotted path (``dataset.dedup``), as plain data."""
         node: Any = self.model_dump(mode="json")
@@ -426,19 +444,25 @@ def format_validation_error(err: ValidationError, source: str) -> str:
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
-def expand_env(node: Any, source: str) -> Any:
-    """Replace ``${VAR}`` / ``${VAR:-default}`` in strings (endpoints and ports, never secrets)."""
+def expand_env(node: Any, source: str, key: str = "") -> Any:
+    """Replace ``${VAR}`` / ``${VAR:-default}`` in strings (endpoints and ports, never secrets: a variable
+    whose name looks secret is refused, since config sections are written into manifests; a secret is
+    named instead, by ``api_key_env`` or ``conn_id``)."""
     if isinstance(node, dict):
-        return {k: expand_env(v, f"{source}.{k}") for k, v in node.items()}
+        return {k: expand_env(v, source, f"{key}.{k}" if key else str(k)) for k, v in node.items()}
     if isinstance(node, list):
-        return [expand_env(v, f"{source}.{i}") for i, v in enumerate(node)]
+        return [expand_env(v, source, f"{key}.{i}" if key else str(i)) for i, v in enumerate(node)]
     if not isinstance(node, str):
         return node
 
     def sub(m: re.Match) -> str:
+        if looks_secret(m.group(1)):
+            raise ConfigError(f"{source}: {key}: ${{{m.group(1)}}} names a secret-looking environment variable; "
+                              "config values are written into manifests, so secrets are never expanded into "
+                              "them: name the variable in api_key_env (or an Airflow connection in conn_id)")
         value = os.environ.get(m.group(1), m.group(2))
         if value is None:
-            raise ConfigError(f"{source}: environment variable {m.group(1)} is not set and has no default")
+            raise ConfigError(f"{source}: {key}: environment variable {m.group(1)} is not set and has no default")
         return value
 
     return _ENV_REF.sub(sub, node)
@@ -456,9 +480,11 @@ def load_config(name_or_path: str, overrides: dict[str, Any] | None = None) -> P
     data = apply_overrides(data, overrides or {}, str(path))
     data = expand_env(data, str(path))
     try:
-        return PipelineConfig.model_validate(data)
+        config = PipelineConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, str(path))) from None
+    register_env_names(config.secret_env_names())
+    return config
 
 
 def parse_set_flags(flags: list[str]) -> dict[str, str]:

@@ -83,17 +83,15 @@ class ChatResult:
 
 
 def resolve_api_key(endpoint: EndpointConfig) -> str:
-    """The key from the environment variable the endpoint names; loopback servers get ``sk-local``.
-
-    Airflow connections (``conn_id``) are resolved by the operator, which passes ``api_key`` itself.
-    """
+    """The key from the environment variable the endpoint names (``endpoint.key_env``: its ``api_key_env``, or
+    the variable the provider fills from its ``conn_id`` connection); loopback servers get ``sk-local``."""
     loopback = endpoint.base_url.startswith(LOOPBACK)
-    if endpoint.api_key_env:
-        key = os.environ.get(endpoint.api_key_env)
+    if endpoint.api_key_env or endpoint.conn_id:
+        key = os.environ.get(endpoint.key_env)
         if key:
             return key
         if not loopback:
-            raise LLMCallFailed(f"endpoint {endpoint.name}: environment variable {endpoint.api_key_env} is not "
+            raise LLMCallFailed(f"endpoint {endpoint.name}: environment variable {endpoint.key_env} is not "
                                 "set (or give the endpoint an Airflow connection with conn_id)")
     if loopback:
         return "sk-local"

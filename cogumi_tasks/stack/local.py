@@ -22,6 +22,7 @@ import urllib.request
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from cogumi_tasks.core.secrets import write_private
 from cogumi_tasks.stack import services
 from cogumi_tasks.stack.services import HOST, S3Ports, ServiceError
 
@@ -98,10 +99,10 @@ class Settings:
 
 # ---------------------------------------------------------------- secrets and environment
 def load_secrets(settings: Settings) -> dict[str, str]:
-    """Read ``secrets.env``, generating it (mode 600) the first time."""
+    """Read ``secrets.env``, generating it (mode 600 from creation; a concurrent first run keeps the
+    file whichever process wrote it first) the first time."""
     path = settings.secrets_file
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
         values = {
             "COGUMI_S3_ACCESS_KEY": "cogumi" + secrets.token_hex(6),
             "COGUMI_S3_SECRET_KEY": secrets.token_urlsafe(30),
@@ -110,9 +111,7 @@ def load_secrets(settings: Settings) -> dict[str, str]:
             "COGUMI_API_SECRET_KEY": secrets.token_urlsafe(32),
             "COGUMI_FERNET_KEY": base64.urlsafe_b64encode(os.urandom(32)).decode(),
         }
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.writelines(f"{k}={v}\n" for k, v in values.items())
+        write_private(path, "".join(f"{k}={v}\n" for k, v in values.items()), overwrite=False)
     out = {}
     for line in path.read_text().splitlines():
         key, sep, value = line.partition("=")
@@ -133,11 +132,9 @@ def env(settings: Settings | None = None) -> dict[str, str]:
     s = settings or Settings.from_env()
     sec = load_secrets(s)
     passwords = s.airflow_home / "simple_auth_manager_passwords.json"
-    passwords.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps({"admin": sec["COGUMI_AIRFLOW_PASSWORD"]})
-    if not passwords.exists() or passwords.read_text() != text:
-        passwords.write_text(text)
-        passwords.chmod(0o600)
+    if not passwords.exists() or passwords.stat().st_mode & 0o077 or passwords.read_text() != text:
+        write_private(passwords, text)
     af = {
         "AIRFLOW_HOME": s.airflow_home,
         "CORE__DAGS_FOLDER": s.dags_folder,

@@ -12,6 +12,7 @@ from typing import Any
 from airflow.sdk import BaseHook
 
 from cogumi_tasks.core.config import PipelineConfig, load_config
+from cogumi_tasks.core.secrets import install_log_filter, register_connection, register_values, secret_values
 
 XCOM_RETURN = "/airflow/xcom/return.json"
 
@@ -65,18 +66,31 @@ class CogumiHook(BaseHook):
 
     # ------------------------------------------------------------ secrets
     def secret_env(self, config: PipelineConfig) -> dict[str, str]:
-        """S3 credentials and teacher keys from Airflow connections named in the config."""
+        """S3 credentials and endpoint keys from Airflow connections named in the config. Each connection's
+        password, login and extra become secrets that manifests and logs mask (core.secrets)."""
         env: dict[str, str] = {}
         if config.storage.aws_conn_id:
             from airflow.providers.amazon.aws.hooks.base_aws import AwsBaseHook
 
             creds = AwsBaseHook(aws_conn_id=config.storage.aws_conn_id).get_credentials()
             env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"] = creds.access_key, creds.secret_key
-        for endpoint in [*config.teachers, config.judge]:
+            register_values(creds.secret_key, creds.token)
+        for endpoint in config.endpoints():
             if endpoint.conn_id:
-                var = endpoint.api_key_env or f"COGUMI_KEY_{endpoint.name.upper().replace('-', '_')}"
-                env[var] = self.get_connection(endpoint.conn_id).password or ""
+                conn = self.get_connection(endpoint.conn_id)
+                register_connection(conn)
+                env[endpoint.key_env] = conn.password or ""
         return env
+
+    @staticmethod
+    def mask_secrets() -> None:
+        """Redact every secret value from this task's logs: cogumi's filter on the logging handlers, and
+        Airflow's secrets masker for what Airflow itself logs."""
+        from airflow.sdk.log import mask_secret
+
+        install_log_filter()
+        for value in secret_values():
+            mask_secret(value)
 
     @staticmethod
     @contextmanager
@@ -115,6 +129,7 @@ class CogumiHook(BaseHook):
             from cogumi_tasks.core.steps import run_step
 
             with self._environ(self.secret_env(config)):
+                self.mask_secrets()
                 result = run_step(step, config, inputs, params=params, run_id=run_id)
             payload = {"manifest": result.manifest_uri, "skipped": result.skipped, **result.outputs}
         for key, value in payload.items():
