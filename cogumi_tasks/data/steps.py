@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter
+from collections.abc import Iterator
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, field_validator
@@ -229,21 +230,31 @@ def publish(ctx: StepContext) -> StepOutput:
     from cogumi_tasks.core.artifacts import join_uri, lineage
 
     deduped = ctx.input("deduped")
-    rows = [{k: r.get(k) for k in FINAL_FIELDS} for r in iter_jsonl_dicts(ctx.fetch(deduped))]
-    write_jsonl(ctx.out("dataset.jsonl"), rows)
+    per_domain: Counter = Counter()
+    per_teacher: Counter = Counter()
+
+    def final_rows() -> Iterator[dict]:  # streamed: the dataset is never held in memory
+        for r in iter_jsonl_dicts(ctx.fetch(deduped)):
+            per_domain[r["domain"]] += 1
+            per_teacher[r["teacher"]] += 1
+            yield {k: r.get(k) for k in FINAL_FIELDS}
+
+    write_jsonl(ctx.out("dataset.jsonl"), final_rows())
 
     ancestors = lineage(ctx.store, ctx.store.producer_manifest(deduped))
     by_step: dict[str, list[dict]] = {}
     for m in ancestors:
         by_step.setdefault(m["step"], []).append(m)
-    quarantined = []
-    for m in ancestors:
-        for name in ("quarantine.jsonl", "failed.jsonl"):
-            if name in m["files"] and m["files"][name]["size"]:
-                body = ctx.store.get_bytes(join_uri(m["prefix"], name)).decode()
-                quarantined += [{"stage": m["step"], **json.loads(x)} for x in body.splitlines() if x.strip()]
-    write_jsonl(ctx.out("quarantine.jsonl"), quarantined)
-    stats = phase0_stats(by_step, rows)
+
+    def quarantined() -> Iterator[dict]:
+        for m in ancestors:
+            for name in ("quarantine.jsonl", "failed.jsonl"):
+                if name in m["files"] and m["files"][name]["size"]:
+                    for row in iter_jsonl_dicts(ctx.fetch(join_uri(m["prefix"], name))):
+                        yield {"stage": m["step"], **row}
+
+    write_jsonl(ctx.out("quarantine.jsonl"), quarantined())
+    stats = phase0_stats(by_step, per_domain, per_teacher)
     (ctx.out("stats.json")).write_text(json.dumps(stats, indent=1, sort_keys=True))
     return StepOutput(files={"dataset": "dataset.jsonl", "stats": "stats.json", "quarantine": "quarantine.jsonl"},
                       metrics=stats)
@@ -269,8 +280,9 @@ def _merge_hist(manifests: list[dict]) -> dict:
     return out
 
 
-def phase0_stats(by_step: dict[str, list[dict]], rows: list[dict]) -> dict:
-    """Counts of every stage, faults retried, and cost, summed over the lineage's manifests."""
+def phase0_stats(by_step: dict[str, list[dict]], per_domain: Counter, per_teacher: Counter) -> dict:
+    """Counts of every stage, faults retried, and cost, summed over the lineage's manifests; the final
+    dataset's counts per domain and per teacher."""
     gen, sco, ded = by_step.get("data.generate", []), by_step.get("data.score", []), by_step.get("data.dedup", [])
     pro = by_step.get("data.prompts", [])
     faults: dict = {}
@@ -288,10 +300,10 @@ def phase0_stats(by_step: dict[str, list[dict]], rows: list[dict]) -> dict:
         "judge_quarantined": _sum(sco, "judge_quarantined"),
         "exact_duplicates": _sum(ded, "exact_duplicates"),
         "near_duplicates": _sum(ded, "near_duplicates"),
-        "final_records": len(rows),
+        "final_records": sum(per_domain.values()),
         "judge_score_histogram": _merge_hist(sco),
-        "per_domain": dict(Counter(r["domain"] for r in rows)),
-        "per_teacher": dict(Counter(r["teacher"] for r in rows)),
+        "per_domain": dict(per_domain),
+        "per_teacher": dict(per_teacher),
         "faults": faults,
         "cost": cost,
     }

@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -233,7 +234,7 @@ async def label_clusters(client: LLMClient, clusters: list[Cluster], max_tokens:
     return clusters
 
 
-def failures_of(rows: list[dict]) -> list[dict]:
+def failures_of(rows: Iterable[dict]) -> list[dict]:
     """The failed items of ``eval.run``'s items.jsonl (``correct`` False)."""
     return [r for r in rows if r.get("correct") is False]
 

@@ -15,6 +15,7 @@ import logging
 import math
 import random
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 
 from cogumi_tasks.core.config import TeacherConfig
@@ -54,9 +55,16 @@ def failure_analysis(ctx: StepContext) -> StepOutput:
     )
 
     cfg = train_config(ctx).failure_analysis
-    rows = list(iter_jsonl_dicts(ctx.fetch(ctx.input("items"))))
-    failures = failures_of(rows)
-    log.info("failure_analysis: %d of %d items failed", len(failures), len(rows))
+    n_items = 0
+
+    def items() -> Iterator[dict]:
+        nonlocal n_items
+        for r in iter_jsonl_dicts(ctx.fetch(ctx.input("items"))):
+            n_items += 1
+            yield r
+
+    failures = failures_of(items())  # streamed: only the failed items are held
+    log.info("failure_analysis: %d of %d items failed", len(failures), n_items)
     clusters, silhouette = [], math.nan
     if failures:
         vectors = embed(load_embedder(cfg.embedder), [failure_text(r) for r in failures])
@@ -82,8 +90,8 @@ def failure_analysis(ctx: StepContext) -> StepOutput:
         by_domain[r.get("domain") or "unknown"] += 1
     return StepOutput(
         files={"clusters": "clusters.json", "failures": "failures.jsonl"},
-        metrics={"items": len(rows), "failures": len(failures),
-                 "failure_rate": round(len(failures) / len(rows), 4) if rows else None,
+        metrics={"items": n_items, "failures": len(failures),
+                 "failure_rate": round(len(failures) / n_items, 4) if n_items else None,
                  "failures_by_domain": dict(by_domain), "k": len(clusters), "silhouette": summary["silhouette"],
                  "clusters": [{"id": c.id, "size": c.size, "label": c.label, "error": c.error} for c in clusters],
                  "cost": ctx.cost},
