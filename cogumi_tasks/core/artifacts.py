@@ -217,11 +217,24 @@ class ArtifactStore:
         return f"etag:{head['ETag'].strip(chr(34))}:{head['ContentLength']}"
 
     def fetch_prefix(self, prefix_uri: str, dest_dir: Path) -> Path:
-        """Download every file under ``prefix_uri`` (a model directory, say) into ``dest_dir``,
-        each checked against its producer's manifest."""
+        """Download a directory (a model, say) into ``dest_dir``: the files its producer's manifest lists
+        under ``prefix_uri``, each checked against its sha256; without a manifest (files put there by
+        hand), every file under the prefix."""
         prefix_uri = prefix_uri.rstrip("/")
         tag = hashlib.sha256(prefix_uri.encode()).hexdigest()[:12]
         root = Path(dest_dir) / tag
+        manifest = self.producer_manifest(prefix_uri + "/x")
+        if manifest is not None:
+            sub = prefix_uri[len(manifest["prefix"]) :].strip("/")
+            listed = {(name[len(sub) + 1 :] if sub else name): meta for name, meta in manifest["files"].items()
+                      if not sub or name.startswith(sub + "/")}
+            if not listed:
+                raise ArtifactError(f"{prefix_uri}/: its producer's manifest lists no files under it")
+            for rel, meta in listed.items():
+                local = self.download(join_uri(prefix_uri, rel), root / rel)
+                if sha256_file(local) != meta["sha256"]:
+                    raise ArtifactError(f"{prefix_uri}/{rel}: sha256 differs from its manifest")
+            return root
         found = False
         for uri in self.list(prefix_uri + "/"):
             rel = uri[len(prefix_uri) + 1 :]
@@ -231,15 +244,6 @@ class ArtifactStore:
             self.download(uri, root / rel)
         if not found:
             raise ArtifactError(f"nothing under {prefix_uri}/")
-        manifest = self.producer_manifest(prefix_uri + "/x")
-        if manifest is not None:
-            sub = prefix_uri[len(manifest["prefix"]) :].strip("/")
-            for name, meta in manifest["files"].items():
-                if sub and not name.startswith(sub + "/"):
-                    continue
-                local = root / (name[len(sub) + 1 :] if sub else name)
-                if local.exists() and sha256_file(local) != meta["sha256"]:
-                    raise ArtifactError(f"{prefix_uri}/{name}: sha256 differs from its manifest")
         return root
 
     def fetch(self, uri: str, dest_dir: Path) -> Path:
