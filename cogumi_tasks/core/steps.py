@@ -4,13 +4,17 @@ A step is a plain function ``fn(ctx: StepContext) -> StepOutput``. It reads its 
 ``ctx`` and writes its output files under ``ctx.out_dir``; the runner publishes them to
 ``s3://<bucket>/<pipeline>/<step>/<cache_key>/`` and writes ``_manifest.json`` last.
 
-Cache key = sha256(step name, step version, the config sections the step reads, the digests of
-its inputs, its params). A prefix whose manifest verifies is reused without running anything.
+A step declares what it reads and writes: the config keys (``ctx.config`` is a frozen view of only
+those, see :mod:`cogumi_tasks.core.view`), its input names and its output names; the runner refuses
+anything else. Cache key = sha256(step name, version, a digest of its code, the declared config
+values, the content digests of every file they name, the digests of its inputs, its params): see
+:func:`key_material`. A prefix whose manifest verifies is reused without running anything.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import logging
 import os
 import shutil
@@ -25,6 +29,7 @@ from typing import Any
 
 from cogumi_tasks.core.artifacts import ArtifactStore, join_uri, sha256_dir, sha256_file, sha256_json
 from cogumi_tasks.core.config import PipelineConfig, config_dir
+from cogumi_tasks.core.view import ConfigView, check_reads, file_refs, view_values
 
 log = logging.getLogger("cogumi")
 
@@ -48,12 +53,22 @@ class StepOutput:
 
 @dataclass(frozen=True)
 class StepSpec:
+    """A registered step and its declarations (see :func:`step`)."""
+
     name: str
     fn: StepFn
     version: int
     reads: tuple[str, ...]
     doc: str
     config_inputs: tuple[tuple[str, str], ...] = ()
+    inputs: tuple[str, ...] = ()
+    outputs: tuple[str, ...] = ()
+    optional_outputs: tuple[str, ...] = ()
+    code: tuple[str, ...] = ()
+
+    @property
+    def all_outputs(self) -> tuple[str, ...]:
+        return self.outputs + self.optional_outputs
 
 
 @dataclass
@@ -71,17 +86,35 @@ REGISTRY: dict[str, StepSpec] = {}
 
 
 def step(
-    name: str, *, version: int = 1, reads: tuple[str, ...] = (), config_inputs: dict[str, str] | None = None
+    name: str,
+    *,
+    version: int = 1,
+    reads: tuple[str, ...] = (),
+    inputs: tuple[str, ...] = (),
+    outputs: tuple[str, ...] = (),
+    code: tuple[str, ...] = (),
+    config_inputs: dict[str, str] | None = None,
 ) -> Callable[[StepFn], StepFn]:
     """Register ``fn`` as step ``name``.
 
-    ``reads`` lists the config sections in its cache key; ``config_inputs`` maps an input name to
-    the dotted config key that names it by default (e.g. the prompt file), so its content is hashed.
+    ``reads``: the dotted config keys it reads, at any depth (``judge``, ``compress.prune.ppl_rows``);
+    ``ctx.config`` exposes only these (and ``name``), and their values and the content of every file they
+    name are in the cache key. ``inputs``: the input names it accepts. ``outputs``: the output names it
+    returns (``"adapter?"``: one it may leave out). ``code``: modules besides its own whose source is in
+    the cache key. ``config_inputs``: input name -> dotted config key naming its default (the prompt file),
+    hashed by content like any input; these names are declared inputs too.
     """
+    check_reads(name, reads)
+    extra = tuple(sorted((config_inputs or {}).items()))
 
     def register(fn: StepFn) -> StepFn:
-        extra = tuple(sorted((config_inputs or {}).items()))
-        REGISTRY[name] = StepSpec(name, fn, version, reads, (fn.__doc__ or "").strip(), extra)
+        REGISTRY[name] = StepSpec(
+            name, fn, version, tuple(reads), (fn.__doc__ or "").strip(), extra,
+            inputs=tuple(sorted({*inputs, *(k for k, _ in extra)})),
+            outputs=tuple(o for o in outputs if not o.endswith("?")),
+            optional_outputs=tuple(o[:-1] for o in outputs if o.endswith("?")),
+            code=(fn.__module__, *(m for m in code if m != fn.__module__)),
+        )
         return fn
 
     return register
@@ -111,7 +144,7 @@ class StepContext:
     """Everything a running step may touch."""
 
     spec: StepSpec
-    config: PipelineConfig
+    config: ConfigView  # only the keys the step declares in ``reads``
     store: ArtifactStore
     inputs: dict[str, InputValue]
     params: dict[str, Any]
@@ -209,16 +242,93 @@ def input_digests(store: ArtifactStore, inputs: dict[str, InputValue]) -> dict[s
     return out
 
 
-def cache_key(spec: StepSpec, config: PipelineConfig, digests: dict, params: dict) -> str:
-    return sha256_json(
-        {
-            "step": spec.name,
-            "version": spec.version,
-            "config": {s: config.section(s) for s in spec.reads},
-            "inputs": digests,
-            "params": params,
-        }
-    )
+_DIGESTS: dict[tuple, str] = {}
+MEMO_BYTES = 16 << 20
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a local file. A big one (a model) is remembered per (path, inode, size, mtime, ctime) so it is
+    read once per process; a small one is read every time (a same-size rewrite within the clock's tick stays seen)."""
+    st = path.stat()
+    if st.st_size < MEMO_BYTES:
+        return sha256_file(path)
+    memo = (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    if memo not in _DIGESTS:
+        _DIGESTS[memo] = sha256_file(path)
+    return _DIGESTS[memo]
+
+
+def module_digest(module: str) -> str:
+    """sha256 of a module's source file."""
+    found = importlib.util.find_spec(module)
+    if found is None or not found.origin or not Path(found.origin).is_file():
+        raise ValueError(f"code module {module!r}: no source file to digest")
+    return file_sha256(Path(found.origin))
+
+
+def code_digest(spec: StepSpec) -> str:
+    """A digest of the step's own module and its declared ``code`` modules: a code change re-runs the step."""
+    return sha256_json({m: module_digest(m) for m in spec.code})
+
+
+def config_file_digest(value: str, store: ArtifactStore | None) -> str:
+    """The content digest of a file a config names: an ``s3://`` object's from its producer's manifest (else
+    its ETag), a local file's or directory's sha256 (relative paths are in the configs folder), a bundled
+    ``builtin:`` resource's sha256, an installed ``package:``'s version. Anything else (a packaged model
+    pinned in requirements.lock, a hub name) is keyed by its name."""
+    if value.startswith("s3://"):
+        if store is None:
+            raise ValueError(f"{value}: digesting an s3:// file named in config needs an artifact store")
+        return store.digest(value)
+    if value.startswith("package:"):
+        from importlib.metadata import PackageNotFoundError, packages_distributions, version
+
+        dists = packages_distributions().get(value[8:], [])
+        try:
+            return f"{value}@{version(dists[0])}" if dists else f"{value}@unknown"
+        except PackageNotFoundError:
+            return f"{value}@unknown"
+    if value.startswith("builtin:"):
+        from importlib.resources import files
+
+        path = Path(str(files("cogumi_tasks") / "resources" / f"{value[8:]}.jsonl"))
+    else:
+        path = Path(value.removeprefix("file://"))
+        if not path.is_absolute() and not path.exists():
+            path = config_dir() / path
+    if path.is_dir():
+        return "sha256-dir:" + sha256_json({p.relative_to(path).as_posix(): file_sha256(p)
+                                            for p in sorted(path.rglob("*")) if p.is_file()})
+    return "sha256:" + file_sha256(path) if path.is_file() else "name:" + value
+
+
+def config_file_digests(spec: StepSpec, config: PipelineConfig, store: ArtifactStore | None) -> dict[str, str]:
+    """Dotted key -> content digest of every file named under the step's declared config keys."""
+    return {key: config_file_digest(value, store) for key, value in file_refs(config, spec.reads).items()}
+
+
+def key_material(spec: StepSpec, config: PipelineConfig, digests: dict, params: dict,
+                 file_digests: dict[str, str]) -> dict:
+    """Everything the cache key covers, as plain data (also written into the manifest)."""
+    return {
+        "step": spec.name,
+        "version": spec.version,
+        "code": code_digest(spec),
+        "config": view_values(config, spec.reads),
+        "config_files": file_digests,
+        "inputs": digests,
+        "params": params,
+    }
+
+
+def cache_key(spec: StepSpec, config: PipelineConfig, digests: dict, params: dict, *,
+              file_digests: dict[str, str] | None = None, store: ArtifactStore | None = None) -> str:
+    """The step's cache key, computed without running it: ``digests`` are its inputs' (see
+    :func:`input_digests`); the files its config names are digested here unless ``file_digests`` is given
+    (``store`` is needed only for ``s3://`` ones)."""
+    if file_digests is None:
+        file_digests = config_file_digests(spec, config, store)
+    return sha256_json(key_material(spec, config, digests, params, file_digests))
 
 
 def _dotted_get(config: PipelineConfig, dotted: str) -> Any:
@@ -252,9 +362,14 @@ def run_step(
     inputs = dict(inputs or {})
     for input_name, dotted in spec.config_inputs:
         inputs.setdefault(input_name, _dotted_get(config, dotted))
+    undeclared = sorted(set(inputs) - set(spec.inputs))
+    if undeclared:
+        raise StepFailed(f"{name}: input(s) {undeclared} are not declared by the step (it declares "
+                         f"{list(spec.inputs)}): check the input names or declare them in @step(inputs=...)")
     params = dict(params or {})
     digests = input_digests(store, inputs)
-    key = cache_key(spec, config, digests, params)
+    material = key_material(spec, config, digests, params, config_file_digests(spec, config, store))
+    key = sha256_json(material)
     prefix = store.uri(config.name, spec.name, key[:20])
 
     manifest = None if force else store.verify_manifest(prefix)
@@ -266,11 +381,13 @@ def run_step(
     log.info("%s: running, outputs go to %s", name, prefix)
     started = time.time()
     with tempfile.TemporaryDirectory(prefix=f"cogumi-{safe_name(name)}-") as tmp:
-        ctx = StepContext(spec, config, store, inputs, params, prefix, run_id, Path(tmp) / "out", Path(tmp) / "tmp")
+        view = ConfigView(config.model_copy(deep=True), spec.reads, spec.name)
+        ctx = StepContext(spec, view, store, inputs, params, prefix, run_id, Path(tmp) / "out", Path(tmp) / "tmp")
         ctx.out_dir.mkdir()
         ctx.tmp_dir.mkdir()
         try:
             result = spec.fn(ctx)
+            check_outputs(spec, result)
         except Exception as exc:
             _record_failure(ctx, exc)
             raise
@@ -292,7 +409,9 @@ def run_step(
                 "inputs": inputs,
                 "input_digests": digests,
                 "params": params,
-                "config": {s: config.section(s) for s in spec.reads},
+                "config": material["config"],
+                "config_files": material["config_files"],
+                "code": material["code"],
                 "pipeline": config.name,
                 "run_id": run_id,
                 "code_version": code_version(),
@@ -306,6 +425,17 @@ def run_step(
     _record_use(store, config, run_id, name, prefix)
     log.info("%s: published %d files in %.1fs", name, len(manifest["files"]), finished - started)
     return StepResult(name, outputs, result.metrics, join_uri(prefix, "_manifest.json"), False)
+
+
+def check_outputs(spec: StepSpec, result: StepOutput) -> None:
+    """A step returns exactly its declared outputs (optional ones may be left out)."""
+    got = set(result.files)
+    missing, extra = sorted(set(spec.outputs) - got), sorted(got - set(spec.all_outputs))
+    if missing or extra:
+        optional = f" (optional {list(spec.optional_outputs)})" if spec.optional_outputs else ""
+        raise StepFailed(f"{spec.name}: returned outputs {sorted(got)} differ from the declared {list(spec.outputs)}"
+                         + optional + (f"; missing {missing}" if missing else "")
+                         + (f"; undeclared {extra}" if extra else ""))
 
 
 def output_uri(prefix: str, rel: str) -> str:

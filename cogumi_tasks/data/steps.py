@@ -76,7 +76,8 @@ def split_by_weight(ids: list[str], weights: dict[str, float]) -> dict[str, str]
     return out
 
 
-@step("data.prompts", version=2, reads=("dataset.prompts", "teachers"),
+@step("data.prompts", version=2, reads=("dataset.prompts", "teachers"), inputs=("source",),
+      outputs=("prompts", "shards", "quarantine"), code=("cogumi_tasks.core.records",),
       config_inputs={"source": "dataset.prompts.source"})
 def prompts(ctx: StepContext) -> StepOutput:
     """Validate the prompt JSONL, assign teachers by the configured mix, and shard. A ``limit``
@@ -125,7 +126,8 @@ def prompts(ctx: StepContext) -> StepOutput:
     )
 
 
-@step("data.generate", version=1, reads=("teachers", "dataset.generate"))
+@step("data.generate", version=1, reads=("teachers", "dataset.generate", "llm"), inputs=("shard",),
+      outputs=("answers", "failed"), code=("cogumi_tasks.llm.step_calls",))
 def generate(ctx: StepContext) -> StepOutput:
     """Teachers answer one shard of prompts. Every answer is cached as it arrives, so a killed
     task resumes without asking again.
@@ -150,7 +152,8 @@ def generate(ctx: StepContext) -> StepOutput:
     )
 
 
-@step("data.score", version=1, reads=("judge", "dataset.score"))
+@step("data.score", version=1, reads=("judge", "dataset.score", "llm"), inputs=("answers",),
+      outputs=("kept", "rejected", "quarantine"), code=("cogumi_tasks.llm.step_calls",))
 def score(ctx: StepContext) -> StepOutput:
     """The judge rates each answer 1-10 with a JSON verdict; keep those >= the threshold.
 
@@ -181,7 +184,8 @@ def score(ctx: StepContext) -> StepOutput:
     )
 
 
-@step("data.dedup", version=1, reads=("dataset.dedup",))
+@step("data.dedup", version=1, reads=("dataset.dedup",), inputs=("scored",), outputs=("deduped", "dropped"),
+      code=("cogumi_tasks.data.dedup",))
 def dedup_step(ctx: StepContext) -> StepOutput:
     """Exact (normalised hash) then MinHash-LSH near-duplicate removal, keeping the best-scored
     record of each cluster. Every dropped record names the kept one and their Jaccard estimate.
@@ -220,7 +224,7 @@ def dedup_text(row: dict, field: str) -> str:
 FINAL_FIELDS = ("id", "prompt", "response", "domain", "teacher", "model", "judge_score", "judge_reason")
 
 
-@step("data.publish", version=2, reads=("name",))
+@step("data.publish", version=2, inputs=("deduped",), outputs=("dataset", "stats", "quarantine"))
 def publish(ctx: StepContext) -> StepOutput:
     """The curated dataset with its stats and every quarantined record of the run's lineage.
 

@@ -33,7 +33,10 @@ def _endpoints(ctx: StepContext) -> dict:
     return {e.name: e for e in [*cfg.teachers, cfg.judge, cfg.eval.reference]}
 
 
-@step("eval.run", version=1, reads=("eval",))
+@step("eval.run", version=1, reads=("eval", "judge", "teachers", "llm"), inputs=("model",),
+      outputs=("items", "summary"), code=("cogumi_tasks.eval.backends", "cogumi_tasks.eval.judge",
+                                          "cogumi_tasks.eval.sandbox", "cogumi_tasks.eval.stats",
+                                          "cogumi_tasks.eval.suites"))
 def run_eval(ctx: StepContext) -> StepOutput:
     """Evaluate the student and the reference model on the configured suites.
 
@@ -137,7 +140,8 @@ def run_eval(ctx: StepContext) -> StepOutput:
     return StepOutput(files={"items": "items.jsonl", "summary": "summary.json"}, metrics=summary)
 
 
-@step("eval.gate", version=1, reads=("eval.gates",))
+@step("eval.gate", version=1, reads=("eval.gates",), inputs=("summary",), outputs=("gates",),
+      code=("cogumi_tasks.eval.stats",))
 def gate(ctx: StepContext) -> StepOutput:
     """Pass or fail on the configured gates (domain -> minimum % of reference).
 

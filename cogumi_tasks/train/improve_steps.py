@@ -35,7 +35,8 @@ EXAMPLE_CHARS = 300
 GENERAL_ROWS = 16  # Phase 0 rows held out of the replay to measure forgetting
 
 
-@step("train.failure_analysis", version=1, reads=("train.failure_analysis", "judge"))
+@step("train.failure_analysis", version=1, reads=("train.failure_analysis", "judge", "llm"), inputs=("items",),
+      outputs=("clusters", "failures"), code=("cogumi_tasks.train.failures",))
 def failure_analysis(ctx: StepContext) -> StepOutput:
     """Embed the failed items (sentence-transformers), cluster them (KMeans, silhouette reported) and have
     the judge name each cluster's pattern from its examples.
@@ -187,7 +188,12 @@ def write_examples(ctx: StepContext, clusters: list[dict], quarantine: Quarantin
 
 
 @step("train.distill", version=1,
-      reads=("train.distill", "train.sft", "teachers", "judge", "dataset.generate", "dataset.score"))
+      reads=("train.distill", "train.sft", "teachers", "judge", "llm", "dataset.generate.system_prompt",
+             "dataset.score.max_tokens"),
+      inputs=("model", "clusters", "dataset"),
+      outputs=("examples", "rejected", "quarantine", "mix", "model", "adapter?", "metrics?"),
+      code=("cogumi_tasks.llm.step_calls", "cogumi_tasks.train.lora", "cogumi_tasks.train.sft",
+            "cogumi_tasks.models.nll"))
 def distill(ctx: StepContext) -> StepOutput:
     """Targeted distillation: per failure pattern the strongest teacher writes new tasks and answers, the
     judge keeps those scoring >= ``judge_min_score``; they are mixed with ``replay_fraction`` of replayed
@@ -287,7 +293,7 @@ def compare_evaluations(before: list[dict], after: list[dict]) -> dict:
     }
 
 
-@step("train.publish", version=1)
+@step("train.publish", version=1, inputs=("model", "before", "after"), outputs=("model", "release"))
 def publish(ctx: StepContext) -> StepOutput:
     """Publish the enhanced base model with the before/after evaluation of targeted distillation.
 

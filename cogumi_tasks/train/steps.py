@@ -27,7 +27,8 @@ def train_config(ctx: StepContext) -> TrainConfig:
     return ctx.config.train
 
 
-@step("train.base_model", version=2, reads=("train.base_model",))
+@step("train.base_model", version=2, reads=("train.base_model",), outputs=("model",),
+      code=("cogumi_tasks.models.convert", "cogumi_tasks.models.packaged"))
 def base_model(ctx: StepContext) -> StepOutput:
     """The base model as an HF directory.
 
@@ -58,7 +59,9 @@ def base_model(ctx: StepContext) -> StepOutput:
     return StepOutput(files={"model": "model/"}, metrics={"source": ref.path, **model_stats(dest)})
 
 
-@step("train.vocab_trim", version=1, reads=("train.vocab_trim",), config_inputs={"heldout": "train.vocab_trim.heldout"})
+@step("train.vocab_trim", version=1, reads=("train.vocab_trim",), inputs=("model", "dataset", "heldout"),
+      outputs=("model",), code=("cogumi_tasks.train.vocab", "cogumi_tasks.models.nll"),
+      config_inputs={"heldout": "train.vocab_trim.heldout"})
 def vocab_trim(ctx: StepContext) -> StepOutput:
     """Keep the tokens covering ``coverage`` of the dataset's chat text (plus the held-out English prompts),
     rebuild the tokenizer, slice embeddings and lm_head; gate on per-byte perplexity of held-out dataset rows.
@@ -130,7 +133,8 @@ def vocab_trim(ctx: StepContext) -> StepOutput:
     return StepOutput(files={"model": pass_on(ctx, src_uri, src)}, metrics=metrics)
 
 
-@step("train.sft", version=1, reads=("train.sft",))
+@step("train.sft", version=1, reads=("train.sft",), inputs=("model", "dataset"),
+      outputs=("adapter", "model", "metrics"), code=("cogumi_tasks.train.lora", "cogumi_tasks.train.sft"))
 def sft(ctx: StepContext) -> StepOutput:
     """LoRA SFT on the chat-formatted dataset (QLoRA on CUDA), loss on assistant tokens only.
 

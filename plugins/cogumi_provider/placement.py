@@ -8,6 +8,8 @@ decided at run time from the run's own config.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from functools import lru_cache
 
@@ -57,11 +59,16 @@ def run_params(**extra: Param) -> dict[str, Param]:
     }
 
 
+@contextmanager
 def cogumi_dag(dag_id: str, description: str, *, params: dict[str, Param], overrides: dict[str, str],
-               tags: list[str], retries: int = 2, schedule=None) -> DAG:
-    """A pipeline DAG with the project's defaults: manual or Asset-scheduled, one active run,
-    native templates (so params keep their types), retries, and the run params as config overrides."""
-    return DAG(
+               tags: list[str], retries: int = 2, schedule=None) -> Iterator[DAG]:
+    """``with cogumi_dag(...) as dag:`` a pipeline DAG with the project's defaults: manual or Asset-scheduled,
+    one active run, native templates (so params keep their types), retries, and the run params as config
+    overrides. When the block ends its wiring is checked against the steps' declared inputs and outputs
+    (:mod:`cogumi_provider.wiring`), so a misspelt name fails the DAG's import."""
+    from cogumi_provider.wiring import check_wiring
+
+    with DAG(
         dag_id=dag_id,
         description=description,
         schedule=schedule,
@@ -72,4 +79,6 @@ def cogumi_dag(dag_id: str, description: str, *, params: dict[str, Param], overr
         tags=["cogumi", *tags],
         params=params,
         default_args={"retries": retries, "retry_delay": timedelta(seconds=30), "overrides": overrides},
-    )
+    ) as dag:
+        yield dag
+    check_wiring(dag)

@@ -55,3 +55,26 @@ def test_cpu_heavy_tasks_take_turns_in_the_tiny_pool(dagbag):
         "prune", "quantize_awq", "export_gguf", "eval_gguf", "recover", "calibrate"}
     assert pools["pack_zstd"] == pools["publish"] == "default_pool"
     assert dagbag.dags["phase0_dataset"].get_task("generate").pool == "default_pool"
+
+
+def test_every_step_task_is_wired_to_declared_inputs_and_outputs(dagbag):
+    from cogumi_provider.wiring import step_arguments, wiring_errors
+
+    for dag_id, dag in dagbag.dags.items():
+        assert all(step_arguments(t) is not None for t in dag.tasks), dag_id  # every task is checked
+        assert wiring_errors(dag) == [], dag_id
+
+
+def test_a_misspelt_output_or_input_fails_the_dag_import(tmp_path):
+    from airflow.dag_processing.dagbag import DagBag
+
+    text = (REPO / "dags" / "phase0_dataset.py").read_text()
+    broken = text.replace('dedup.output["deduped"]', 'dedup.output["dedupd"]')
+    broken = broken.replace('input_name="shard"', 'input_name="shards"')
+    assert broken.count("dedupd") == 1 and 'input_name="shards"' in broken
+    (tmp_path / "broken.py").write_text(broken)
+    bag = DagBag(dag_folder=str(tmp_path))
+    assert list(bag.dags) == []
+    [error] = bag.import_errors.values()
+    assert "step data.dedup has no output 'dedupd' (it declares ['deduped', 'dropped']" in error
+    assert "task generate (data.generate): input(s) ['shards'] are not declared by the step" in error

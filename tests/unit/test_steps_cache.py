@@ -8,12 +8,13 @@ import pytest
 
 from cogumi_tasks.core.artifacts import ArtifactError, join_uri, lineage
 from cogumi_tasks.core.config import load_config
-from cogumi_tasks.core.steps import StepOutput, run_step, step
+from cogumi_tasks.core.steps import StepFailed, StepOutput, run_step, step
+from cogumi_tasks.core.view import UndeclaredConfigKey
 
 CALLS: list[str] = []
 
 
-@step("test.write", version=1, reads=("dataset.dedup",))
+@step("test.write", version=1, reads=("dataset.dedup",), outputs=("a", "parts"))
 def _write(ctx):
     CALLS.append("write")
     ctx.out("a.txt").write_text(f"threshold={ctx.config.dataset.dedup.threshold}\n")
@@ -21,7 +22,7 @@ def _write(ctx):
     return StepOutput(files={"a": "a.txt", "parts": ["parts/p0.txt"]}, metrics={"n": 1})
 
 
-@step("test.read", version=1)
+@step("test.read", version=1, inputs=("a",), outputs=("b",))
 def _read(ctx):
     CALLS.append("read")
     text = ctx.fetch(ctx.input("a")).read_text()
@@ -33,6 +34,18 @@ def _read(ctx):
 def _boom(ctx):
     ctx.out("quarantine.jsonl").write_text('{"bad": 1}\n')
     raise RuntimeError("boom")
+
+
+@step("test.undeclared", version=1, reads=("dataset.dedup",), outputs=("a",))
+def _undeclared(ctx):
+    ctx.out("a.txt").write_text(f"{ctx.config.dataset.dedup.threshold} {ctx.config.judge.model}")
+    return StepOutput(files={"a": "a.txt"})
+
+
+@step("test.extra_output", version=1, outputs=("a",))
+def _extra_output(ctx):
+    ctx.out("a.txt").write_text("a")
+    return StepOutput(files={"a": "a.txt", "b": "a.txt"})
 
 
 @pytest.fixture
@@ -47,6 +60,8 @@ def test_publish_then_cache_hit(cfg, store_for):
     assert not first.skipped and CALLS == ["write"]
     manifest = store.get_json(first.manifest_uri)
     assert manifest["files"]["a.txt"]["size"] == len("threshold=0.8\n")
+    assert manifest["config"] == {"dataset.dedup": cfg.section("dataset.dedup")}  # exactly what the step may read
+    assert manifest["config_files"] == {} and len(manifest["code"]) == 64
     assert manifest["outputs"]["parts"] == [join_uri(manifest["prefix"], "parts/p0.txt")]
     again = run_step("test.write", cfg, store=store, run_id="r2")
     assert again.skipped and again.outputs == first.outputs and CALLS == ["write"]
@@ -87,3 +102,14 @@ def test_failed_step_publishes_no_manifest_but_keeps_its_quarantine(cfg, store_f
     err = [u for u in uris if u.endswith("_failed/error.json")]
     assert len(err) == 1 and json.loads(store.get_bytes(err[0]))["error"] == "boom"
     assert any(u.endswith("_failed/quarantine.jsonl") for u in uris)
+
+
+def test_undeclared_config_key_and_output_fail_the_step_and_publish_nothing(cfg, store_for):
+    store = store_for(cfg)
+    with pytest.raises(UndeclaredConfigKey, match=r"step test\.undeclared read config key 'judge'.*declare it in"):
+        run_step("test.undeclared", cfg, store=store)
+    with pytest.raises(StepFailed, match=r"test\.extra_output: returned outputs \['a', 'b'\].*undeclared \['b'\]"):
+        run_step("test.extra_output", cfg, store=store)
+    for name in ("test.undeclared", "test.extra_output"):
+        uris = list(store.list(store.uri(cfg.name, name) + "/"))
+        assert uris and not any(u.endswith("_manifest.json") for u in uris)
