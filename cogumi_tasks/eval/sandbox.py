@@ -5,8 +5,13 @@ Model output is never executed outside this sandbox. Each program runs in its ow
 * namespaces: ``--unshare-all`` plus an explicit user namespace (new net namespace with only a private
   loopback: no network; new pid namespace: killing bwrap kills everything inside), ``--disable-userns``
   (no nested namespaces), ``--new-session``, ``--die-with-parent``;
-* filesystem: the host root bound read-only, a fresh ``/dev`` and ``/proc``, and a size-capped private
-  tmpfs on ``/tmp`` (cwd and HOME) as the only writable place; the program is copied in as ``/tmp/prog.py``;
+* filesystem: only what the program needs, read-only: ``/usr`` (with the ``/lib*``, ``/bin``, ``/sbin``
+  links or directories of the host) and ``/etc/ld.so.cache`` for the shared libraries, the interpreter's real
+  prefix (a venv's python resolved to its base installation) for the binary and its stdlib, every
+  site-packages directory of that interpreter hidden under an empty read-only tmpfs (HumanEval and MBPP need
+  the stdlib only); a fresh ``/dev`` and ``/proc``, and a size-capped private tmpfs on ``/tmp`` (cwd and HOME)
+  as the only writable place; the program is copied in as ``/tmp/prog.py``. Home directories, the repository,
+  its virtual environment, the host's ``/tmp`` and the rest of ``/etc`` do not exist inside;
 * environment: cleared to PATH, HOME and LANG; the interpreter runs with ``-I`` (isolated mode);
 * resources, set by a tiny launcher inside the sandbox just before it execs the program: RLIMIT_CPU
   (SIGXCPU at ``cpu_s``, SIGKILL a second later), RLIMIT_AS, RLIMIT_NPROC, RLIMIT_FSIZE, RLIMIT_CORE=0, and
@@ -17,13 +22,14 @@ Fork bombs as root: the kernel never enforces RLIMIT_NPROC for real uid 0, so wh
 root it starts bwrap as an unprivileged uid (``SANDBOX_UID``, nobody). The user namespace bwrap then creates
 is owned by that uid, the process count is kept per (namespace, uid), and ``max_procs`` caps the sandbox on
 its own: concurrent sandboxes do not share the budget. When the harness is not root it needs no uid switch.
-The interpreter must be reachable by that uid: ``sys.executable`` when it is, otherwise the system
-``python3.X`` of the same version (a pyenv under a 0700 ``/root`` is not).
+The interpreter must be reachable by that uid: ``sys.executable``'s base installation when it is, otherwise
+the system ``python3.X`` of the same version (a pyenv under a 0700 ``/root`` is not).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -107,18 +113,47 @@ def _can_traverse(path: str, uid: int, gid: int) -> bool:
 
 
 def _sandbox_identity() -> tuple[int | None, str]:
-    """(uid to switch to or None, interpreter path) for the sandbox."""
+    """(uid to switch to or None, real interpreter path) for the sandbox."""
+    exe = os.path.realpath(sys.executable)  # a venv's python is a link to its base installation's
     if os.geteuid() != 0:
-        return None, sys.executable
+        return None, exe
     uid = gid = SANDBOX_UID
-    exe = sys.executable
     if _can_traverse(exe, uid, gid) and _can_traverse(sys.base_prefix, uid, gid):
         return uid, exe
     minor = f"python{sys.version_info.major}.{sys.version_info.minor}"
     for cand in (f"/usr/bin/{minor}", f"/usr/local/bin/{minor}", shutil.which(minor)):
         if cand and os.path.exists(cand) and _can_traverse(cand, uid, gid):
-            return uid, cand
+            return uid, os.path.realpath(cand)
     raise RuntimeError(f"no {minor} interpreter readable by uid {uid} for the sandbox (tried {exe})")
+
+
+@functools.lru_cache(maxsize=4)
+def _interpreter_layout(python: str) -> tuple[str, tuple[str, ...]]:
+    """(installation prefix, site-packages directories) of ``python``, asked once per interpreter."""
+    code = "import json, site, sys; print(json.dumps([sys.base_prefix, site.getsitepackages([sys.base_prefix])]))"
+    out = subprocess.run([python, "-I", "-S", "-c", code], capture_output=True, text=True, timeout=30, check=True)
+    prefix, site_dirs = json.loads(out.stdout)
+    return prefix, tuple(site_dirs)
+
+
+def _filesystem(python: str) -> list[str]:
+    """bwrap arguments that make the sandbox's whole filesystem: ``python``, its stdlib and the shared
+    libraries, read-only; its site-packages hidden."""
+    args = ["--ro-bind", "/usr", "/usr"]
+    for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
+        if os.path.islink(top):
+            args += ["--symlink", os.readlink(top), top]
+        elif os.path.isdir(top):
+            args += ["--ro-bind", top, top]
+    if os.path.exists("/etc/ld.so.cache"):
+        args += ["--ro-bind", "/etc/ld.so.cache", "/etc/ld.so.cache"]
+    prefix, site_dirs = _interpreter_layout(python)
+    if not (prefix == "/usr" or prefix.startswith("/usr/")):
+        args += ["--ro-bind", prefix, prefix]
+    for site_dir in site_dirs:
+        if os.path.isdir(site_dir):
+            args += ["--tmpfs", site_dir, "--remount-ro", site_dir]
+    return args
 
 
 def _bwrap_argv(python: str, limits: Limits, prog_fd: int, status_fd: int) -> list[str]:
@@ -127,9 +162,10 @@ def _bwrap_argv(python: str, limits: Limits, prog_fd: int, status_fd: int) -> li
         BWRAP,
         "--unshare-all", "--unshare-user", "--disable-userns", "--cap-drop", "ALL",
         "--die-with-parent", "--new-session", "--hostname", "sandbox",
-        "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc",
+        *_filesystem(python), "--dev", "/dev", "--proc", "/proc",
         "--size", str(tmp_bytes), "--perms", "0700", "--tmpfs", "/tmp",
         "--size", str(tmp_bytes), "--perms", "1777", "--tmpfs", "/dev/shm", "--remount-ro", "/dev",
+        "--remount-ro", "/",  # the root tmpfs bwrap builds (with /etc, mount points) is read-only too
         "--perms", "0444", "--ro-bind-data", str(prog_fd), "/tmp/prog.py",
         "--chdir", "/tmp", "--json-status-fd", str(status_fd),
         "--", python, "-I", "-S", "-c", _LAUNCHER,
