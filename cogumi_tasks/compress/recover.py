@@ -82,9 +82,9 @@ def recover(ctx: StepContext) -> StepOutput:
     from cogumi_tasks.models.nll import chat_texts, nll_stats
 
     cfg = compress_config(ctx).recover
-    model_dir = ctx.fetch_dir(ctx.input("model"))
-    if not cfg.enabled:
+    if not cfg.enabled:  # before any download
         return StepOutput(files={}, metrics={"enabled": False})
+    model_dir = ctx.fetch_dir(ctx.input("model"))
     rows = dataset_rows(ctx)
     ppl = row_byte_ppl(model_dir, rows)
     n_hard = min(len(rows), max(cfg.min_examples, math.ceil(cfg.hardest_fraction * len(rows))))

@@ -65,9 +65,9 @@ def prune(ctx: StepContext) -> StepOutput:
 
     cfg = compress_config(ctx).prune
     src_uri = ctx.input("model")
+    if not cfg.enabled:  # before any download
+        return StepOutput(files={"model": pass_on(ctx, src_uri)}, metrics={"enabled": False})
     src = ctx.fetch_dir(src_uri)
-    if not cfg.enabled:
-        return StepOutput(files={"model": pass_on(ctx, src_uri, src)}, metrics={"enabled": False})
     tok = AutoTokenizer.from_pretrained(str(src))
     model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32)
     calib, held = split_texts(dataset_rows(ctx), tok, cfg.calibration_samples, cfg.ppl_rows)
@@ -103,9 +103,9 @@ def quantize_awq(ctx: StepContext) -> StepOutput:
     from cogumi_tasks.models.nll import nll_stats
 
     cfg = compress_config(ctx).awq
-    src = ctx.fetch_dir(ctx.input("model"))
-    if not cfg.enabled:
+    if not cfg.enabled:  # before any download
         return StepOutput(files={}, metrics={"enabled": False})
+    src = ctx.fetch_dir(ctx.input("model"))
     tok = AutoTokenizer.from_pretrained(str(src))
     model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32)
     calib, held = split_texts(dataset_rows(ctx), tok, cfg.calibration_samples, compress_config(ctx).prune.ppl_rows)

@@ -40,9 +40,10 @@ def model_stats(model_dir: Path) -> dict:
             "vocab_size": cfg.get("vocab_size")}
 
 
-def pass_on(ctx: StepContext, uri: str, src: Path, name: str = "model") -> str:
-    """The output value for an unchanged model: the input's own S3 URI, or a copy of a local directory."""
+def pass_on(ctx: StepContext, uri: str, src: Path | None = None, name: str = "model") -> str:
+    """The output value for an unchanged model: the input's own S3 URI (nothing downloaded), or a copy of a
+    local directory (``src``, else the input's local directory)."""
     if uri.startswith("s3://"):
         return uri
-    shutil.copytree(src, ctx.out_dir / name)
+    shutil.copytree(src or ctx.fetch_dir(uri), ctx.out_dir / name)
     return f"{name}/"

@@ -236,11 +236,10 @@ def distill(ctx: StepContext) -> StepOutput:
     files = {"examples": "examples.jsonl", "rejected": "rejected.jsonl", "quarantine": "quarantine.jsonl",
              "mix": "mix.jsonl"}
     model_uri = ctx.input("model")
-    model_dir = ctx.fetch_dir(model_uri)
     if not kept:
         log.warning("distill: no new example survived the judge; the model is passed on untrained")
-        return StepOutput(files={**files, "model": pass_on(ctx, model_uri, model_dir)},
-                          metrics={**metrics, "trained": False})
+        return StepOutput(files={**files, "model": pass_on(ctx, model_uri)}, metrics={**metrics, "trained": False})
+    model_dir = ctx.fetch_dir(model_uri)
     sft_cfg = train_config(ctx).sft.model_copy(update={"lr": cfg.lr, "epochs": cfg.epochs, "max_steps": None})
     training = train_lora(ctx, model_dir, [{"prompt": r["prompt"], "response": r["response"]} for r in mix], sft_cfg)
     metrics.update(trained=True, training=training, **general_perplexity(model_dir, ctx.out_dir / "merged", general))
@@ -309,5 +308,5 @@ def publish(ctx: StepContext) -> StepOutput:
     fs, gs = comparison["failure_set"], comparison["general_set"]
     log.info("publish: failure set %s -> %s correct (n=%d); general set %s -> %s (n=%d)", fs["correct_before"],
              fs["correct_after"], fs["n"], gs["correct_before"], gs["correct_after"], gs["n"])
-    return StepOutput(files={"model": pass_on(ctx, model_uri, ctx.fetch_dir(model_uri)), "release": "release.json"},
+    return StepOutput(files={"model": pass_on(ctx, model_uri), "release": "release.json"},
                       metrics=comparison)

@@ -84,9 +84,9 @@ def vocab_trim(ctx: StepContext) -> StepOutput:
 
     cfg = train_config(ctx).vocab_trim
     src_uri = ctx.input("model")
+    if not cfg.enabled:  # before any download
+        return StepOutput(files={"model": pass_on(ctx, src_uri)}, metrics={"enabled": False, "used": "untrimmed"})
     src = ctx.fetch_dir(src_uri)
-    if not cfg.enabled:
-        return StepOutput(files={"model": pass_on(ctx, src_uri, src)}, metrics={"enabled": False, "used": "untrimmed"})
     tok = AutoTokenizer.from_pretrained(str(src))
     rows = dataset_rows(ctx)
     random.Random(0).shuffle(rows)
