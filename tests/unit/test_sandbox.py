@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
 import socket
 import statistics
+import tempfile
 import threading
 import time
 import uuid
@@ -172,7 +174,8 @@ def test_writes_outside_sandbox_fail() -> None:
     res = run_python(prog, FAST)
     assert not res.passed and res.reason == "exit:1"
     assert "WROTE" not in res.stdout and "filled" not in res.stdout and "tmp full" in res.stdout
-    assert "Read-only file system" in res.stderr or "PermissionError" in res.stderr
+    # the repository is not in the sandbox at all; were it bound, it would be read-only
+    assert any(e in res.stderr for e in ("FileNotFoundError", "Read-only file system", "PermissionError"))
     assert not any(p.exists() for p in host_files)
 
 
@@ -264,3 +267,61 @@ def test_overhead() -> None:
     overhead = statistics.median(times)
     print(f"sandbox overhead per run: {overhead * 1000:.0f} ms")
     assert overhead < 0.5
+
+
+@pytest.fixture
+def private_files(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]]:
+    """Files of the worker's user that a candidate must not reach: 0600 files in a temp dir and in the home
+    directory, and a world-readable file in a world-readable dir outside /tmp (readable by any uid, so only
+    the binds keep it out)."""
+    marker = _marker()
+    tmp = tmp_path_factory.mktemp("private")
+    shared = Path(tempfile.mkdtemp(prefix="cogumi-public-", dir="/var/tmp" if os.access("/var/tmp", os.W_OK) else None))
+    shared.chmod(0o755)
+    files = {"tmp": tmp / "secret.env", "home": Path.home() / f".cogumi-sandbox-{marker}", "public": shared / "x"}
+    for name, path in files.items():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644 if name == "public" else 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(f"SECRET-{marker}\n")
+    yield files
+    files["home"].unlink()
+    shutil.rmtree(shared)
+
+
+def test_files_of_the_worker_are_not_in_the_sandbox(private_files: dict[str, Path]) -> None:
+    content = private_files["tmp"].read_text().strip()
+    assert all(p.read_text().strip() == content for p in private_files.values())  # the host reads them all
+    paths = [str(p) for p in private_files.values()]
+    prog = (
+        "import os\n"
+        f"for p in {paths!r}:\n"
+        "    for what, fn in (('read', lambda: open(p).read()), ('list', lambda: os.listdir(os.path.dirname(p))),\n"
+        "                     ('stat', lambda: os.stat(p).st_size)):\n"
+        "        try:\n            print('LEAK', what, p, fn())\n"
+        "        except OSError as e:\n            print('contained', what, p, type(e).__name__)\n"
+    )
+    res = run_python(prog, FAST)
+    assert res.passed, res.stderr
+    assert content not in res.stdout and "LEAK" not in res.stdout
+    # not even there: the paths do not exist inside (a permission error would leave stat and list open)
+    assert sorted(res.stdout.splitlines()) == sorted(f"contained {what} {p} FileNotFoundError" for p in paths
+                                                     for what in ("read", "list", "stat"))
+
+
+def test_sandbox_holds_the_interpreter_and_its_stdlib_only() -> None:
+    prog = (
+        "import json, os, sys\n"
+        "print(json.dumps({'root': sorted(os.listdir('/')), 'etc': sorted(os.listdir('/etc')),\n"
+        "                  'exe': sys.executable}))\n"
+        "import decimal, hashlib, heapq, itertools, re, math, collections, fractions, string, statistics\n"
+        "for name in ('pytest', 'boto3', 'numpy', 'cogumi_tasks'):\n"
+        "    try:\n        __import__(name)\n        print('IMPORTED', name)\n"
+        "    except ImportError:\n        pass\n"
+    )
+    res = run_python(prog, FAST)
+    assert res.passed, res.stderr
+    seen = json.loads(res.stdout.splitlines()[0])
+    assert "IMPORTED" not in res.stdout  # no site-packages: neither the venv's nor the interpreter's
+    assert set(seen["root"]) <= {"usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32", "etc", "dev", "proc", "tmp",
+                                 seen["exe"].split("/")[1]}
+    assert seen["etc"] == ["ld.so.cache"]
