@@ -215,7 +215,7 @@ class EvalConfig(Strict):
     batch_size: int = 4
     hf_runtime: Literal["transformers", "llama_cpp"] = Field(
         "transformers", description="how an HF model directory is run: in transformers, or converted to an f16 "
-        "GGUF and run in llama.cpp (about 4.9x the decode speed on CPU: bench/serving.py)")
+        "GGUF and run in llama.cpp (faster on CPU: bench/serving.py, its figures in docs/phase2.md)")
     hf_pre_tokenizer: str | None = Field(None, description="llama_cpp: BPE pre-tokenizer for a trimmed vocabulary")
     bootstrap: int = 1000
     seed: int = 0
