@@ -1,8 +1,9 @@
 """One async client for every OpenAI-compatible teacher or judge.
 
-Bounded concurrency; retries with full-jitter exponential backoff on 429, 5xx, timeouts, connection
-errors and unparseable output; a response cache keyed by request hash (a retried or re-run step
-never pays twice); a cost-ledger row per paid call; the run budget checked before every network call.
+Bounded concurrency; retries (tenacity) with full-jitter exponential backoff on 429, 5xx, timeouts,
+connection errors and unparseable output, each fault counted by kind in ``stats``; a response cache keyed
+by request hash (a retried or re-run step never pays twice); a cost-ledger row per paid call; the run
+budget checked before every network call.
 
 Budget semantics of :meth:`LLMClient.chat_many`: once :class:`BudgetExceeded` is raised, no new
 request starts; requests in flight finish and are recorded (and cached); every request that did not
@@ -22,6 +23,8 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from typing import Any
+
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt
 
 from cogumi_tasks.core.config import EndpointConfig, LLMConfig
 from cogumi_tasks.core.ledger import BudgetExceeded, CostLedger, ResponseCache
@@ -211,43 +214,58 @@ class LLMClient:
         under the original request's key.
         """
         key = req.key(self.endpoint.model)
-        rejected = 0
-        sent = req
         cached = await asyncio.to_thread(self._from_cache, key, validate)
         if cached is not None:
             return cached
-        last = "no attempt"
+        rejected, sent = 0, req
         async with self._sem:
-            for attempt in range(self.llm.max_retries + 1):
-                await asyncio.to_thread(self.ledger.check_budget)
-                self.stats["calls"] += 1
-                try:
-                    text, p_tok, c_tok = await self._once(sent)
-                    parsed = None
-                    if validate:
-                        try:
-                            parsed = validate(text)
-                        except ValueError as exc:
-                            self.record_paid(key, p_tok, c_tok, False)
-                            rejected += 1
-                            sent = self.resample(req, rejected)
-                            raise _Retryable("unparseable", f"validation: {exc}") from None
-                    await asyncio.to_thread(self.store_result, key, text, p_tok, c_tok, False)
-                    return ChatResult(text, p_tok, c_tok, False, attempt + 1, key, parsed)
-                except _Retryable as exc:
-                    self.stats[exc.kind] += 1
-                    last = f"{exc.kind}: {exc}"
-                    if attempt == self.llm.max_retries:
-                        break
-                    self.stats["retries"] += 1
-                    delay = backoff_delay(attempt, self.llm.backoff_base_s, self.llm.backoff_max_s, self.rng)
-                    if exc.retry_after is not None:
-                        delay = max(delay, min(exc.retry_after, self.llm.backoff_max_s))
-                    log.debug("%s: %s; retry %d in %.2fs", self.endpoint.name, last, attempt + 1, delay)
-                    await asyncio.sleep(delay)
-        self.stats["failed"] += 1
-        raise LLMCallFailed(f"endpoint {self.endpoint.name}: gave up after {self.llm.max_retries + 1} attempts; "
-                            f"last {last}")
+            try:
+                async for attempt in self._retrying():
+                    with attempt:
+                        await asyncio.to_thread(self.ledger.check_budget)
+                        self.stats["calls"] += 1
+                        text, p_tok, c_tok = await self._once(sent)
+                        parsed = None
+                        if validate:
+                            try:
+                                parsed = validate(text)
+                            except ValueError as exc:
+                                self.record_paid(key, p_tok, c_tok, False)
+                                rejected += 1
+                                sent = self.resample(req, rejected)
+                                raise _Retryable("unparseable", f"validation: {exc}") from None
+                        await asyncio.to_thread(self.store_result, key, text, p_tok, c_tok, False)
+                        return ChatResult(text, p_tok, c_tok, False, attempt.retry_state.attempt_number, key, parsed)
+            except _Retryable as last:  # the last attempt's fault
+                self.stats["failed"] += 1
+                raise LLMCallFailed(f"endpoint {self.endpoint.name}: gave up after {self.llm.max_retries + 1} "
+                                    f"attempts; last {last.kind}: {last}") from None
+        raise AssertionError("unreachable: the retry loop returns or raises")
+
+    def _retrying(self) -> AsyncRetrying:
+        """Up to ``max_retries`` retries of a :class:`_Retryable` fault, each fault counted by kind; anything
+        else (BudgetExceeded, LLMCallFailed) is raised at once."""
+
+        def count(state: RetryCallState) -> None:
+            self.stats[state.outcome.exception().kind] += 1
+
+        def before_sleep(state: RetryCallState) -> None:
+            self.stats["retries"] += 1
+            exc = state.outcome.exception()
+            log.debug("%s: %s: %s; retry %d in %.2fs", self.endpoint.name, exc.kind, exc, state.attempt_number,
+                      state.upcoming_sleep)
+
+        return AsyncRetrying(stop=stop_after_attempt(self.llm.max_retries + 1),
+                             retry=retry_if_exception_type(_Retryable), wait=self._wait, after=count,
+                             before_sleep=before_sleep, reraise=True)
+
+    def _wait(self, state: RetryCallState) -> float:
+        """Full-jitter backoff, or the server's Retry-After when that is longer (both capped at backoff_max_s)."""
+        delay = backoff_delay(state.attempt_number - 1, self.llm.backoff_base_s, self.llm.backoff_max_s, self.rng)
+        retry_after = state.outcome.exception().retry_after
+        if retry_after is not None:
+            delay = max(delay, min(retry_after, self.llm.backoff_max_s))
+        return delay
 
     # ------------------------------------------------------------ many calls
     async def chat_many(self, reqs: list[ChatRequest], validate: Callable[[str], Any] | None = None,
