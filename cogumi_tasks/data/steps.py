@@ -10,16 +10,21 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, field_validator
 
 from cogumi_tasks.core.records import (
     Quarantine,
+    RecordError,
     check_error_rate,
     iter_jsonl_dicts,
     iter_records,
+    read_lines,
     write_jsonl,
 )
 from cogumi_tasks.core.steps import StepContext, StepFailed, StepOutput, step
@@ -195,22 +200,68 @@ def dedup_step(ctx: StepContext) -> StepOutput:
     from cogumi_tasks.data.dedup import dedup
 
     cfg = ctx.config.dataset.dedup
-    rows = [r for uri in ctx.input_list("scored") for r in iter_jsonl_dicts(ctx.fetch(uri))]
-    rows.sort(key=lambda r: r["id"])
-    texts = [dedup_text(r, cfg.field) for r in rows]
-    result = dedup(texts, [r["judge_score"] for r in rows], num_perm=cfg.num_perm,
-                   shingle_size=cfg.shingle_size, threshold=cfg.threshold, seed=cfg.seed, progress=True)
-    dropped = [{**rows[d], "duplicate_kind": "exact", "duplicate_of": rows[k]["id"], "jaccard": 1.0}
-               for d, k in result.exact_dropped]
-    dropped += [{**rows[d], "duplicate_kind": "near", "duplicate_of": rows[k]["id"], "jaccard": round(j, 4)}
-                for d, k, j in result.near_dropped]
-    write_jsonl(ctx.out("deduped.jsonl"), [rows[i] for i in result.keep])
-    write_jsonl(ctx.out("dropped.jsonl"), dropped)
+    with RowsById([ctx.fetch(uri) for uri in ctx.input_list("scored")]) as rows:  # rows streamed, not held
+        result = dedup(rows.mapped(lambda r: dedup_text(r, cfg.field)), rows.scores, num_perm=cfg.num_perm,
+                       shingle_size=cfg.shingle_size, threshold=cfg.threshold, seed=cfg.seed, progress=True)
+        dropped = [(d, k, "exact", 1.0) for d, k in result.exact_dropped]
+        dropped += [(d, k, "near", round(j, 4)) for d, k, j in result.near_dropped]
+        write_jsonl(ctx.out("deduped.jsonl"), map(rows.row, result.keep))
+        write_jsonl(ctx.out("dropped.jsonl"), ({**rows.row(d), "duplicate_kind": kind, "duplicate_of": rows.ids[k],
+                                                "jaccard": j} for d, k, kind, j in dropped))
     return StepOutput(
         files={"deduped": "deduped.jsonl", "dropped": "dropped.jsonl"},
-        metrics={"records_in": len(rows), "exact_duplicates": len(result.exact_dropped),
+        metrics={"records_in": len(rows.ids), "exact_duplicates": len(result.exact_dropped),
                  "near_duplicates": len(result.near_dropped), "records_out": len(result.keep)},
     )
+
+
+class RowsById:
+    """The rows of JSONL files this project wrote, in id order, re-readable without being held:
+    one pass keeps each row's id, judge score, file and byte offset; a row is read again by offset.
+    A context manager (it keeps the files open)."""
+
+    def __init__(self, paths: list[Path]) -> None:
+        index = []
+        for f, path in enumerate(paths):
+            for line in read_lines(path):
+                if line.text is None:
+                    raise RecordError(f"{path}:{line.number}: {line.problem}")
+                try:
+                    row = json.loads(line.text)
+                except json.JSONDecodeError as exc:
+                    raise RecordError(f"{path}:{line.number}: invalid JSON: {exc.msg}") from None
+                index.append((row["id"], f, line.offset, float(row["judge_score"])))
+        index.sort()
+        self.ids = [x[0] for x in index]
+        self.scores = [x[3] for x in index]
+        self._at = [(x[1], x[2]) for x in index]
+        self._files = ExitStack()
+        self._open = [self._files.enter_context(open(p, "rb")) for p in paths]
+
+    def __enter__(self) -> RowsById:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._files.close()
+
+    def row(self, i: int) -> dict:
+        """The i-th row in id order."""
+        f, offset = self._at[i]
+        self._open[f].seek(offset)
+        return json.loads(self._open[f].readline())
+
+    def mapped(self, fn: Callable[[dict], str]) -> Iterable[str]:
+        """``fn`` of every row in id order, re-iterable: each iteration is a new pass over the files."""
+        return _Mapped(self, fn)
+
+
+@dataclass(frozen=True)
+class _Mapped:
+    rows: RowsById
+    fn: Callable[[dict], str]
+
+    def __iter__(self) -> Iterator[str]:
+        return (self.fn(self.rows.row(i)) for i in range(len(self.rows.ids)))
 
 
 def dedup_text(row: dict, field: str) -> str:

@@ -198,3 +198,29 @@ def test_one_shot_iterator_and_score_count_refused() -> None:
         dedup(["a", "b"], iter([1.0]))
     with pytest.raises(ValueError, match="more scores"):
         dedup(["a", "b"], [1.0, 2.0, 3.0])
+
+
+def test_dedup_step_streams_rows_in_id_order(s3_server, store_for, tmp_path) -> None:
+    """The step reads two shards out of id order, keeps the best-scored record of each group and
+    writes the survivors in id order; dropped rows name the kept id."""
+    import json
+
+    from cogumi_tasks.core.config import load_config
+    from cogumi_tasks.core.steps import run_step
+
+    base = doc(70, 80)
+    answers = {"a1": " ".join(base), "a2": " ".join(edit(base, 71, 1)), "a3": " ".join(base).upper(),
+               "b1": " ".join(doc(72)), "b2": " ".join(doc(73))}
+    scores = {"a1": 5, "a2": 9, "a3": 7, "b1": 3, "b2": 3}
+    rows = {i: {"id": i, "prompt": "p", "response": t, "judge_score": scores[i], "domain": "general"}
+            for i, t in answers.items()}
+    shards = [tmp_path / "s0.jsonl", tmp_path / "s1.jsonl"]
+    shards[0].write_text("".join(json.dumps(rows[i]) + "\n" for i in ("b2", "a3", "a1")))
+    shards[1].write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(rows[i]) + "\n" for i in ("b1", "a2")).encode())
+    cfg = load_config("tiny", {"name": "t-dedup-step", "dataset.dedup.field": "response"})
+    res = run_step("data.dedup", cfg, {"scored": [str(p) for p in shards]}, store=store_for(cfg))
+    read = lambda name: [json.loads(x) for x in store_for(cfg).get_bytes(res.outputs[name]).decode().splitlines()]  # noqa: E731
+    assert read("deduped") == [rows["a2"], rows["b1"], rows["b2"]]
+    dropped = {r["id"]: (r["duplicate_kind"], r["duplicate_of"]) for r in read("dropped")}
+    assert dropped == {"a1": ("exact", "a3"), "a3": ("near", "a2")}  # a3 (7) beats a1 (5), a2 (9) beats a3
+    assert res.metrics == {"records_in": 5, "exact_duplicates": 1, "near_duplicates": 1, "records_out": 3}
