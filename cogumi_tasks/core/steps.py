@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cogumi_tasks.core.artifacts import ArtifactStore, join_uri, sha256_dir, sha256_file, sha256_json
+from cogumi_tasks.core.artifacts import ArtifactError, ArtifactStore, join_uri, sha256_dir, sha256_file, sha256_json
 from cogumi_tasks.core.config import PipelineConfig, config_dir
 from cogumi_tasks.core.view import ConfigView, check_reads, file_refs, view_values
 
@@ -275,11 +275,14 @@ def config_file_digest(value: str, store: ArtifactStore | None) -> str:
     """The content digest of a file a config names: an ``s3://`` object's from its producer's manifest (else
     its ETag), a local file's or directory's sha256 (relative paths are in the configs folder), a bundled
     ``builtin:`` resource's sha256, an installed ``package:``'s version. Anything else (a packaged model
-    pinned in requirements.lock, a hub name) is keyed by its name."""
+    pinned in requirements.lock, a hub name, a file that is not there) is keyed by its name."""
     if value.startswith("s3://"):
         if store is None:
             raise ValueError(f"{value}: digesting an s3:// file named in config needs an artifact store")
-        return store.digest(value)
+        try:
+            return store.digest(value)
+        except ArtifactError:  # not there (yet): a step that needs it fails saying so; one that does not, runs
+            return "missing:" + value
     if value.startswith("package:"):
         from importlib.metadata import PackageNotFoundError, packages_distributions, version
 

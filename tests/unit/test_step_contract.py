@@ -9,6 +9,7 @@ import textwrap
 
 import pytest
 
+from cogumi_tasks.core.artifacts import ArtifactError
 from cogumi_tasks.core.config import load_config
 from cogumi_tasks.core.steps import (
     REGISTRY,
@@ -17,6 +18,7 @@ from cogumi_tasks.core.steps import (
     all_steps,
     cache_key,
     check_outputs,
+    config_file_digests,
     get_step,
     run_step,
     step,
@@ -99,6 +101,13 @@ def test_s3_file_named_in_config_is_digested_through_the_store():
     assert cache_key(spec, cfg, {}, {}, store=Store("sha256:" + "b" * 64)) != first
     with pytest.raises(ValueError, match="needs an artifact store"):
         cache_key(spec, cfg, {}, {})
+
+    class Empty:
+        def digest(self, uri: str) -> str:
+            raise ArtifactError(f"input {uri} does not exist")
+
+    # a configured file that is not there (e.g. eval.student.path when a DAG passes the model) does not stop the key
+    assert config_file_digests(spec, cfg, Empty())["eval.suites.2.source"] == "missing:s3://b/suites/mmlu.jsonl"
 
 
 def test_code_change_changes_the_key(tmp_path, monkeypatch):
