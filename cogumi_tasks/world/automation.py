@@ -16,23 +16,26 @@ from cogumi_tasks.world.base import Family, Instance
 
 # slot -> values (strings) or ("int", lo, hi, step)
 SLOTS: dict[str, tuple] = {
-    "city": ("Lisbon", "Oslo", "Cairo", "Lima", "Tokyo", "Paris", "Denver", "Nairobi"),
+    "city": ("Lisbon", "Oslo", "Cairo", "Lima", "Tokyo", "Paris", "Denver", "Nairobi", "Seoul", "Dublin", "Quito",
+             "Perth"),
     "unit": ("celsius", "fahrenheit"),
     "minutes": ("int", 1, 60, 1),
-    "label": ("tea", "pasta", "laundry", "workout", "nap"),
-    "to": ("bob@example.com", "ana@example.com", "team@example.com", "li@example.org"),
-    "subject": ("Lunch", "Invoice", "Meeting", "Report", "Party", "Update"),
-    "song": ("Blue Sky", "Night Drive", "Summer Rain", "Golden Hour", "Paper Moon"),
-    "artist": ("The Owls", "Mira Lane", "DJ Cobalt", "Sunny Hill"),
+    "label": ("tea", "pasta", "laundry", "workout", "nap", "eggs", "bread", "parking"),
+    "to": ("bob@example.com", "ana@example.com", "team@example.com", "li@example.org", "sam@example.net",
+           "hr@example.com"),
+    "subject": ("Lunch", "Invoice", "Meeting", "Report", "Party", "Update", "Holiday", "Budget"),
+    "song": ("Blue Sky", "Night Drive", "Summer Rain", "Golden Hour", "Paper Moon", "Slow River", "Neon Lights"),
+    "artist": ("The Owls", "Mira Lane", "DJ Cobalt", "Sunny Hill", "Red Canyon"),
     "amount": ("int", 5, 500, 5),
     "from": ("USD", "EUR", "GBP", "JPY", "CHF"),
     "currency": ("USD", "EUR", "GBP", "JPY", "CHF"),
-    "task": ("buy milk", "call the plumber", "pay rent", "water the plants", "book a dentist visit"),
-    "time": tuple(f"{h:02d}:{m:02d}" for h in range(5, 10) for m in (0, 15, 30, 45)),
-    "name": ("Maria", "Tom", "Priya", "Chen", "Sofia", "Luke"),
-    "text": ("good morning", "thank you", "where is the station", "see you soon"),
-    "language": ("French", "German", "Spanish", "Italian", "Portuguese"),
-    "room": ("kitchen", "bedroom", "office", "hallway", "garage"),
+    "task": ("buy milk", "call the plumber", "pay rent", "water the plants", "book a dentist visit",
+             "renew my passport", "clean the garage", "send the invoice", "walk the dog", "fix the bike"),
+    "time": tuple(f"{h:02d}:{m:02d}" for h in range(5, 11) for m in (0, 15, 30, 45)),
+    "name": ("Maria", "Tom", "Priya", "Chen", "Sofia", "Luke", "Amara", "Diego", "Yuki", "Noah"),
+    "text": ("good morning", "thank you", "where is the station", "see you soon", "how much is this", "good night"),
+    "language": ("French", "German", "Spanish", "Italian", "Portuguese", "Dutch"),
+    "room": ("kitchen", "bedroom", "office", "hallway", "garage", "bathroom", "attic"),
     "brightness": ("int", 10, 100, 10),
 }
 # tool -> (description, [(argument, slot, type, required)], [(request template, [arguments it sets])])
@@ -103,6 +106,7 @@ def tool_schema(tool: str) -> dict:
 class ToolCalls(Family):
     name = "tool_call"
     domain = "automation"
+    key_ignores = ("tools",)  # the same request with other distractors is the same task
 
     def sample_params(self, rng: random.Random) -> dict:
         tool = rng.choice(tuple(TOOLS))

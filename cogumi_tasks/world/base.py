@@ -49,9 +49,14 @@ def canonical_json(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"))
 
 
+_KEY_IGNORES: dict[str, tuple[str, ...]] = {}  # family -> parameters that do not make another task
+
+
 def task_key(family: str, params: dict) -> str:
-    """The identity of a task regardless of its wording: two paraphrases of one task share it."""
-    return f"{family}:{canonical_json(params)}"
+    """The identity of a task regardless of its wording: two paraphrases of one task share it (and so do two
+    tool calls that differ only in the distractor tools listed with them)."""
+    ignored = _KEY_IGNORES.get(family, ())
+    return f"{family}:{canonical_json({k: v for k, v in params.items() if k not in ignored})}"
 
 
 class Family:
@@ -59,6 +64,11 @@ class Family:
 
     name: ClassVar[str]
     domain: ClassVar[str]
+    key_ignores: ClassVar[tuple[str, ...]] = ()  # parameters left out of the task key
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        _KEY_IGNORES[cls.name] = cls.key_ignores
 
     def sample_params(self, rng: random.Random) -> dict:
         """Parameters of one task (JSON data)."""

@@ -2,8 +2,8 @@
 
 "Write a Python function `sum_squares_even(xs)` that returns the sum of the squares of the even numbers in xs."
 The reference is a fenced one-liner (``return sum(x * x for x in xs if x % 2 == 0)``). Hidden tests are lists of
-small integers; they are drawn so that every near-miss (one component changed: another filter, map or reduce) that
-differs from the task on some list fails at least one of them. Answers run in the bubblewrap sandbox
+small integers; they are drawn so that every near miss (one component changed: another filter, map or reduce) that
+differs from the task on one of up to 200 random lists fails at least one of them. Answers run in the bubblewrap sandbox
 (:mod:`cogumi_tasks.eval.sandbox`); several answers can share one sandboxed program (``batch``), which is only
 fair when the answers are trusted not to interfere with each other (a reference self-check, not model output).
 """

@@ -165,6 +165,13 @@ def test_split_and_exclude_keep_held_out_tasks_out_of_training(instances):
     rewording = next(p for s in range(50) if (p := fam.render(held[0].params, random.Random(s))) != held[0].prompt)
     with pytest.raises(ValueError, match="overlap the held-out set"):
         assert_disjoint([fam.make(held[0].params, rewording)], held)
+    # so does the same tool request listed with other distractor tools
+    call = generate("tool_call", 1, seed=1)[0]
+    tools = FAMILIES["tool_call"]
+    others = [t for t in ("add_todo", "set_alarm", "call_contact", "get_weather") if t != call.params["tool"]][:2]
+    moved = {**call.params, "tools": [call.params["tool"], *others]}
+    with pytest.raises(ValueError, match="overlap the held-out set"):
+        assert_disjoint([tools.make(moved, tools.render(moved, random.Random(0)))], [call])
     dup = [held[0], fam.make(held[0].params, rewording), *generate("word_arith", 20, seed=2)]
     train, kept = split(dup, 1, seed=0)
     assert_disjoint(train, kept)
