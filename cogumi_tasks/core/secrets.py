@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 SECRET_NAME_PARTS = ("KEY", "TOKEN", "SECRET", "PASSWORD")
+PUBLIC_NAME_SUFFIXES = ("_ID",)  # AWS_ACCESS_KEY_ID: an identifier (printed in presigned URLs), not a secret
 MIN_LENGTH = 8
 MASK = "***"
 
@@ -31,7 +32,7 @@ _values: set[str] = set()
 
 def looks_secret(name: str) -> bool:
     """Whether an environment variable's name says it holds a secret (``OPENAI_API_KEY``, ``HF_TOKEN``)."""
-    return bool(_SECRET_NAME.search(name))
+    return bool(_SECRET_NAME.search(name)) and not name.upper().endswith(PUBLIC_NAME_SUFFIXES)
 
 
 def register_env_names(names: Iterable[str]) -> None:

@@ -6,7 +6,8 @@ upstream's answer, one of: 429 (Retry-After: 0), 500, a hang longer than the cli
 request body and how many times that body was seen before, so which calls fail is the same whatever
 order concurrent calls arrive in. A ``plan`` (fault kinds) fails the first calls to arrive with those
 faults, in that order, before any draw: the totals are then exact whatever the timing. At 0% and no
-plan it is a request counter. ``GET /_stats`` returns the counts, ``POST /_reset`` zeroes them.
+plan it is a request counter. ``GET /_stats`` returns the counts (and, under ``bearers``, how many requests
+carried each Bearer token, by the token's sha256: never the token), ``POST /_reset`` zeroes them.
 
     python -m tests.servers.fault_proxy --upstream http://127.0.0.1:8080 --port 9000 --fault-rate 0.2
 """
@@ -42,7 +43,7 @@ def build_app(upstream: str, fault_rate: float, seed: int, hang_s: float, plan: 
     if unknown:
         raise ValueError(f"unknown fault kinds in the plan: {sorted(unknown)}; known: {FAULTS}")
     seen: dict[str, int] = {}
-    stats: dict = {"requests": 0, "forwarded": 0, "in_flight": 0, "faults": {k: 0 for k in FAULTS}}
+    stats: dict = {"requests": 0, "forwarded": 0, "in_flight": 0, "faults": {k: 0 for k in FAULTS}, "bearers": {}}
     client = httpx.AsyncClient(base_url=upstream, timeout=600)
 
     async def get_stats(request: Request) -> Response:
@@ -50,12 +51,16 @@ def build_app(upstream: str, fault_rate: float, seed: int, hang_s: float, plan: 
 
     async def reset(request: Request) -> Response:
         seen.clear()
-        stats.update({"requests": 0, "forwarded": 0, "in_flight": 0, "faults": {k: 0 for k in FAULTS}})
+        stats.update({"requests": 0, "forwarded": 0, "in_flight": 0, "faults": {k: 0 for k in FAULTS}, "bearers": {}})
         return JSONResponse(stats)
 
     async def proxy(request: Request) -> Response:
         path = request.url.path
         body = await request.body()
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() == "bearer" and token:
+            digest = hashlib.sha256(token.encode()).hexdigest()
+            stats["bearers"][digest] = stats["bearers"].get(digest, 0) + 1
         if path.endswith("/chat/completions"):
             stats["requests"] += 1
             digest = hashlib.sha256(_canonical(body)).hexdigest()

@@ -25,7 +25,7 @@ def test_secret_looking_names(name: str) -> None:
     assert secrets.looks_secret(name)
 
 
-@pytest.mark.parametrize("name", ["COGUMI_LLM_URL", "COGUMI_S3_ENDPOINT", "AWS_REGION", "HOME"])
+@pytest.mark.parametrize("name", ["COGUMI_LLM_URL", "COGUMI_S3_ENDPOINT", "AWS_REGION", "HOME", "AWS_ACCESS_KEY_ID"])
 def test_plain_names(name: str) -> None:
     assert not secrets.looks_secret(name)
 
