@@ -12,13 +12,14 @@ import logging
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
-from cogumi_tasks.core.config import ConfigError, load_config, parse_set_flags
+from cogumi_tasks.core.config import ConfigError, PipelineConfig, load_config, parse_set_flags
 from cogumi_tasks.core.secrets import install_log_filter
 
 
 def _parse_inputs(pairs: list[str], inputs_json: str | None) -> dict:
-    inputs: dict = json.loads(inputs_json) if inputs_json else {}
+    inputs = _json_object("--inputs-json", inputs_json)
     for pair in pairs:
         name, sep, value = pair.partition("=")
         if not sep:
@@ -31,15 +32,64 @@ def _parse_inputs(pairs: list[str], inputs_json: str | None) -> dict:
     return inputs
 
 
+def json_arg(flag: str, text: str) -> Any:
+    """The value of a JSON command-line argument; malformed JSON is a ConfigError naming the flag."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{flag}: not JSON ({exc.msg} at column {exc.colno}): {text[:80]!r}; a string value "
+                          "needs double quotes") from None
+
+
+def _json_object(flag: str, text: str | None) -> dict:
+    value = json_arg(flag, text) if text else {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{flag}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def run_step_argv(step: str, *, config_name: str, run_id: str, inputs: dict, params: dict, overrides: dict,
+                  output_json: str | None = None) -> list[str]:
+    """The ``cogumi run-step`` command line for exactly these values (what a pod or remote worker runs).
+
+    Inputs, params and config overrides each travel as one JSON object, decoded by :func:`step_call`,
+    so the command sees the same types as an in-process run (``True``, ``None``, ``"007"``, ``1.0``)
+    and computes the same cache key."""
+    argv = ["cogumi", "run-step", step, "--config", config_name, "--run-id", run_id,
+            "--inputs-json", json.dumps(inputs), "--set-json", json.dumps(overrides),
+            "--params-json", json.dumps(params)]
+    return argv + (["--output-json", output_json] if output_json else [])
+
+
+def step_call(args: argparse.Namespace) -> tuple[PipelineConfig, dict, dict]:
+    """The config, inputs and params a ``run-step`` command line asks for.
+
+    ``--set KEY=VALUE`` values are read as YAML scalars, like any override; ``--param KEY=VALUE``
+    values are JSON (a string in double quotes); ``--set-json`` / ``--params-json`` objects are taken
+    as they are and win over single flags."""
+    overrides = {**parse_set_flags(args.set), **_json_object("--set-json", args.set_json)}
+    params = {}
+    for pair in args.param:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise ConfigError(f"--param {pair!r}: expected KEY=VALUE")
+        params[key.strip()] = json_arg(f"--param {pair}", value)
+    params.update(_json_object("--params-json", args.params_json))
+    return load_config(args.config, overrides), _parse_inputs(args.input, args.inputs_json), params
+
+
+def step_payload(result: Any) -> dict[str, Any]:
+    """What a step run hands downstream (XCom, ``--output-json``): its manifest URI, whether it was a
+    cached result, and each output's URI(s)."""
+    return {"manifest": result.manifest_uri, "skipped": result.skipped, **result.outputs}
+
+
 def cmd_run_step(args: argparse.Namespace) -> int:
     from cogumi_tasks.core.steps import run_step
 
-    config = load_config(args.config, parse_set_flags(args.set))
-    params = {k: json.loads(v) if v[:1] in "[{0123456789-" else v for k, v in parse_set_flags(args.param).items()}
-    result = run_step(args.step, config, _parse_inputs(args.input, args.inputs_json), params=params,
-                      run_id=args.run_id, force=args.force)
-    payload = {"manifest": result.manifest_uri, "skipped": result.skipped, **result.outputs}
-    text = json.dumps(payload, indent=1)
+    config, inputs, params = step_call(args)
+    result = run_step(args.step, config, inputs, params=params, run_id=args.run_id, force=args.force)
+    text = json.dumps(step_payload(result), indent=1)
     if args.output_json:
         Path(args.output_json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output_json).write_text(text)
@@ -125,7 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     r.add_argument("--input", action="append", default=[], metavar="NAME=URI", help="repeat a name for a list")
     r.add_argument("--inputs-json", help="all inputs as one JSON object")
-    r.add_argument("--param", action="append", default=[], metavar="KEY=VALUE")
+    r.add_argument("--set-json", metavar="JSON", help="config overrides as one JSON object {dotted key: value}")
+    r.add_argument("--param", action="append", default=[], metavar="KEY=JSON", help='a step param, e.g. n=3 or '
+                   'tag=\'"a"\'')
+    r.add_argument("--params-json", metavar="JSON", help="all step params as one JSON object")
     r.add_argument("--run-id", default="manual")
     r.add_argument("--output-json", help="also write the outputs here (e.g. /airflow/xcom/return.json)")
     r.add_argument("--force", action="store_true", help="run even if a cached result exists")

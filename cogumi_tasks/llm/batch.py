@@ -9,6 +9,11 @@ Fallback: a request whose batch line failed (non-200, error, missing from the ou
 failed/expired/cancelled), whose answer fails ``validate``, or that is not in the resumed batch's
 custom_ids goes through :meth:`LLMClient.chat_many` (the normal, undiscounted path with retries).
 Budget: checked once before creating a batch; if spent, the uncached requests get BudgetExceeded.
+
+Waiting: by default the batch is polled here until done (``llm.batch_poll_s``, ``llm.batch_timeout_s``).
+Inside :func:`deferring` (how the Airflow operator runs a step) a batch that is not done raises
+:class:`BatchPending` instead, once its state is stored: the operator waits on a trigger that calls
+:func:`poll_batch`, then runs the step again, which finds the state and the finished batch.
 """
 
 from __future__ import annotations
@@ -18,10 +23,13 @@ import io
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 from cogumi_tasks.core.artifacts import ArtifactStore
+from cogumi_tasks.core.config import EndpointConfig
 from cogumi_tasks.core.ledger import BudgetExceeded
 from cogumi_tasks.llm.client import ChatRequest, ChatResult, LLMCallFailed, LLMClient
 
@@ -29,6 +37,30 @@ log = logging.getLogger("cogumi.llm")
 
 DONE = {"completed", "failed", "expired", "cancelled"}
 CHAT_URL = "/v1/chat/completions"
+
+_DEFER: ContextVar[bool] = ContextVar("cogumi_defer_batches", default=False)
+
+
+class BatchPending(BaseException):
+    """A submitted batch is not done and waiting was deferred (see :func:`deferring`).
+
+    Like Airflow's TaskDeferred it derives from BaseException: it is no failure, so ``except Exception``
+    (a step's failure record, a caller's error handling) lets it through to whoever defers."""
+
+    def __init__(self, endpoint: EndpointConfig, batch_id: str, state_uri: str, status: str) -> None:
+        super().__init__(f"{endpoint.name}: batch {batch_id} is {status} (state at {state_uri})")
+        self.endpoint, self.batch_id, self.state_uri, self.status = endpoint, batch_id, state_uri, status
+
+
+@contextmanager
+def deferring() -> Iterator[None]:
+    """Within this block (and the event loops it starts) a batch that is not done raises
+    :class:`BatchPending` instead of being polled in this process."""
+    token = _DEFER.set(True)
+    try:
+        yield
+    finally:
+        _DEFER.reset(token)
 
 
 def batch_jsonl(client: LLMClient, reqs: list[ChatRequest]) -> bytes:
@@ -51,36 +83,54 @@ async def _submit(client: LLMClient, reqs: list[ChatRequest], state_uri: str, st
     return state
 
 
-async def _wait(client: LLMClient, batch_id: str, state_uri: str) -> Any:
-    """Poll until the batch is done; transient errors while polling are logged and polled again."""
+async def batch_status(openai_client: Any, batch_id: str, *, name: str, source: str) -> Any | None:
+    """The batch as the endpoint reports it now, or None after a transient error (logged)."""
     import openai
 
-    name = client.endpoint.name
-    deadline = time.monotonic() + client.llm.batch_timeout_s
+    try:
+        return await openai_client.batches.retrieve(batch_id)
+    except openai.NotFoundError:
+        raise LLMCallFailed(f"{name}: batch {batch_id} (from {source}) is unknown to {openai_client.base_url}; "
+                            "delete that state object to submit a new batch") from None
+    except (openai.APIConnectionError, openai.APITimeoutError, openai.InternalServerError,
+            openai.RateLimitError) as exc:
+        log.warning("%s: polling batch %s failed (%s); trying again", name, batch_id, type(exc).__name__)
+        return None
+
+
+async def poll_batch(openai_client: Any, batch_id: str, *, name: str, source: str, poll_s: float,
+                     timeout_s: float | None = None, progress: bool = True) -> Any:
+    """Poll until the batch is done and return it; transient errors are logged and polled again.
+    Past ``timeout_s`` (None: no limit) LLMCallFailed says a re-run resumes polling."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
     last_status = None
     while True:
-        try:
-            batch = await client.openai.batches.retrieve(batch_id)
-        except openai.NotFoundError:
-            raise LLMCallFailed(f"{name}: batch {batch_id} (from {state_uri}) is unknown to {client.endpoint.base_url};"
-                                " delete that state object to submit a new batch") from None
-        except (openai.APIConnectionError, openai.APITimeoutError, openai.InternalServerError,
-                openai.RateLimitError) as exc:
-            log.warning("%s: polling batch %s failed (%s); trying again", name, batch_id, type(exc).__name__)
-            batch = None
+        batch = await batch_status(openai_client, batch_id, name=name, source=source)
         if batch is not None:
-            counts = batch.request_counts
-            if batch.status != last_status or client.progress:
+            if batch.status != last_status or progress:
+                counts = batch.request_counts
                 log.info("%s: batch %s %s (%s/%s done, %s failed)", name, batch_id, batch.status,
                          getattr(counts, "completed", "?"), getattr(counts, "total", "?"),
                          getattr(counts, "failed", "?"))
                 last_status = batch.status
             if batch.status in DONE:
                 return batch
-        if time.monotonic() > deadline:
-            raise LLMCallFailed(f"{name}: batch {batch_id} not done after {client.llm.batch_timeout_s:.0f}s; "
+        if deadline is not None and time.monotonic() > deadline:
+            raise LLMCallFailed(f"{name}: batch {batch_id} not done after {timeout_s:.0f}s; "
                                 "a re-run resumes polling it")
-        await asyncio.sleep(client.llm.batch_poll_s)
+        await asyncio.sleep(poll_s)
+
+
+async def _wait(client: LLMClient, state: dict, state_uri: str) -> Any:
+    """The finished batch: polled here, or (inside :func:`deferring`) BatchPending unless it is done now."""
+    name, batch_id = client.endpoint.name, state["batch_id"]
+    if not _DEFER.get():
+        return await poll_batch(client.openai, batch_id, name=name, source=state_uri, poll_s=client.llm.batch_poll_s,
+                                timeout_s=client.llm.batch_timeout_s, progress=client.progress)
+    batch = await batch_status(client.openai, batch_id, name=name, source=state_uri)
+    if batch is None or batch.status not in DONE:
+        raise BatchPending(client.endpoint, batch_id, state_uri, batch.status if batch is not None else "unknown")
+    return batch
 
 
 async def _read_lines(client: LLMClient, file_id: str | None) -> dict[str, dict]:
@@ -138,7 +188,7 @@ async def run_batch(client: LLMClient, reqs: list[ChatRequest], *, state_uri: st
         state = await _submit(client, [reqs[i] for i in todo], state_uri, store)
     else:
         log.info("%s: resuming batch %s from %s", client.endpoint.name, state["batch_id"], state_uri)
-    batch = await _wait(client, state["batch_id"], state_uri)
+    batch = await _wait(client, state, state_uri)
     rows = await _read_lines(client, batch.output_file_id)
     rows.update({k: v for k, v in (await _read_lines(client, batch.error_file_id)).items() if k not in rows})
 

@@ -1,53 +1,25 @@
-"""CogumiHook: config loading, secrets from Airflow connections, and the three ways to run a step."""
+"""CogumiHook: a thin client of the cogumi library for the operator.
+
+It loads the run's config, turns the Airflow connections the config names into environment variables
+(or, for a pod, Kubernetes secrets), runs a step in this process, and writes the ``cogumi run-step``
+command a pod runs. XCom, Assets and deferral are the operator's (:mod:`cogumi_provider.operators`).
+"""
 
 from __future__ import annotations
 
-import json
 import os
-import shlex
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 from airflow.sdk import BaseHook
 
-from cogumi_tasks.core.config import PipelineConfig, load_config
+from cogumi_tasks.core.config import ConfigError, PipelineConfig, load_config
 from cogumi_tasks.core.secrets import install_log_filter, register_connection, register_values, secret_values
-
-XCOM_RETURN = "/airflow/xcom/return.json"
-
-
-def plain_inputs(inputs: dict[str, Any]) -> dict[str, str | list[str]]:
-    """Rendered inputs as plain URIs (lazy XCom sequences of mapped tasks become lists)."""
-    out: dict[str, str | list[str]] = {}
-    for name, value in inputs.items():
-        if value is None:
-            continue
-        out[name] = value if isinstance(value, str) else [str(v) for v in value]
-    return out
-
-
-def asset_output(context: Any, operator: Any, ref: str) -> str | list[str]:
-    """``"<asset name>:<output>"``: that output of the newest event of the task's inlet Asset of that name
-    (what an earlier phase published)."""
-    asset_name, _, output = ref.partition(":")
-    inlet = next((a for a in getattr(operator, "inlets", None) or [] if getattr(a, "name", None) == asset_name), None)
-    if inlet is None or not output:
-        raise ValueError(f"{operator.task_id}: asset input {ref!r} needs the form '<asset>:<output>' and an inlet "
-                         f"Asset of that name on the task")
-    events = list(context["inlet_events"][inlet])
-    if not events:
-        raise ValueError(f"{operator.task_id}: Asset {asset_name} has no event yet: run the DAG that publishes it "
-                         "first, or pass the input as a param")
-    outputs = (events[-1].extra or {}).get("outputs", {})
-    if output not in outputs:
-        raise ValueError(f"{operator.task_id}: the newest {asset_name} event has no output {output!r} "
-                         f"(has {sorted(outputs)})")
-    return outputs[output]
 
 
 class CogumiHook(BaseHook):
-    """Loads the run's config and runs a step locally or in a Kubernetes pod.
+    """The run's config, its secrets, a step run in this process, and the command a pod runs.
 
     :param config_name: config in configs/ or a YAML path
     :param overrides: dotted config keys -> values
@@ -106,88 +78,47 @@ class CogumiHook(BaseHook):
                 else:
                     os.environ[k] = v
 
-    # ------------------------------------------------------------ running
-    def run_step(self, step: str, inputs: dict[str, Any], params: dict[str, Any], *, context: Any,
-                 operator: Any) -> dict[str, Any]:
-        """Run (or reuse) the step where the config places it; push outputs to XCom; return them."""
-        config = self.get_config()
-        inputs = plain_inputs(inputs)
-        for name, output in (getattr(operator, "asset_inputs", None) or {}).items():
-            if not inputs.get(name):
-                inputs[name] = asset_output(context, operator, output)
-        run_id = context["run_id"]
-        target = config.compute.target(step)
-        if target == "gpu_queue" and operator.queue != config.compute.gpu_queue:
-            raise RuntimeError(
-                f"{step}: config {config.name} places it on queue {config.compute.gpu_queue!r}, but this task "
-                f"was parsed onto queue {operator.queue!r}; deploy with COGUMI_CONFIG={self.config_name}"
-            )
-        if target == "kubernetes":
-            pod = self.pod_operator(step, inputs, params, run_id, config, task_id=operator.task_id)
-            payload = pod.execute(context)
-        else:
-            from cogumi_tasks.core.steps import run_step
-
-            with self._environ(self.secret_env(config)):
-                self.mask_secrets()
-                result = run_step(step, config, inputs, params=params, run_id=run_id)
-            payload = {"manifest": result.manifest_uri, "skipped": result.skipped, **result.outputs}
-        for key, value in payload.items():
-            if key not in ("return_value",):
-                context["ti"].xcom_push(key=key, value=value)
-        for outlet in getattr(operator, "outlets", []) or []:
-            context["outlet_events"][outlet].extra = {
-                "manifest": payload["manifest"], "run_id": run_id,
-                "outputs": {k: v for k, v in payload.items() if k not in ("manifest", "skipped")},
-            }
-        return payload
-
-    def command(self, step: str, inputs: dict, params: dict, run_id: str) -> list[str]:
-        """The ``cogumi run-step`` command line a pod or remote worker runs."""
-        cmd = ["cogumi", "run-step", step, "--config", self.config_name, "--run-id", run_id,
-               "--inputs-json", json.dumps(inputs, sort_keys=True), "--output-json", XCOM_RETURN]
-        for key, value in sorted(self.overrides.items()):
-            if value is not None and value != "":
-                cmd += ["--set", f"{key}={value}"]
-        for key, value in sorted(params.items()):
-            cmd += ["--param", f"{key}={json.dumps(value) if not isinstance(value, str) else value}"]
-        return cmd
-
-    def pod_operator(self, step: str, inputs: dict, params: dict, run_id: str, config: PipelineConfig,
-                     task_id: str) -> Any:
-        """A KubernetesPodOperator for the step: GPU limits, node selector, tolerations, secrets as env."""
-        from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+    def pod_secrets(self, config: PipelineConfig) -> list[Any]:
+        """The pod's secret environment: each variable ``compute.kubernetes.secret_env`` lists, from its
+        Kubernetes secret. A pod cannot read Airflow connections, so every key the config takes from one
+        (an endpoint's ``conn_id``, ``storage.aws_conn_id``) must be among them: else a ConfigError names
+        the endpoint and what to set."""
         from airflow.providers.cncf.kubernetes.secret import Secret
-        from kubernetes.client import models as k8s
 
         kube = config.compute.kubernetes
-        resources = k8s.V1ResourceRequirements(
-            requests={"cpu": kube.cpu, "memory": kube.memory},
-            limits={"memory": kube.memory, **({"nvidia.com/gpu": str(kube.gpus)} if kube.gpus else {})},
-        )
-        secrets = [Secret("env", var, name, var) for name, variables in kube.secret_env.items() for var in variables]
-        env = {"COGUMI_CONFIG_DIR": "/opt/cogumi/configs"}
-        if config.storage.endpoint_url:
-            env["COGUMI_S3_ENDPOINT"] = config.storage.endpoint_url
-        cmd = self.command(step, inputs, params, run_id)
-        return KubernetesPodOperator(
-            task_id=f"{task_id}__pod",
-            name=f"cogumi-{step.replace('.', '-').replace('_', '-')}",
-            namespace=kube.namespace,
-            image=kube.image,
-            cmds=["bash", "-c"],
-            arguments=[f"mkdir -p /airflow/xcom && {shlex.join(cmd)}"],
-            env_vars=env,
-            secrets=secrets,
-            container_resources=resources,
-            node_selector=dict(kube.node_selector),
-            tolerations=[k8s.V1Toleration(**t) for t in kube.tolerations],
-            service_account_name=kube.service_account,
-            config_file=kube.config_file,
-            in_cluster=kube.in_cluster if not kube.config_file else False,
-            startup_timeout_seconds=kube.startup_timeout_s,
-            labels={"app": "cogumi", "cogumi-step": step.replace(".", "-").replace("_", "-")},
-            do_xcom_push=True,
-            get_logs=True,
-            on_finish_action="delete_succeeded_pod",
-        )
+        provided = {var for variables in kube.secret_env.values() for var in variables}
+        missing = []
+        if config.storage.aws_conn_id:
+            lacking = [v for v in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY") if v not in provided]
+            if lacking:
+                missing.append(f"storage takes S3 credentials from Airflow connection {config.storage.aws_conn_id!r} "
+                               f"(aws_conn_id): list {' and '.join(lacking)}")
+        for endpoint in config.endpoints():
+            if endpoint.conn_id and endpoint.key_env not in provided:
+                missing.append(f"endpoint {endpoint.name!r} takes its key from Airflow connection "
+                               f"{endpoint.conn_id!r} (conn_id): list {endpoint.key_env}")
+        if missing:
+            raise ConfigError(
+                f"config {config.name}: a Kubernetes pod cannot read Airflow connections; {'; '.join(missing)} "
+                "under compute.kubernetes.secret_env (<Kubernetes secret>: [VARIABLE, ...], the secret holding "
+                "that value), or place the step off kubernetes in compute.steps")
+        return [Secret("env", var, name, var) for name, variables in kube.secret_env.items() for var in variables]
+
+    # ------------------------------------------------------------ running
+    def run_step(self, step: str, config: PipelineConfig, inputs: dict[str, Any], params: dict[str, Any], *,
+                 run_id: str) -> dict[str, Any]:
+        """Run (or reuse) the step in this process, with the connections' secrets in its environment; its
+        payload (manifest, skipped, output URIs)."""
+        from cogumi_tasks.cli import step_payload
+        from cogumi_tasks.core.steps import run_step
+
+        with self._environ(self.secret_env(config)):
+            self.mask_secrets()
+            return step_payload(run_step(step, config, inputs, params=params, run_id=run_id))
+
+    def command(self, step: str, inputs: dict, params: dict, run_id: str, output_json: str | None = None) -> list[str]:
+        """The ``cogumi run-step`` command line that runs the step with this config, inputs and params."""
+        from cogumi_tasks.cli import run_step_argv
+
+        return run_step_argv(step, config_name=self.config_name, run_id=run_id, inputs=inputs, params=params,
+                             overrides=self.overrides, output_json=output_json)

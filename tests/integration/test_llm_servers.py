@@ -198,3 +198,68 @@ def test_batch_resumes_after_interruption(batch_server, store):
     assert [r.request_hash for r in results] == [q.key("smollm2-135m") for q in reqs] == state["custom_ids"]
     assert all(r.text == out[r.request_hash] and not r.cached for r in results)
     assert len(client.ledger.rows) == 4 and all(r["batch"] for r in client.ledger.rows)
+
+
+class _TaskInstance:
+    """What the operator touches of ``context["ti"]``: XCom pushes, recorded."""
+
+    def __init__(self) -> None:
+        self.xcom: dict[str, object] = {}
+
+    def xcom_push(self, key: str, value: object) -> None:
+        self.xcom[key] = value
+
+
+def test_a_step_waiting_on_a_batch_defers_and_resumes_without_resubmitting(batch_server, s3_server, store_for,
+                                                                         write_config, airflow_db):
+    """data.generate with Batch API teachers, run by the operator: each batch defers the task to a BatchTrigger
+    (rebuilt from its serialized form, as the triggerer does), whose run() polls the batch server until the
+    batch completes; the resumed task runs the step again, which reads that batch and submits no other."""
+    from airflow.sdk.exceptions import TaskDeferred
+    from airflow.sdk.module_loading import import_string
+    from cogumi_provider.operators import CogumiStepOperator
+    from cogumi_provider.triggers import BatchTrigger
+
+    from cogumi_tasks.core.config import load_config
+    from cogumi_tasks.core.steps import run_step
+
+    path = write_config(f"batchdefer-{uuid.uuid4().hex[:6]}", {
+        "dataset.prompts.limit": 3, "dataset.prompts.shards": 1, "dataset.generate.max_tokens": 16,
+        "llm.batch_poll_s": 0.2, "teachers.0.base_url": batch_server, "teachers.0.batch": True,
+        "teachers.1.base_url": batch_server, "teachers.1.batch": True})
+    config = load_config(path)
+    store_for(config)
+    shard = run_step("data.prompts", config, run_id="batchdefer").outputs["shards"][0]
+    task = CogumiStepOperator(task_id="generate", step="data.generate", config_name=path, input_name="shard",
+                              input_uri=shard, return_output="answers")
+    context = {"run_id": "batchdefer", "ti": _TaskInstance(), "outlet_events": {}, "inlet_events": {}}
+
+    before = batch_stats(batch_server)
+    call, batches = (lambda: task.execute(context)), []
+    while True:
+        try:
+            answers = call()
+            break
+        except TaskDeferred as deferred:
+            assert isinstance(deferred.trigger, BatchTrigger) and deferred.method_name == "execute_batch_done"
+            assert deferred.timeout.total_seconds() == config.llm.batch_timeout_s
+            classpath, kwargs = deferred.trigger.serialize()
+            # plain config data: the endpoint names where its key is, never the key
+            teacher = next(t for t in config.teachers if t.name == kwargs["endpoint"]["name"])
+            assert kwargs["endpoint"] == teacher.model_dump(mode="json", exclude={"weight"})
+            trigger = import_string(classpath)(**kwargs)
+            event = asyncio.run(anext(trigger.run())).payload
+            assert event == {"status": "completed", "batch_id": kwargs["batch_id"]}
+            batches.append(kwargs["batch_id"])
+            assert len(batches) <= 2, "a teacher's batch was waited on twice"
+
+            def call(method=deferred.method_name, event=event):
+                return getattr(task, method)(context, event=event)
+    after = batch_stats(batch_server)
+    used = {k: after[k] - before[k] for k in after}
+    assert len(set(batches)) == len(batches) == 2  # one batch per teacher, each waited on once
+    assert used["batches_created"] == used["files_uploaded"] == len(batches)
+    assert used["lines_executed"] == 3 and used["chat_proxied"] == 0
+    assert answers == context["ti"].xcom["answers"] and context["ti"].xcom["skipped"] is False
+    rows = [json.loads(x) for x in store_for(config).get_bytes(answers).decode().splitlines() if x.strip()]
+    assert len(rows) == 3 and {r["teacher"] for r in rows} == {"teacher-a", "teacher-b"}
