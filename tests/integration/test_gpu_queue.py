@@ -144,10 +144,9 @@ def test_gpu_queue_runs_on_edge_worker(gpu_stack):
 def test_gpu_queue_step_parsed_onto_default_queue_fails_clearly(tmp_path):
     """A run whose config puts the step on gpu_queue, in a task parsed onto ``default`` (the deployment
     was not started with that config), stops before running anything, saying what to fix."""
-    from cogumi_provider.hooks import CogumiHook
+    from cogumi_provider.operators import CogumiStepOperator
 
     config = _gpu_config(tmp_path, "gpuq-neg")
-    task = SimpleNamespace(queue="default", task_id="prompts", outlets=[])
+    task = CogumiStepOperator(task_id="prompts", step="data.prompts", config_name=config, queue="default")
     with pytest.raises(RuntimeError, match=r"places it on queue 'gpu'.*parsed onto queue 'default'.*COGUMI_CONFIG="):
-        CogumiHook(config_name=config).run_step("data.prompts", {}, {}, context={"run_id": "manual__x"},
-                                                operator=task)
+        task.execute({"run_id": "manual__x"})
