@@ -1,13 +1,16 @@
 """Benchmark: what Phase 2's GGUF buys at serving time. The tiny student as the fp32 transformers model
-(the baseline: what Phase 1 hands over), as an f16 GGUF and as a Q5_K_M GGUF in llama.cpp, on the same
-prompts in the same run. Prints one JSON line.
+(the baseline: what Phase 1 hands over), the same model in bf16 in transformers, as an f16 GGUF and as
+a Q5_K_M GGUF in llama.cpp, on the same prompts in the same run. Prints one JSON object.
 
-    python bench/serving.py [--prompts 8] [--new-tokens 64] [--threads 2] [--work DIR]
+    python bench/serving.py [--prompts 4] [--new-tokens 32] [--repeats 5] [--threads 2] [--work DIR] [--out F]
 
 Each model runs in a fresh process (its peak RSS is its own; the GGUF ones import no torch): load
 time, prefill tokens/s (prompt tokens over the time to the first new token), decode tokens/s (the
-other new tokens over the rest), peak resident memory, file size. Every prompt generates exactly
-``--new-tokens`` tokens (end of turn is not allowed to stop it) greedily after one warm-up prompt.
+other new tokens over the rest), peak resident memory, weights (file size; for transformers the
+bytes of the loaded parameters). Every prompt generates exactly ``--new-tokens`` tokens (end of
+turn is not allowed to stop it) greedily after one warm-up prompt. Each arm runs ``--repeats``
+times, the arms taking turns within a repeat, and every figure is the median with min and max over
+the repeats; ratios to the baseline are of the medians.
 The artifacts are built once under ``--work`` (default ~/.cache/cogumi/bench-serving) from the
 packaged SmolLM2-135M-Instruct GGUF with the project's own converters, so the numbers are the
 pipeline's, not a hand-made file's.
@@ -18,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -36,7 +40,8 @@ PROMPTS = [
 
 
 def build(work: Path) -> dict[str, Path]:
-    """The HF fp32 directory, the f16 GGUF and the Q5_K_M GGUF, made once by the pipeline's helpers."""
+    """Each arm's model: the HF fp32 directory (loaded as fp32 and as bf16), the f16 GGUF and the Q5_K_M
+    GGUF, made once by the pipeline's helpers."""
     from cogumi_tasks.compress.gguf import quantize_gguf
     from cogumi_tasks.models.convert import convert_hf_to_gguf, hf_dir_from_gguf
     from cogumi_tasks.models.packaged import smollm2_gguf
@@ -48,7 +53,7 @@ def build(work: Path) -> dict[str, Path]:
         convert_hf_to_gguf(hf, f16, "f16")
     if not q5.exists():
         quantize_gguf(f16, q5, "Q5_K_M")
-    return {"hf_fp32": hf, "gguf_f16": f16, "gguf_q5_k_m": q5}
+    return {"hf_fp32": hf, "hf_bf16": hf, "gguf_f16": f16, "gguf_q5_k_m": q5}
 
 
 def prompt_ids(hf_dir: Path, n: int) -> list[list[int]]:
@@ -83,17 +88,18 @@ def _time_gguf(path: Path, prompts: list[list[int]], new_tokens: int, threads: i
                 break
             llm.eval([nxt])
         runs.append((len(ids), t_first - t_start, time.perf_counter() - t_first, n))
-    return {"load_s": load_s, "runs": runs[1:]}
+    return {"load_s": load_s, "runs": runs[1:], "weights": path.stat().st_size}
 
 
-def _time_hf(path: Path, prompts: list[list[int]], new_tokens: int, threads: int) -> dict:
+def _time_hf(path: Path, prompts: list[list[int]], new_tokens: int, threads: int, dtype: str) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(threads)
     t0 = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype)).eval()
     load_s = time.perf_counter() - t0
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
     runs = []
     with torch.inference_mode():
         for prompt in [prompts[0], *prompts]:
@@ -107,7 +113,7 @@ def _time_hf(path: Path, prompts: list[list[int]], new_tokens: int, threads: int
                 past, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
                 n += 1
             runs.append((len(prompt), t_first - t_start, time.perf_counter() - t_first, n))
-    return {"load_s": load_s, "runs": runs[1:]}
+    return {"load_s": load_s, "runs": runs[1:], "weights": weights}
 
 
 def peak_rss_kb() -> int:
@@ -121,25 +127,33 @@ def peak_rss_kb() -> int:
 
 def child(kind: str, path: Path, prompts_file: Path, args: argparse.Namespace) -> None:
     prompts = json.loads(prompts_file.read_text())
-    timer = _time_hf if kind == "hf_fp32" else _time_gguf
-    r = timer(path, prompts, args.new_tokens, args.threads)
+    if kind.startswith("hf_"):
+        r = _time_hf(path, prompts, args.new_tokens, args.threads, {"hf_fp32": "float32", "hf_bf16": "bfloat16"}[kind])
+    else:
+        r = _time_gguf(path, prompts, args.new_tokens, args.threads)
     prompt_tokens = sum(x[0] for x in r["runs"])
     prefill_s = sum(x[1] for x in r["runs"])
     decode_s = sum(x[2] for x in r["runs"])
     decoded = sum(x[3] - 1 for x in r["runs"])  # the first new token is timed with the prefill
-    size = sum(p.stat().st_size for p in path.rglob("*.safetensors")) if path.is_dir() else path.stat().st_size
     print(json.dumps({
         "load_s": round(r["load_s"], 2), "prompt_tokens": prompt_tokens, "new_tokens": decoded + len(r["runs"]),
         "prefill_tok_s": round(prompt_tokens / prefill_s, 1), "decode_tok_s": round(decoded / decode_s, 1),
         "peak_rss_mb": round(peak_rss_kb() / 1024, 1),
-        "weights_mb": round(size / 1e6, 1),
+        "weights_mb": round(r["weights"] / 1e6, 1),
     }))
+
+
+def _spread(values: list[float]) -> dict:
+    """Median, min and max of one figure over the repeats."""
+    return {"median": round(statistics.median(values), 2), "min": min(values), "max": max(values)}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--prompts", type=int, default=8)
-    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--prompts", type=int, default=4)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     p.add_argument("--work", type=Path, default=Path.home() / ".cache" / "cogumi" / "bench-serving")
     p.add_argument("--child", nargs=3, metavar=("KIND", "PATH", "PROMPTS_JSON"), help=argparse.SUPPRESS)
@@ -151,26 +165,34 @@ def main() -> None:
     paths = build(args.work)
     prompts_file = args.work / "prompts.json"
     prompts_file.write_text(json.dumps(prompt_ids(paths["hf_fp32"], args.prompts)))
-    results = {}
-    for kind, path in paths.items():
-        cmd = [sys.executable, __file__, "--new-tokens", str(args.new_tokens), "--threads", str(args.threads),
-               "--child", kind, str(path), str(prompts_file)]
-        out = subprocess.run(cmd, capture_output=True, text=True,
-                             env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
-        if out.returncode != 0:
-            sys.exit(f"{kind} failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
-        results[kind] = json.loads(out.stdout.strip().splitlines()[-1])
-    base = results["hf_fp32"]
-    print(json.dumps({
+    samples: dict[str, list[dict]] = {kind: [] for kind in paths}
+    for _ in range(args.repeats):
+        for kind, path in paths.items():  # the arms take turns, so load drifts hit all of them
+            cmd = [sys.executable, __file__, "--new-tokens", str(args.new_tokens), "--threads", str(args.threads),
+                   "--child", kind, str(path), str(prompts_file)]
+            out = subprocess.run(cmd, capture_output=True, text=True,
+                                 env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
+            if out.returncode != 0:
+                sys.exit(f"{kind} failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
+            samples[kind].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    results = {kind: {key: _spread([r[key] for r in rs]) for key in rs[0]} for kind, rs in samples.items()}
+    med = {kind: {key: v["median"] for key, v in r.items()} for kind, r in results.items()}
+    base = med["hf_fp32"]
+    report = {
         "benchmark": "serving", "baseline": "hf_fp32", "model": "SmolLM2-135M-Instruct",
         "prompts": args.prompts, "new_tokens_per_prompt": args.new_tokens, "threads": args.threads,
+        "repeats": args.repeats, "cpu_count": os.cpu_count(),
         "results": results,
         "vs_baseline": {k: {"decode_speedup": round(v["decode_tok_s"] / base["decode_tok_s"], 2),
                             "prefill_speedup": round(v["prefill_tok_s"] / base["prefill_tok_s"], 2),
                             "peak_rss_ratio": round(v["peak_rss_mb"] / base["peak_rss_mb"], 3),
                             "weights_ratio": round(v["weights_mb"] / base["weights_mb"], 3)}
-                        for k, v in results.items() if k != "hf_fp32"},
-    }))
+                        for k, v in med.items() if k != "hf_fp32"},
+    }
+    print(json.dumps(report))
+    if args.out:
+        args.out.write_text(json.dumps(report) + "\n")
+
 
 
 if __name__ == "__main__":
