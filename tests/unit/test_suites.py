@@ -278,3 +278,17 @@ def test_mbpp_public_format_and_unknown_builtin(tmp_path: Path) -> None:
         ("mbpp/11", "double", ""), ("mbpp/12", "halve", "import math")]
     with pytest.raises(SuiteError, match="no builtin suite"):
         load("mmlu", "builtin:../secrets")
+
+
+def test_suite_file_bom_loads_and_bad_bytes_or_oversized_lines_fail(tmp_path: Path) -> None:
+    path = tmp_path / "mmlu.jsonl"
+    where = re.escape(str(path))
+    path.write_bytes(b"\xef\xbb\xbf" + (mmlu_line(1) + "\n" + mmlu_line(2) + "\n").encode())
+    assert [i.id for i in load_suite(SuiteConfig(kind="mmlu", source=str(path)), Path)] == ["q1", "q2"]
+    path.write_bytes((mmlu_line(1) + "\n" + mmlu_line(2, question="cafe") + "\n").encode().replace(b"cafe", b"caf\xe9"))
+    with pytest.raises(SuiteError, match=rf"{where}:2: field '<line>': invalid UTF-8: at byte offset \d+"):
+        load_suite(SuiteConfig(kind="mmlu", source=str(path)), Path)
+    path.write_text(mmlu_line(1) + "\n" + mmlu_line(2, question="x" * 5000) + "\n")
+    with pytest.raises(SuiteError, match=rf"{where}:2: field '<line>': record too large: \d+ bytes, above the limit "
+                                         "of 4096 bytes"):
+        load_suite(SuiteConfig(kind="mmlu", source=str(path), max_record_bytes=4096), Path)
