@@ -263,3 +263,17 @@ def test_a_step_waiting_on_a_batch_defers_and_resumes_without_resubmitting(batch
     assert answers == context["ti"].xcom["answers"] and context["ti"].xcom["skipped"] is False
     rows = [json.loads(x) for x in store_for(config).get_bytes(answers).decode().splitlines() if x.strip()]
     assert len(rows) == 3 and {r["teacher"] for r in rows} == {"teacher-a", "teacher-b"}
+
+
+def test_batch_trigger_reports_an_unknown_batch_as_an_error_the_task_raises(batch_server):
+    from cogumi_provider.operators import CogumiStepOperator
+    from cogumi_provider.triggers import BatchTrigger
+
+    endpoint = EndpointConfig(name="local", base_url=batch_server, model="smollm2-135m", price=PRICE, batch=True)
+    trigger = BatchTrigger(endpoint=endpoint.model_dump(mode="json"), batch_id="batch_gone", state_uri="s3://b/s.json",
+                           poll_s=0.1)
+    event = asyncio.run(anext(trigger.run())).payload
+    assert event["status"] == "error" and "batch batch_gone (from s3://b/s.json) is unknown to" in event["message"]
+    task = CogumiStepOperator(task_id="generate", step="data.generate", config_name="tiny")
+    with pytest.raises(RuntimeError, match="delete that state object to submit a new batch"):
+        task.execute_batch_done({"run_id": "r"}, event=event)
