@@ -1,4 +1,8 @@
-"""Reading a 1 GB JSONL artifact record by record holds one record at a time, not the file."""
+"""Reading a 1 GB JSONL artifact record by record holds one record at a time, not the file.
+
+The child's peak RSS is its own address space's high-water mark (VmHWM), not ``ru_maxrss``: Linux carries
+the parent's peak into ``ru_maxrss`` across fork/vfork and exec, so a large pytest process would be measured.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ GIB = 1024**3
 MAX_RSS_MB = 300
 
 CHILD = """
-import json, resource, sys
+import json, sys
 from pathlib import Path
 from cogumi_tasks.core.records import iter_jsonl_dicts
 
@@ -18,7 +22,8 @@ rows = chars = 0
 for row in iter_jsonl_dicts(Path(sys.argv[1])):
     rows += 1
     chars += len(row["response"])
-print(json.dumps({"rows": rows, "chars": chars, "maxrss_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+hwm = next(int(x.split()[1]) for x in open("/proc/self/status") if x.startswith("VmHWM:"))
+print(json.dumps({"rows": rows, "chars": chars, "maxrss_kb": hwm}))
 """
 
 
