@@ -8,6 +8,7 @@ message naming the task, the step and the name, instead of failing a task hours 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from airflow.sdk import DAG, XComArg
@@ -80,3 +81,22 @@ def check_wiring(dag: DAG) -> None:
     if errors:
         raise DagWiringError(f"DAG {dag.dag_id}: wiring does not match the steps' declarations:\n  "
                              + "\n  ".join(errors))
+
+
+def asset_wiring_errors(dags: Iterable[DAG]) -> list[str]:
+    """``asset_inputs`` (``"<asset>:<output>"``) that name an output no step publishing that Asset declares."""
+    from cogumi_tasks.core.steps import get_step
+
+    tasks = [(t, args) for dag in dags for t in dag.tasks if (args := step_arguments(t)) is not None]
+    published: dict[str, set[str]] = {}
+    for task, args in tasks:
+        for outlet in getattr(task, "outlets", None) or []:
+            published.setdefault(getattr(outlet, "name", ""), set()).update(get_step(args["step"]).all_outputs)
+    errors = []
+    for task, args in tasks:
+        for name, ref in (args.get("asset_inputs") or {}).items():
+            asset, _, output = ref.partition(":")
+            if output not in published.get(asset, set()):
+                errors.append(f"task {task.dag_id}.{task.task_id}: asset input {name}={ref!r}: no task publishing "
+                              f"{asset} has output {output!r} (they have {sorted(published.get(asset, set()))})")
+    return errors

@@ -57,12 +57,18 @@ def test_cpu_heavy_tasks_take_turns_in_the_tiny_pool(dagbag):
     assert dagbag.dags["phase0_dataset"].get_task("generate").pool == "default_pool"
 
 
-def test_every_step_task_is_wired_to_declared_inputs_and_outputs(dagbag):
-    from cogumi_provider.wiring import step_arguments, wiring_errors
+def test_every_step_task_is_wired_to_declared_inputs_and_outputs(dagbag, monkeypatch):
+    from cogumi_provider.wiring import asset_wiring_errors, step_arguments, wiring_errors
 
     for dag_id, dag in dagbag.dags.items():
         assert all(step_arguments(t) is not None for t in dag.tasks), dag_id  # every task is checked
         assert wiring_errors(dag) == [], dag_id
+    assert asset_wiring_errors(dagbag.dags.values()) == []
+    sft = dagbag.dags["phase1_base"].get_task("sft")
+    monkeypatch.setattr(sft, "asset_inputs", {"dataset": "cogumi_phase0:datset"})
+    assert asset_wiring_errors(dagbag.dags.values()) == [
+        "task phase1_base.sft: asset input dataset='cogumi_phase0:datset': no task publishing cogumi_phase0 has "
+        "output 'datset' (they have ['dataset', 'quarantine', 'stats'])"]
 
 
 def test_a_misspelt_output_or_input_fails_the_dag_import(tmp_path):
