@@ -1,9 +1,12 @@
-"""Supervised fine-tuning with LoRA (CPU or GPU) or QLoRA (CUDA only): a plain, resumable training loop.
+"""Supervised fine-tuning with LoRA (CPU or GPU) or QLoRA (CUDA only) through TRL's ``SFTTrainer``.
 
-``train_sft`` checkpoints the adapter, optimizer, scheduler, RNG and step every ``checkpoint_every`` steps into
-``checkpoint_dir/step-N`` (written to a temporary folder, then renamed: a killed run never leaves a half one),
-resumes from the latest and continues the step count, stops early on the held-out loss, and writes ``adapter/``,
-``merged/`` (LoRA merged onto the base loaded fresh in fp32, never onto 4-bit weights) and ``metrics.json``.
+``train_sft`` tokenizes the rows itself (:func:`build_examples`: the loss only on the answer and its end-of-turn
+token) and hands TRL the ``input_ids``/``labels`` as they are. The Trainer checkpoints the adapter, optimizer,
+scheduler, RNG and step every ``checkpoint_every`` steps into ``checkpoint_dir/checkpoint-N`` (its trainer state
+written last: a folder without it is never resumed from), and each checkpoint goes to ``on_checkpoint`` (the step
+uploads it to S3). A run resumes from the latest and continues the step count, stops early on the held-out loss
+(restoring the best adapter), and writes ``adapter/``, ``merged/`` (LoRA merged onto the base loaded fresh in fp32,
+never onto 4-bit weights) and ``metrics.json``.
 """
 
 from __future__ import annotations
@@ -13,10 +16,8 @@ import logging
 import math
 import random
 import re
-import shutil
 import time
 from collections.abc import Callable
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +26,9 @@ from cogumi_tasks.core.config import SFTConfig
 log = logging.getLogger(__name__)
 
 IGNORE = -100
-STATE_FILE = "trainer_state.pt"
-KEEP_CHECKPOINTS = 3  # older local step-N folders are pruned (they were handed to on_checkpoint already)
+CHECKPOINT_PREFIX = "checkpoint"  # transformers' Trainer writes output_dir/checkpoint-<step>/
+STATE_FILE = "trainer_state.json"  # the last file the Trainer writes into a checkpoint
+KEEP_CHECKPOINTS = 3  # older local checkpoints are pruned, the best one kept (they went to on_checkpoint already)
 PROGRESS_EVERY_S = 5.0
 
 
@@ -131,76 +133,51 @@ def _load_model(model_dir: Path, cfg: SFTConfig, method: str, device: str) -> An
     return model
 
 
-@contextmanager
-def _no_dropout(model: Any):
-    """Evaluate without dropout while every other module stays in train mode (keeps 4-bit layers trainable)."""
-    import torch
-
-    drops = [m for m in model.modules() if isinstance(m, torch.nn.Dropout) and m.training]
-    for m in drops:
-        m.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        for m in drops:
-            m.train()
-
-
 # ---------------------------------------------------------------- checkpoints
 def latest_checkpoint(checkpoint_dir: Path) -> tuple[Path, int] | None:
-    """The complete ``step-N`` folder with the highest N, or None."""
-    found = [(p, int(m.group(1))) for p in Path(checkpoint_dir).glob("step-*")
-             if (m := re.fullmatch(r"step-(\d+)", p.name)) and (p / STATE_FILE).exists()]
+    """The complete ``checkpoint-N`` folder (its trainer state, written last, is there) with the highest N, or None."""
+    found = [(p, int(m.group(1))) for p in Path(checkpoint_dir).glob(f"{CHECKPOINT_PREFIX}-*")
+             if (m := re.fullmatch(CHECKPOINT_PREFIX + r"-(\d+)", p.name)) and (p / STATE_FILE).exists()]
     return max(found, key=lambda x: x[1]) if found else None
 
 
-def _rng_state() -> dict:
-    import numpy as np
-    import torch
-
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+def _finished(path: Path, total: int, patience: int) -> bool:
+    """Whether the run that wrote checkpoint ``path`` had already ended there (last step, or stopped early)."""
+    state = json.loads((path / STATE_FILE).read_text())
+    stopper = state.get("stateful_callbacks", {}).get("EarlyStoppingCallback", {})
+    counter = stopper.get("attributes", {}).get("early_stopping_patience_counter", 0)
+    return state["global_step"] >= total or counter >= patience
 
 
-def _set_rng_state(state: dict) -> None:
-    import numpy as np
-    import torch
+def _callback(total: int, progress: bool, on_checkpoint: Callable[[Path, int], None] | None) -> Any:
+    from transformers import TrainerCallback
 
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    class SFTCallback(TrainerCallback):
+        """Progress lines every PROGRESS_EVERY_S, a non-finite loss fails the run, each saved checkpoint goes to
+        ``on_checkpoint``."""
 
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            self.last_log, self.last_step = time.monotonic(), state.global_step
 
-def _save_checkpoint(model: Any, checkpoint_dir: Path, step: int, state: dict) -> Path:
-    import torch
+        def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
+            step, logs = state.global_step, logs or {}
+            if "loss" in logs:
+                if not math.isfinite(logs["loss"]):
+                    raise FloatingPointError(f"sft: non-finite training loss at step {step}")
+                now = time.monotonic()
+                if progress and (now - self.last_log >= PROGRESS_EVERY_S or step == total):
+                    log.info("sft: step %d/%d loss %.4f lr %.2e %.2f steps/s", step, total, logs["loss"],
+                             logs.get("learning_rate", 0.0), (step - self.last_step) / max(now - self.last_log, 1e-9))
+                    self.last_log, self.last_step = now, step
+            if "eval_loss" in logs:
+                log.info("sft: step %d eval loss %.4f", step, logs["eval_loss"])
 
-    final = checkpoint_dir / f"step-{step}"
-    tmp = checkpoint_dir / f".step-{step}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp))
-    torch.save({**state, "rng": _rng_state()}, tmp / STATE_FILE)
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
-    steps = sorted((int(m.group(1)), p) for p in checkpoint_dir.glob("step-*")
-                   if (m := re.fullmatch(r"step-(\d+)", p.name)))
-    for _, old in steps[:-KEEP_CHECKPOINTS]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
+        def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if on_checkpoint:
+                step = state.global_step
+                on_checkpoint(Path(args.output_dir) / f"{CHECKPOINT_PREFIX}-{step}", step)
 
-
-def _load_checkpoint(model: Any, path: Path) -> dict:
-    import torch
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    weights = load_file(str(path / "adapter_model.safetensors"))
-    set_peft_model_state_dict(model, weights)
-    return torch.load(path / STATE_FILE, weights_only=False)
+    return SFTCallback()
 
 
 # ---------------------------------------------------------------- training
@@ -211,34 +188,17 @@ def _split(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict], li
     return [rows[i] for i in order[n_eval:]], [rows[i] for i in order[:n_eval]]
 
 
-def _batch_indices(n: int, batch_size: int, micro: int, seed: int) -> list[int]:
-    """Example indices of micro-batch number ``micro``: a fresh seeded permutation per epoch (resumable)."""
-    per_epoch = math.ceil(n / batch_size)
-    epoch, pos = divmod(micro, per_epoch)
-    order = list(range(n))
-    random.Random(seed * 1_000_003 + epoch).shuffle(order)
-    return order[pos * batch_size:(pos + 1) * batch_size]
-
-
-def _eval_loss(model: Any, examples: list[dict], pad_id: int, batch_size: int, device: str, autocast: Any) -> float:
-    total, tokens = 0.0, 0
-    with _no_dropout(model):
-        for i in range(0, len(examples), batch_size):
-            batch = {k: v.to(device) for k, v in collate(examples[i:i + batch_size], pad_id).items()}
-            with autocast():
-                loss = model(**batch).loss.float().item()
-            n = int((batch["labels"][:, 1:] != IGNORE).sum())
-            total, tokens = total + loss * n, tokens + n
-    return total / max(tokens, 1)
-
-
 def train_sft(model_dir: Path, rows: list[dict], out_dir: Path, cfg: SFTConfig, *, checkpoint_dir: Path,
               on_checkpoint: Callable[[Path, int], None] | None = None, resume: bool = True,
               progress: bool = True) -> dict:
     """LoRA/QLoRA SFT of the model in ``model_dir`` on ``rows``; see the module docstring. Returns the metrics."""
     import torch
-    from peft import get_peft_model_state_dict, set_peft_model_state_dict
-    from transformers import AutoTokenizer
+    from datasets import Dataset
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer, EarlyStoppingCallback, PrinterCallback, TrainerState
+    from trl import SFTConfig as TRLSFTConfig
+    from trl import SFTTrainer
 
     started = time.monotonic()
     model_dir, out_dir, checkpoint_dir = Path(model_dir), Path(out_dir), Path(checkpoint_dir)
@@ -256,98 +216,60 @@ def train_sft(model_dir: Path, rows: list[dict], out_dir: Path, cfg: SFTConfig, 
     eval_ex = build_examples(tokenizer, eval_rows, cfg.max_seq_len)
     if not train_ex:
         raise ValueError("no training examples left after formatting")
-    micro_per_epoch = math.ceil(len(train_ex) / cfg.batch_size)
-    total = cfg.max_steps or max(1, math.ceil(cfg.epochs * micro_per_epoch / cfg.grad_accum))
-
-    model = _load_model(model_dir, cfg, method, device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    warmup = max(1, math.ceil(0.03 * total))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) * max(0.0, (total - s) / total))
-    use_bf16 = cfg.bf16 or method == "qlora"
-
-    def autocast():
-        return torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=use_bf16)
-
-    step, resumed_from, stopped_early = 0, None, False
-    train_curve: list[list[float]] = []
-    eval_curve: list[list[float]] = []
-    best: dict = {"loss": math.inf, "step": None, "bad": 0, "adapter": None}
+    total = cfg.max_steps or max(1, math.ceil(cfg.epochs * math.ceil(len(train_ex) / cfg.batch_size) / cfg.grad_accum))
     found = latest_checkpoint(checkpoint_dir) if resume else None
+    model = _load_model(model_dir, cfg, method, device)
+    evals = bool(eval_ex)
     if found:
-        path, _ = found
-        state = _load_checkpoint(model, path)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        _set_rng_state(state["rng"])
-        step = resumed_from = state["step"]
-        train_curve, eval_curve, best = state["train_curve"], state["eval_curve"], state["best"]
-        stopped_early = state.get("stopped_early", False)
-        log.info("sft: resumed from %s (step %d of %d)", path, step, total)
+        log.info("sft: resumed from %s (step %d of %d)", found[0], found[1], total)
     log.info("sft: method=%s device=%s train=%d eval=%d steps=%d batch=%d", method, device, len(train_ex),
              len(eval_ex), total, cfg.batch_size)
+    if found and _finished(found[0], total, cfg.early_stopping_patience):  # the Trainer would take one more step
+        state = TrainerState.load_from_json(str(found[0] / STATE_FILE))
+        best = checkpoint_dir / f"{CHECKPOINT_PREFIX}-{state.best_global_step}"
+        weights = load_file(str((best if best.exists() else found[0]) / "adapter_model.safetensors"))
+        set_peft_model_state_dict(model, weights)
+    else:
+        args = TRLSFTConfig(
+            output_dir=str(checkpoint_dir), max_steps=total, per_device_train_batch_size=cfg.batch_size,
+            per_device_eval_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
+            learning_rate=cfg.lr, weight_decay=0.0, lr_scheduler_type="linear", warmup_steps=0.03, max_grad_norm=1.0,
+            seed=cfg.seed, bf16=cfg.bf16 or method == "qlora", use_cpu=device == "cpu", gradient_checkpointing=False,
+            max_length=None, logging_steps=1, logging_nan_inf_filter=False, save_strategy="steps",
+            save_steps=cfg.checkpoint_every, save_total_limit=KEEP_CHECKPOINTS,
+            eval_strategy="steps" if evals else "no", eval_steps=cfg.checkpoint_every, load_best_model_at_end=evals,
+            metric_for_best_model="eval_loss", greater_is_better=False, restore_callback_states_from_checkpoint=True,
+            report_to="none", disable_tqdm=True)
+        callbacks = [_callback(total, progress, on_checkpoint)]
+        if evals:
+            callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience))
+        trainer = SFTTrainer(model=model, args=args, processing_class=tokenizer, callbacks=callbacks,
+                             data_collator=lambda batch: collate(batch, pad_id),
+                             train_dataset=Dataset.from_list(train_ex),
+                             eval_dataset=Dataset.from_list(eval_ex) if evals else None)
+        trainer.remove_callback(PrinterCallback)  # our callback prints progress
+        trainer.train(resume_from_checkpoint=str(found[0]) if found else None)
+        state, model = trainer.state, trainer.model
+        del trainer
 
-    last_log, last_log_step = time.monotonic(), step
-    model.train()
-    while step < total and not stopped_early:
-        optimizer.zero_grad(set_to_none=True)
-        step_loss = 0.0
-        for k in range(cfg.grad_accum):
-            idx = _batch_indices(len(train_ex), cfg.batch_size, step * cfg.grad_accum + k, cfg.seed)
-            batch = {n: t.to(device) for n, t in collate([train_ex[i] for i in idx], pad_id).items()}
-            with autocast():
-                loss = model(**batch).loss / cfg.grad_accum
-            loss.backward()
-            step_loss += loss.item()
-        if not math.isfinite(step_loss):
-            raise FloatingPointError(f"sft: non-finite training loss at step {step + 1}")
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        scheduler.step()
-        step += 1
-        train_curve.append([step, step_loss])
-        now = time.monotonic()
-        if progress and (now - last_log >= PROGRESS_EVERY_S or step == total):
-            log.info("sft: step %d/%d loss %.4f lr %.2e %.2f steps/s", step, total, step_loss,
-                     scheduler.get_last_lr()[0], (step - last_log_step) / max(now - last_log, 1e-9))
-            last_log, last_log_step = now, step
-        if step % cfg.checkpoint_every == 0 or step == total:
-            if eval_ex:
-                ev = _eval_loss(model, eval_ex, pad_id, cfg.batch_size, device, autocast)
-                eval_curve.append([step, ev])
-                log.info("sft: step %d eval loss %.4f", step, ev)
-                if ev < best["loss"]:
-                    weights = get_peft_model_state_dict(model)
-                    best = {"loss": ev, "step": step, "bad": 0,
-                            "adapter": {k: v.detach().cpu().clone() for k, v in weights.items()}}
-                else:
-                    best["bad"] += 1
-                    stopped_early = best["bad"] >= cfg.early_stopping_patience
-                    if stopped_early:
-                        log.info("sft: early stop at step %d (no eval improvement in %d evaluations; best step %d)",
-                                 step, best["bad"], best["step"])
-            if step % cfg.checkpoint_every == 0:
-                state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                         "train_curve": train_curve, "eval_curve": eval_curve, "best": best, "total": total,
-                         "stopped_early": stopped_early}
-                path = _save_checkpoint(model, checkpoint_dir, step, state)
-                if on_checkpoint:
-                    on_checkpoint(path, step)
-
-    if best["adapter"] is not None and eval_curve and eval_curve[-1][1] > best["loss"]:
-        log.info("sft: restoring the best adapter (step %d, eval loss %.4f)", best["step"], best["loss"])
-        set_peft_model_state_dict(model, best["adapter"])
+    train_curve = [[e["step"], e["loss"]] for e in state.log_history if "loss" in e]
+    eval_curve = [[e["step"], e["eval_loss"]] for e in state.log_history if "eval_loss" in e]
+    stopped_early = state.global_step < total
+    if stopped_early:
+        log.info("sft: early stop at step %d (no eval improvement in %d evaluations; best step %d)",
+                 state.global_step, cfg.early_stopping_patience, state.best_global_step)
+    if evals and eval_curve and state.best_global_step != eval_curve[-1][0]:
+        log.info("sft: restored the best adapter (step %d, eval loss %.4f)", state.best_global_step, state.best_metric)
     adapter_dir = out_dir / "adapter"
     model.save_pretrained(str(adapter_dir))
     tokenizer.save_pretrained(str(adapter_dir))
-    del model, optimizer
+    del model
     merge_adapter(model_dir, adapter_dir, out_dir / "merged")
 
-    metrics = {"steps": step, "train_loss_curve": train_curve, "eval_loss_curve": eval_curve,
-               "final_eval_loss": best["loss"] if math.isfinite(best["loss"]) else None,
-               "best_step": best["step"], "stopped_early": stopped_early, "method": method,
-               "resumed_from": resumed_from, "seconds": round(time.monotonic() - started, 2)}
+    metrics = {"steps": state.global_step, "train_loss_curve": train_curve, "eval_loss_curve": eval_curve,
+               "final_eval_loss": state.best_metric, "best_step": state.best_global_step,
+               "stopped_early": stopped_early, "method": method, "resumed_from": found[1] if found else None,
+               "seconds": round(time.monotonic() - started, 2)}
     (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
 

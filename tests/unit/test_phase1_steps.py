@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -76,7 +77,7 @@ def test_checkpoints_round_trip_through_s3_and_skip_incomplete_ones(store, tmp_p
 
     work = store.uri("p", "train.sft", "k", "_work", "checkpoints")
     for step in (2, 4, 6):
-        folder = tmp_path / "local" / f"step-{step}"
+        folder = tmp_path / "local" / f"checkpoint-{step}"
         (folder / "sub").mkdir(parents=True)
         (folder / "adapter.bin").write_bytes(bytes([step]) * 100)
         (folder / "sub" / "state.pt").write_text(f"step {step}")
@@ -85,11 +86,25 @@ def test_checkpoints_round_trip_through_s3_and_skip_incomplete_ones(store, tmp_p
     store.put_bytes(f"{work}/step-8/adapter.bin", b"partial")
     assert not any("/step-2/" in u for u in store.list(work + "/")), "older checkpoints are pruned"
     assert restore_checkpoint(store, work, tmp_path / "restored") == 6
-    restored = tmp_path / "restored" / "step-6"
+    restored = tmp_path / "restored" / "checkpoint-6"
     assert (restored / "adapter.bin").read_bytes() == bytes([6]) * 100
     assert (restored / "sub" / "state.pt").read_text() == "step 6"
     assert not (restored / "_complete.json").exists()
     assert restore_checkpoint(store, store.uri("p", "none"), tmp_path / "none") is None
+
+
+def test_the_best_checkpoint_stays_in_s3_and_is_restored(store, tmp_path):
+    from cogumi_tasks.train.checkpoints import restore_checkpoint, upload_checkpoint
+
+    work = store.uri("p", "train.sft", "best", "_work", "checkpoints")
+    for step, best in ((2, 2), (4, 2), (6, 4)):  # the trainer state names the best checkpoint so far
+        folder = tmp_path / "local" / f"checkpoint-{step}"
+        folder.mkdir(parents=True)
+        (folder / "trainer_state.json").write_text(json.dumps({"global_step": step, "best_global_step": best}))
+        upload_checkpoint(store, work, folder, step, keep=1)
+    assert sorted({u.split("/")[-2] for u in store.list(work + "/")}) == ["step-4", "step-6"]
+    assert restore_checkpoint(store, work, tmp_path / "restored") == 6
+    assert sorted(p.name for p in (tmp_path / "restored").iterdir()) == ["checkpoint-4", "checkpoint-6"]
 
 
 def test_directory_outputs_have_content_digests(store, tmp_path):

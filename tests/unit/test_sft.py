@@ -215,6 +215,27 @@ def test_resume_after_sigkill_continues_the_step_count(hf_dir, tmp_path, trained
 
 
 @pytest.mark.stack
+def test_a_finished_run_resumes_without_training(hf_dir, tmp_path, trained):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    from cogumi_tasks.train.sft import train_sft
+
+    out, metrics, _ = trained
+    shutil.copytree(out / "ckpt", tmp_path / "ckpt")  # a run killed after its last checkpoint, before the merge
+    seen: list[int] = []
+    again = train_sft(hf_dir, ROWS, tmp_path, CFG, checkpoint_dir=tmp_path / "ckpt",
+                      on_checkpoint=lambda path, step: seen.append(step))
+    assert seen == [] and again["resumed_from"] == 6
+    same = ("steps", "train_loss_curve", "eval_loss_curve", "final_eval_loss", "best_step", "stopped_early")
+    assert {k: again[k] for k in same} == {k: metrics[k] for k in same}
+    before, after = (load_file(str(d / "adapter" / "adapter_model.safetensors")) for d in (out, tmp_path))
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.stack
 def test_early_stopping_on_flat_eval_loss(hf_dir, tmp_path):
     from cogumi_tasks.train.sft import train_sft
 
