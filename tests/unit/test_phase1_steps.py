@@ -46,7 +46,10 @@ def test_parse_task_rejects_trivial_text():
 
 def test_asset_output_reads_the_newest_inlet_event():
     from airflow.sdk import Asset
-    from cogumi_provider.hooks import asset_output
+    from cogumi_provider.operators import CogumiStepOperator
+
+    def asset_output(context, op, ref):
+        return CogumiStepOperator.asset_output(op, context, ref)
 
     phase0 = Asset(name="cogumi_phase0", uri="cogumi://pipeline/phase0")
     phase1 = Asset(name="cogumi_phase1", uri="cogumi://pipeline/phase1")
