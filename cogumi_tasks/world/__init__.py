@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from cogumi_tasks.world.automation import ToolCalls
-from cogumi_tasks.world.base import Family, Instance, assert_disjoint, keys_of, normalise_text, split
+from cogumi_tasks.world.base import Family, Instance, Part, assert_disjoint, keys_of, normalise_text, part_of, split
 from cogumi_tasks.world.code import ListFunctions
 from cogumi_tasks.world.code import check_many as _check_code
 from cogumi_tasks.world.reasoning import WordArithmetic
@@ -23,7 +23,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (ListFunctions(), WordArithmet
 BY_DOMAIN: dict[str, str] = {f.domain: f.name for f in FAMILIES.values()}
 
 __all__ = ["BY_DOMAIN", "FAMILIES", "Family", "Instance", "assert_disjoint", "check", "check_many", "family",
-           "generate", "instance_from_prompt", "keys_of", "normalise_text", "split"]
+           "generate", "instance_from_prompt", "keys_of", "normalise_text", "part_of", "split"]
 
 
 def family(name: str) -> Family:
@@ -32,9 +32,11 @@ def family(name: str) -> Family:
     return FAMILIES[name]
 
 
-def generate(name: str, n: int, seed: int, exclude: set[str] | frozenset[str] = frozenset()) -> list[Instance]:
-    """``n`` distinct instances of family ``name``; the same list for the same seed."""
-    return family(name).generate(n, seed, exclude)
+def generate(name: str, n: int, seed: int, exclude: set[str] | frozenset[str] = frozenset(),
+             part: Part | None = None) -> list[Instance]:
+    """``n`` distinct instances of family ``name``; the same list for the same seed. ``part="train"`` for data,
+    ``"heldout"`` for suites: the two never share a task (:func:`part_of`)."""
+    return family(name).generate(n, seed, exclude, part)
 
 
 def check(instance: Instance, answer: str) -> tuple[bool, str]:

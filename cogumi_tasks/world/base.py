@@ -14,7 +14,10 @@ import random
 import re
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
+
+Part = Literal["train", "heldout"]
+HELDOUT_SHARE = 5  # one task key in five belongs to the held-out part
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,12 @@ def canonical_json(obj: Any) -> str:
 
 
 _KEY_IGNORES: dict[str, tuple[str, ...]] = {}  # family -> parameters that do not make another task
+
+
+def part_of(key: str) -> Part:
+    """The part a task key belongs to, fixed by its hash: training data drawn from ``train`` never shares a task
+    with suites drawn from ``heldout``, whatever seeds and sizes either uses."""
+    return "heldout" if int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) % HELDOUT_SHARE == 0 else "train"
 
 
 def task_key(family: str, params: dict) -> str:
@@ -108,9 +117,10 @@ class Family:
         params = self.parse(prompt)
         return None if params is None else self.make(params, prompt)
 
-    def generate(self, n: int, seed: int, exclude: Iterable[str] = ()) -> list[Instance]:
+    def generate(self, n: int, seed: int, exclude: Iterable[str] = (), part: Part | None = None) -> list[Instance]:
         """``n`` distinct instances, the same for the same seed. Tasks whose key or normalised prompt is in
-        ``exclude`` (see :func:`keys_of`) are skipped, so a training set can be drawn around a held-out one."""
+        ``exclude`` (see :func:`keys_of`) are skipped, so a training set can be drawn around a held-out one;
+        ``part`` keeps only tasks of that part (:func:`part_of`): the usual way to keep suites and data apart."""
         rng = random.Random(f"{self.name}:{seed}")
         seen = set(exclude)
         out: list[Instance] = []
@@ -121,8 +131,9 @@ class Family:
                 raise ValueError(f"family {self.name}: only {len(out)} distinct instances of {n} asked (seed {seed})")
             params = self.sample_params(rng)
             prompt = self.render(params, rng)
-            keys = {task_key(self.name, params), "text:" + normalise_text(prompt)}
-            if keys & seen:
+            key = task_key(self.name, params)
+            keys = {key, "text:" + normalise_text(prompt)}
+            if keys & seen or (part is not None and part_of(key) != part):
                 continue
             seen |= keys
             out.append(self.make(params, prompt))

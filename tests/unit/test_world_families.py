@@ -13,6 +13,7 @@ import sys
 
 import pytest
 
+from cogumi_tasks import world
 from cogumi_tasks.eval.sandbox import Limits
 from cogumi_tasks.world import (
     FAMILIES,
@@ -26,6 +27,7 @@ from cogumi_tasks.world import (
     normalise_text,
     split,
 )
+from cogumi_tasks.world.base import task_key
 from cogumi_tasks.world.code import ALL_PARAMS, entry_point, evaluate, near_misses
 from cogumi_tasks.world.reasoning import final_answer
 
@@ -175,3 +177,12 @@ def test_split_and_exclude_keep_held_out_tasks_out_of_training(instances):
     dup = [held[0], fam.make(held[0].params, rewording), *generate("word_arith", 20, seed=2)]
     train, kept = split(dup, 1, seed=0)
     assert_disjoint(train, kept)
+
+
+@pytest.mark.parametrize("name", sorted(world.FAMILIES))
+def test_train_and_heldout_parts_never_share_a_task(name):
+    held = world.generate(name, 60, seed=7, part="heldout")
+    train = world.generate(name, 200, seed=3, part="train")
+    assert {world.part_of(task_key(name, i.params)) for i in held} == {"heldout"}
+    assert {world.part_of(task_key(name, i.params)) for i in train} == {"train"}
+    world.assert_disjoint(train, held)
