@@ -65,7 +65,8 @@ def improved_answers(ctx: StepContext, rows: list[dict]) -> list[dict]:
 @step("compress.recover", version=1, reads=("compress.recover", "train.sft", "teachers", "llm"),
       inputs=("model", "dataset"), outputs=("adapter?", "lora_gguf?", "examples?", "metrics?"),
       code=("cogumi_tasks.llm.step_calls", "cogumi_tasks.train.lora", "cogumi_tasks.train.sft",
-            "cogumi_tasks.models.convert", "cogumi_tasks.models.nll"))
+            "cogumi_tasks.models.convert", "cogumi_tasks.models.nll", "cogumi_tasks.models.step_io",
+            "cogumi_tasks.compress.steps", "cogumi_tasks.llm.client"))
 def recover(ctx: StepContext) -> StepOutput:
     """Pick the hardest Phase 0 rows by per-byte perplexity under the pruned model (``hardest_fraction``, at least
     ``min_examples``), have the teacher improve their answers, train a conservative LoRA (rank 64, lr 8e-7, 2 epochs

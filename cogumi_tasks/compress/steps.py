@@ -48,7 +48,8 @@ def _ppl(stats) -> dict:
 
 
 @step("compress.prune", version=1, reads=("compress.prune",), inputs=("model", "dataset", "recipe"),
-      outputs=("model",), code=("cogumi_tasks.compress.oneshot", "cogumi_tasks.models.nll"),
+      outputs=("model",),
+      code=("cogumi_tasks.compress.oneshot", "cogumi_tasks.models.nll", "cogumi_tasks.models.step_io"),
       config_inputs={"recipe": "compress.prune.recipe"})
 def prune(ctx: StepContext) -> StepOutput:
     """Gradual one-shot pruning (llm-compressor recipe, e.g. SparseGPT) up to the last stage's sparsity.
@@ -87,7 +88,7 @@ def prune(ctx: StepContext) -> StepOutput:
 
 @step("compress.quantize_awq", version=1, reads=("compress.awq", "compress.prune.ppl_rows"),
       inputs=("model", "dataset", "recipe"), outputs=("model?",),
-      code=("cogumi_tasks.compress.oneshot", "cogumi_tasks.models.nll"),
+      code=("cogumi_tasks.compress.oneshot", "cogumi_tasks.models.nll", "cogumi_tasks.models.step_io"),
       config_inputs={"recipe": "compress.awq.recipe"})
 def quantize_awq(ctx: StepContext) -> StepOutput:
     """AWQ W4A16 with llm-compressor, saved in compressed-tensors format (vLLM and transformers load it).
@@ -134,7 +135,8 @@ def quantize_awq(ctx: StepContext) -> StepOutput:
 
 @step("compress.export_gguf", version=1, reads=("compress.gguf", "compress.prune.ppl_rows"),
       inputs=("model", "dataset"), outputs=("gguf",),
-      code=("cogumi_tasks.compress.gguf", "cogumi_tasks.models.convert", "cogumi_tasks.models.nll"))
+      code=("cogumi_tasks.compress.gguf", "cogumi_tasks.models.convert", "cogumi_tasks.models.nll",
+            "cogumi_tasks.models.step_io"))
 def export_gguf(ctx: StepContext) -> StepOutput:
     """llama.cpp's converter to f16 GGUF, then quantization to ``compress.gguf.quant_type`` (Q5_K_M), with the
     plan's validation: greedy token agreement with the unquantized HF model and per-byte perplexity.
@@ -233,7 +235,8 @@ def _manifest_of(ctx: StepContext, name: str) -> dict:
 
 
 @step("compress.publish", version=1, inputs=("base", "pruned", "awq", "gguf", "packed", "calibrator", "lora"),
-      outputs=("table", "gguf", "calibrator", "lora_gguf?"), code=("cogumi_tasks.compress.sizes",))
+      outputs=("table", "gguf", "calibrator", "lora_gguf?"),
+      code=("cogumi_tasks.compress.sizes", "cogumi_tasks.compress.gguf", "cogumi_tasks.models.step_io"))
 def publish(ctx: StepContext) -> StepOutput:
     """One size/quality table of every stage beside the plan's promised sizes, and the arithmetic of what a
     model of this size can reach.

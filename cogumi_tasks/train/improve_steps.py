@@ -36,7 +36,8 @@ GENERAL_ROWS = 16  # Phase 0 rows held out of the replay to measure forgetting
 
 
 @step("train.failure_analysis", version=1, reads=("train.failure_analysis", "judge", "llm"), inputs=("items",),
-      outputs=("clusters", "failures"), code=("cogumi_tasks.train.failures",))
+      outputs=("clusters", "failures"),
+      code=("cogumi_tasks.train.failures", "cogumi_tasks.llm.step_calls", "cogumi_tasks.train.steps"))
 def failure_analysis(ctx: StepContext) -> StepOutput:
     """Embed the failed items (sentence-transformers), cluster them (KMeans, silhouette reported) and have
     the judge name each cluster's pattern from its examples.
@@ -193,7 +194,8 @@ def write_examples(ctx: StepContext, clusters: list[dict], quarantine: Quarantin
       inputs=("model", "clusters", "dataset"),
       outputs=("examples", "rejected", "quarantine", "mix", "model", "adapter?", "metrics?"),
       code=("cogumi_tasks.llm.step_calls", "cogumi_tasks.train.lora", "cogumi_tasks.train.sft",
-            "cogumi_tasks.models.nll"))
+            "cogumi_tasks.models.nll", "cogumi_tasks.models.step_io", "cogumi_tasks.train.steps",
+            "cogumi_tasks.llm.client"))
 def distill(ctx: StepContext) -> StepOutput:
     """Targeted distillation: per failure pattern the strongest teacher writes new tasks and answers, the
     judge keeps those scoring >= ``judge_min_score``; they are mixed with ``replay_fraction`` of replayed
@@ -292,7 +294,8 @@ def compare_evaluations(before: list[dict], after: list[dict]) -> dict:
     }
 
 
-@step("train.publish", version=1, inputs=("model", "before", "after"), outputs=("model", "release"))
+@step("train.publish", version=1, inputs=("model", "before", "after"), outputs=("model", "release"),
+      code=("cogumi_tasks.models.step_io",))
 def publish(ctx: StepContext) -> StepOutput:
     """Publish the enhanced base model with the before/after evaluation of targeted distillation.
 

@@ -28,7 +28,7 @@ def train_config(ctx: StepContext) -> TrainConfig:
 
 
 @step("train.base_model", version=2, reads=("train.base_model",), outputs=("model",),
-      code=("cogumi_tasks.models.convert", "cogumi_tasks.models.packaged"))
+      code=("cogumi_tasks.models.convert", "cogumi_tasks.models.packaged", "cogumi_tasks.models.step_io"))
 def base_model(ctx: StepContext) -> StepOutput:
     """The base model as an HF directory.
 
@@ -60,7 +60,7 @@ def base_model(ctx: StepContext) -> StepOutput:
 
 
 @step("train.vocab_trim", version=1, reads=("train.vocab_trim",), inputs=("model", "dataset", "heldout"),
-      outputs=("model",), code=("cogumi_tasks.train.vocab", "cogumi_tasks.models.nll"),
+      outputs=("model",), code=("cogumi_tasks.train.vocab", "cogumi_tasks.models.nll", "cogumi_tasks.models.step_io"),
       config_inputs={"heldout": "train.vocab_trim.heldout"})
 def vocab_trim(ctx: StepContext) -> StepOutput:
     """Keep the tokens covering ``coverage`` of the dataset's chat text (plus the held-out English prompts),
@@ -134,7 +134,8 @@ def vocab_trim(ctx: StepContext) -> StepOutput:
 
 
 @step("train.sft", version=1, reads=("train.sft",), inputs=("model", "dataset"),
-      outputs=("adapter", "model", "metrics"), code=("cogumi_tasks.train.lora", "cogumi_tasks.train.sft"))
+      outputs=("adapter", "model", "metrics"), code=("cogumi_tasks.train.lora", "cogumi_tasks.train.sft",
+                                                 "cogumi_tasks.models.step_io"))
 def sft(ctx: StepContext) -> StepOutput:
     """LoRA SFT on the chat-formatted dataset (QLoRA on CUDA), loss on assistant tokens only.
 
