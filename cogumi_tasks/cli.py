@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from cogumi_tasks.core.config import ConfigError, PipelineConfig, load_config, parse_set_flags
-from cogumi_tasks.core.secrets import install_log_filter
+from cogumi_tasks.core.secrets import install_log_filter, redact
 
 
 def _parse_inputs(pairs: list[str], inputs_json: str | None) -> dict:
@@ -224,8 +224,8 @@ def _local_stack_credentials() -> None:
 
 
 def one_line(exc: BaseException) -> str:
-    """An error's message on one line (a multi-line listing joined with ``; ``)."""
-    return "; ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
+    """An error's message on one line (a multi-line listing joined with ``; ``), secret values redacted."""
+    return redact("; ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -174,3 +174,11 @@ def test_local_stack_secret_files_are_0600(tmp_path: Path) -> None:
     assert json.loads(passwords.read_text()) == {"admin": sec["COGUMI_AIRFLOW_PASSWORD"]}
     assert env["AWS_SECRET_ACCESS_KEY"] == sec["COGUMI_S3_SECRET_KEY"]
     assert local.load_secrets(settings) == sec  # generated once
+
+
+def test_cli_error_line_is_redacted(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cogumi_tasks.cli import one_line
+
+    monkeypatch.setenv("COGUMI_TEST_API_KEY", "sk-cli-line-marker-123456")
+    line = one_line(RuntimeError("endpoint said: bad key sk-cli-line-marker-123456\nsecond line"))
+    assert line == "endpoint said: bad key ***; second line"
