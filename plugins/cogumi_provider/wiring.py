@@ -15,7 +15,7 @@ from airflow.sdk import DAG, XComArg
 
 from cogumi_provider.operators import CogumiStepOperator
 
-# XCom keys every step task pushes besides its outputs (see CogumiHook.run_step), and Airflow's return value
+# XCom keys every step task pushes besides its outputs (CogumiStepOperator.publish), and Airflow's return value
 PAYLOAD_KEYS = ("manifest", "skipped")
 RETURN_KEY = "return_value"
 
