@@ -100,7 +100,19 @@ def cmd_run_step(args: argparse.Namespace) -> int:
 def cmd_steps(args: argparse.Namespace) -> int:
     from cogumi_tasks.core.steps import all_steps
 
-    for name, spec in sorted(all_steps().items()):
+    steps = all_steps()
+    if args.name:
+        if args.name not in steps:
+            raise ConfigError(f"no step named {args.name!r}; known: {', '.join(sorted(steps))}")
+        spec = steps[args.name]
+        print(f"{spec.name} v{spec.version}\n\n{spec.doc}\n")
+        declared = {"reads (config in the cache key)": spec.reads, "inputs": spec.inputs, "outputs": spec.outputs,
+                    "optional outputs": spec.optional_outputs, "code (source in the cache key)": spec.code,
+                    "inputs named in config": [f"{k} <- {v}" for k, v in spec.config_inputs]}
+        for label, values in declared.items():
+            print(f"{label}: {', '.join(values) if values else '-'}")
+        return 0
+    for name, spec in sorted(steps.items()):
         first = spec.doc.splitlines()[0] if spec.doc else ""
         print(f"{name:24s} v{spec.version}  {first}")
     return 0
@@ -184,7 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--force", action="store_true", help="run even if a cached result exists")
     r.set_defaults(fn=cmd_run_step)
 
-    sub.add_parser("steps", help="list registered steps").set_defaults(fn=cmd_steps)
+    st = sub.add_parser("steps", help="list registered steps, or one step's declarations")
+    st.add_argument("name", nargs="?", help="a step: print what it reads, takes, returns and hashes")
+    st.set_defaults(fn=cmd_steps)
 
     s = sub.add_parser("status", help="what ran, what it cost, where the outputs are")
     s.add_argument("--config", default="tiny")

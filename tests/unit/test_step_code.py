@@ -55,3 +55,14 @@ def test_every_module_a_step_uses_is_in_its_code(name):
     used = used_modules(spec.fn.__module__, fn, set())
     missing = sorted(m for m in used if not m.startswith("cogumi_tasks.core") and m not in spec.code)
     assert not missing, f"step {name} uses {missing} but does not declare them in @step(code=...)"
+
+
+def test_cogumi_steps_prints_a_steps_declarations(capsys):
+    from cogumi_tasks.cli import main
+
+    assert main(["steps", "compress.export_gguf"]) == 0
+    out = capsys.readouterr().out
+    assert "reads (config in the cache key): compress.gguf, compress.prune.ppl_rows" in out
+    assert "cogumi_tasks.compress.gguf" in out.split("code (source in the cache key):")[1]
+    assert main(["steps", "compress.nope"]) == 2
+    assert "no step named 'compress.nope'" in capsys.readouterr().err
