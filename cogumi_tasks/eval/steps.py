@@ -35,8 +35,9 @@ def _endpoints(ctx: StepContext) -> dict:
 
 @step("eval.run", version=1, reads=("eval", "judge", "teachers", "llm"), inputs=("model",),
       outputs=("items", "summary"), code=("cogumi_tasks.eval.backends", "cogumi_tasks.eval.judge",
-                                          "cogumi_tasks.eval.sandbox", "cogumi_tasks.eval.stats",
-                                          "cogumi_tasks.eval.suites"))
+                                          "cogumi_tasks.eval.stats", "cogumi_tasks.eval.suites",
+                                          "cogumi_tasks.llm.step_calls", "cogumi_tasks.world.answers",
+                                          "cogumi_tasks.world.sandbox"))
 def run_eval(ctx: StepContext) -> StepOutput:
     """Evaluate the student and the reference model on the configured suites.
 
@@ -47,10 +48,10 @@ def run_eval(ctx: StepContext) -> StepOutput:
     from cogumi_tasks.core.ledger import ResponseCache
     from cogumi_tasks.eval.backends import EndpointBackend, load_backend
     from cogumi_tasks.eval.judge import judge_pairs, order_agreement, win_rate
-    from cogumi_tasks.eval.sandbox import Limits, check_available
     from cogumi_tasks.eval.stats import pct_of_reference
     from cogumi_tasks.eval.suites import load_suite, score_items
     from cogumi_tasks.llm.step_calls import make_client, make_ledger
+    from cogumi_tasks.world.sandbox import Limits, check_available
 
     cfg = ctx.config.eval
     if cfg is None:

@@ -9,7 +9,6 @@ line and field.
 from __future__ import annotations
 
 import json
-import math
 import re
 import textwrap
 from collections.abc import Callable
@@ -20,10 +19,11 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from cogumi_tasks.core.records import Quarantine, describe, load_records
+from cogumi_tasks.world.answers import extract_code, extract_json_object, same_value
 
 if TYPE_CHECKING:
     from cogumi_tasks.core.config import SuiteConfig
-    from cogumi_tasks.eval.sandbox import Limits
+    from cogumi_tasks.world.sandbox import Limits
 
 RESOURCES = Path(__file__).resolve().parents[1] / "resources"
 DOMAINS = ("code", "reasoning", "automation", "general")
@@ -272,25 +272,6 @@ BUILDERS: dict[str, Callable[[Any], Item]] = {
 # ---------------------------------------------------------------------------------------------- code
 
 
-_FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[^\n]*\n(.*?)(?:```|\Z)", re.S)
-
-
-def extract_code(output: str, entry_point: str | None = None) -> str:
-    """Python code in a model output: the fenced block defining ``entry_point`` (else the first python block, else
-    the first block; an unclosed fence runs to the end), or the raw output when there is no fence."""
-    blocks = [(lang.lower(), body) for lang, body in _FENCE.findall(output)]
-    if not blocks:
-        return output.strip("\n")
-    if entry_point:
-        for _, body in blocks:
-            if re.search(rf"^\s*def\s+{re.escape(entry_point)}\s*\(", body, re.M):
-                return body
-    for lang, body in blocks:
-        if lang in ("python", "py", "python3"):
-            return body
-    return blocks[0][1]
-
-
 def humaneval_program(problem: dict, completion_code: str) -> str:
     """The test program for a HumanEval answer: a full ``def entry_point`` runs after the prompt's preamble (imports
     and helper functions); anything else is a completion appended to the prompt. Then the test and ``check``."""
@@ -353,37 +334,6 @@ def bbh_match(output: str, target: str) -> tuple[bool, str]:
     return got == want, got
 
 
-def extract_json_object(output: str) -> dict | None:
-    """The first JSON object in the output (inside a ```json fence when there is one)."""
-    decoder = json.JSONDecoder()
-    texts = [body for _, body in _FENCE.findall(output)] + [output]
-    for text in texts:
-        for m in re.finditer(r"\{", text):
-            try:
-                obj, _ = decoder.raw_decode(text, m.start())
-            except json.JSONDecodeError:
-                continue
-            if isinstance(obj, dict):
-                return obj
-    return None
-
-
-def same_value(got: Any, want: Any) -> bool:
-    """Equal after normalisation: numbers numerically, strings stripped and case-insensitive, booleans and null
-    exactly, lists element by element, objects key by key (no extra or missing keys)."""
-    if isinstance(got, bool) or isinstance(want, bool) or got is None or want is None:
-        return type(got) is type(want) and got == want
-    if isinstance(got, int | float) and isinstance(want, int | float):
-        return math.isclose(got, want, rel_tol=1e-9, abs_tol=1e-12)
-    if isinstance(got, str) and isinstance(want, str):
-        return got.strip().lower() == want.strip().lower()
-    if isinstance(got, list) and isinstance(want, list):
-        return len(got) == len(want) and all(same_value(g, w) for g, w in zip(got, want, strict=True))
-    if isinstance(got, dict) and isinstance(want, dict):
-        return set(got) == set(want) and all(same_value(got[k], want[k]) for k in want)
-    return False
-
-
 def tool_call_match(call: dict | None, expected: dict) -> tuple[bool, str | None]:
     """(correct, error): the name must match and the arguments match after normalisation, no extra keys."""
     if call is None:
@@ -408,7 +358,7 @@ def _verdict(item: Item, correct: bool, error: str | None = None, **detail: Any)
 
 def score_items(items: list[Item], outputs: list[str], limits: Limits, workers: int = 2) -> list[ItemScore]:
     """Score each output against its item; code items run together in the sandbox."""
-    from cogumi_tasks.eval.sandbox import run_many
+    from cogumi_tasks.world.sandbox import run_many
 
     if len(items) != len(outputs):
         raise ValueError(f"{len(items)} items but {len(outputs)} outputs")

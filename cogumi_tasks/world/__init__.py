@@ -17,7 +17,7 @@ from cogumi_tasks.world.code import check_many as _check_code
 from cogumi_tasks.world.reasoning import WordArithmetic
 
 if TYPE_CHECKING:
-    from cogumi_tasks.eval.sandbox import Limits
+    from cogumi_tasks.world.sandbox import Limits
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (ListFunctions(), WordArithmetic(), ToolCalls())}
 BY_DOMAIN: dict[str, str] = {f.domain: f.name for f in FAMILIES.values()}

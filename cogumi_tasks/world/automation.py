@@ -150,7 +150,7 @@ class ToolCalls(Family):
         return None
 
     def check(self, instance: Instance, answer: str) -> tuple[bool, str]:
-        from cogumi_tasks.eval.suites import extract_json_object, same_value
+        from cogumi_tasks.world.answers import extract_json_object, same_value
 
         call, want = extract_json_object(answer), instance.payload["expected"]
         if call is None:

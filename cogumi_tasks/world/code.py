@@ -4,7 +4,7 @@
 The reference is a fenced one-liner (``return sum(x * x for x in xs if x % 2 == 0)``). Hidden tests are lists of
 small integers; they are drawn so that every near miss (one component changed: another filter, map or reduce) that
 differs from the task on one of up to 200 random lists fails at least one of them. Answers run in the bubblewrap sandbox
-(:mod:`cogumi_tasks.eval.sandbox`); several answers can share one sandboxed program (``batch``), which is only
+(:mod:`cogumi_tasks.world.sandbox`); several answers can share one sandboxed program (``batch``), which is only
 fair when the answers are trusted not to interfere with each other (a reference self-check, not model output).
 """
 
@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from cogumi_tasks.world.base import Family, Instance
 
 if TYPE_CHECKING:
-    from cogumi_tasks.eval.sandbox import Limits
+    from cogumi_tasks.world.sandbox import Limits
 
 # name -> (English, name part, condition); k fills {k}
 FILTERS: dict[str, tuple[str, str, str]] = {
@@ -178,7 +178,7 @@ class ListFunctions(Family):
 
 def program(pairs: list[tuple[Instance, str]]) -> str:
     """One sandbox program that runs each answer's hidden tests in its own namespace and prints the verdicts."""
-    from cogumi_tasks.eval.suites import extract_code
+    from cogumi_tasks.world.answers import extract_code
 
     cases = [(extract_code(ans, inst.payload["entry_point"]), inst.payload["entry_point"], inst.payload["cases"])
              for inst, ans in pairs]
@@ -220,8 +220,8 @@ def check_many(instances: list[Instance], answers: list[str], limits: Limits | N
     """(ok, reason) per answer, run in the sandbox ``batch`` answers per program (at most as many as the
     sandbox's output capture has room for; a failed batch is re-run one answer per program, so a crash, a timeout
     or an early exit only ever blames its own answer)."""
-    from cogumi_tasks.eval.sandbox import OUTPUT_LIMIT, run_many
-    from cogumi_tasks.eval.sandbox import Limits as _Limits
+    from cogumi_tasks.world.sandbox import OUTPUT_LIMIT, run_many
+    from cogumi_tasks.world.sandbox import Limits as _Limits
 
     lim = limits or _Limits()
     batch = max(1, min(batch, (OUTPUT_LIMIT - 100) // (REASON_CHARS + 20)))  # verdicts must fit the capture

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from cogumi_tasks.eval import sandbox
-from cogumi_tasks.eval.sandbox import Limits, SandboxResult, check_available, run_many, run_python
+from cogumi_tasks.world import sandbox
+from cogumi_tasks.world.sandbox import Limits, SandboxResult, check_available, run_many, run_python
 
 # `make test` installs bubblewrap; in CI a missing sandbox must fail, not skip
 pytestmark = pytest.mark.skipif(

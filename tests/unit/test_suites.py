@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 
 from cogumi_tasks.core.config import SuiteConfig
-from cogumi_tasks.eval.sandbox import Limits, check_available, run_many
 from cogumi_tasks.eval.suites import (
     Item,
     SuiteError,
@@ -19,6 +18,7 @@ from cogumi_tasks.eval.suites import (
     load_suite,
     score_items,
 )
+from cogumi_tasks.world.sandbox import Limits, check_available, run_many
 
 RESOURCES = Path(__file__).resolve().parents[2] / "cogumi_tasks" / "resources"
 BUILTIN = {"tiny_mbpp": ("mbpp", 20, "code"), "tiny_mmlu": ("mmlu", 30, "general"),

@@ -14,7 +14,6 @@ import sys
 import pytest
 
 from cogumi_tasks import world
-from cogumi_tasks.eval.sandbox import Limits
 from cogumi_tasks.world import (
     FAMILIES,
     Instance,
@@ -30,6 +29,7 @@ from cogumi_tasks.world import (
 from cogumi_tasks.world.base import task_key
 from cogumi_tasks.world.code import ALL_PARAMS, entry_point, evaluate, near_misses
 from cogumi_tasks.world.reasoning import final_answer
+from cogumi_tasks.world.sandbox import Limits
 
 needs_sandbox = pytest.mark.skipif(shutil.which("bwrap") is None and not os.environ.get("CI"),
                                    reason="bubblewrap not installed (apt-get install bubblewrap)")
