@@ -1,4 +1,4 @@
-""""% of reference" with a paired bootstrap interval, and the quality gates on it.
+""""% of reference" with a paired bootstrap interval, and the quality gates on it (judged by ``core.verdict``).
 
 The student and the reference answer the same items, so items are resampled in pairs: each
 bootstrap replicate draws n item indices with replacement and computes
@@ -48,8 +48,8 @@ def pct_of_reference(per_item: list[dict], domain_key: str = "domain", n: int = 
     """Per domain and ``"all"``: ``{"ours", "reference", "pct", "ci": [low, high], "n"}``.
 
     Rows carry ``ours`` and ``reference`` scores (0/1 or fractions) for the same item. A domain
-    whose reference scored 0 gets ``pct`` and ``ci`` of None and an ``error``; ValueError only
-    when the reference scored 0 on every item.
+    (``"all"`` included) whose reference scored 0, or that has no items, gets ``pct`` and ``ci`` of
+    None and an ``error``: the ratio is undefined, never 0%.
     """
     groups: dict[str, list[dict]] = {}
     for row in per_item:
@@ -64,8 +64,6 @@ def pct_of_reference(per_item: list[dict], domain_key: str = "domain", n: int = 
         try:
             point, low, high = bootstrap_ratio_ci(ours, ref, n=n, seed=seed, alpha=alpha)
         except ValueError as exc:
-            if domain == ALL:
-                raise
             entry.update(pct=None, ci=None, error=f"{domain}: {exc}")
         else:
             entry.update(pct=point, ci=[low, high])
@@ -79,31 +77,33 @@ class GateResult:
     threshold: float
     pct: float
     ci: tuple[float, float]
-    passed: bool
+    passed: bool  # the verdict is "met"
     message: str
+    verdict: str
+    reason: str
 
 
 def check_gates(table: dict[str, dict], gates: dict[str, float]) -> list[GateResult]:
-    """One result per gate (domain -> minimum % of reference): passed iff the measured pct > threshold.
-
-    A domain absent from the table, with no items, or without a defined pct is a failed gate that says why.
+    """One result per gate (domain -> minimum % of reference), judged by :func:`cogumi_tasks.core.verdict.judge`:
+    passed only when the interval's lower bound is above the threshold; an interval that straddles it is
+    inconclusive and fails the gate too. A domain absent from the table, with no items, or without a defined
+    pct is undefined and fails, saying why.
     """
+    from cogumi_tasks.core.verdict import judge
+
     out = []
     for domain, threshold in sorted(gates.items()):
-        entry = table.get(domain)
-        if not entry or not entry.get("n"):
-            out.append(GateResult(domain, threshold, math.nan, (math.nan, math.nan), False,
-                                  f"{domain}: no evaluated items, gate > {threshold:g}% FAILED"))
-            continue
-        if entry.get("pct") is None:
-            why = entry.get("error") or "% of reference undefined"
-            out.append(GateResult(domain, threshold, math.nan, (math.nan, math.nan), False,
-                                  f"{why} (n={entry['n']}), gate > {threshold:g}% FAILED"))
-            continue
-        pct = float(entry["pct"])
-        low, high = (float(x) for x in entry["ci"])
-        passed = pct > threshold
-        out.append(GateResult(domain, threshold, pct, (low, high), passed,
-                              f"{domain}: {pct:.1f}% of reference (95% CI {low:.1f}-{high:.1f}, n={entry['n']}), "
-                              f"gate > {threshold:g}% {'passed' if passed else 'FAILED'}"))
+        entry = table.get(domain) or {}
+        n = entry.get("n") or 0
+        pct, ci = entry.get("pct") if n else None, entry.get("ci") if n else None
+        why = (entry.get("error") or f"{domain}: % of reference undefined") if n else f"{domain}: no evaluated items"
+        v = judge(pct, ">", threshold, ci, undefined_reason=why)
+        if pct is None:
+            shown = f"{why} (n={n})"
+        else:
+            span = f"95% CI {ci[0]:.1f}-{ci[1]:.1f}, " if ci else "no interval, "
+            shown = f"{domain}: {pct:.1f}% of reference ({span}n={n})"
+        out.append(GateResult(domain, threshold, math.nan if pct is None else float(pct),
+                              tuple(float(x) for x in ci) if pct is not None and ci else (math.nan, math.nan),
+                              v.met, f"{shown}, gate > {threshold:g}%: {v.verdict}", v.verdict, v.reason))
     return out

@@ -70,23 +70,30 @@ def test_pct_domain_with_zero_reference_is_marked_not_raised():
     table = pct_of_reference(rows)
     assert table["code"]["pct"] is None and "reference scored 0" in table["code"]["error"]
     assert table["general"]["pct"] == 100.0
-    with pytest.raises(ValueError, match="reference scored 0"):
-        pct_of_reference([{"id": "a", "domain": "code", "ours": 1, "reference": 0}])
+    everywhere = pct_of_reference([{"id": "a", "domain": "code", "ours": 1, "reference": 0}])
+    assert everywhere["all"]["pct"] is None and everywhere["all"]["error"].startswith("all: reference scored 0")
 
 
-def test_gates_pass_and_fail_messages():
+def test_gates_met_not_met_and_inconclusive_messages():
     table = {"code": {"pct": 41.23, "ci": [30.14, 52.31], "n": 20, "ours": 0.3, "reference": 0.7},
-             "reasoning": {"pct": 80.0, "ci": [70.0, 90.0], "n": 10, "ours": 0.4, "reference": 0.5}}
-    results = {g.domain: g for g in check_gates(table, {"code": 72, "reasoning": 70})}
-    assert not results["code"].passed
-    assert results["code"].message == "code: 41.2% of reference (95% CI 30.1-52.3, n=20), gate > 72% FAILED"
+             "reasoning": {"pct": 100.0, "ci": [0.0, 300.0], "n": 10, "ours": 0.1, "reference": 0.1},
+             "automation": {"pct": 88.0, "ci": [76.0, 97.5], "n": 30, "ours": 0.88, "reference": 1.0}}
+    results = {g.domain: g for g in check_gates(table, {"code": 72, "reasoning": 70, "automation": 75})}
+    assert not results["code"].passed and results["code"].verdict == "not met"
+    assert results["code"].message == "code: 41.2% of reference (95% CI 30.1-52.3, n=20), gate > 72%: not met"
     assert results["code"].ci == (30.14, 52.31)
-    assert results["reasoning"].passed and results["reasoning"].message.endswith("gate > 70% passed")
+    # the demo's "100 (CI 0-300), met": a point above the gate with an interval straddling it is not a pass
+    assert not results["reasoning"].passed and results["reasoning"].verdict == "inconclusive"
+    assert results["reasoning"].message.endswith("gate > 70%: inconclusive")
+    assert "straddles the target (> 70)" in results["reasoning"].reason
+    assert results["automation"].passed and results["automation"].verdict == "met"
+    assert results["automation"].reason == "88 (95% CI 76-97.5): the lower bound 76 clears > 75"
 
 
-def test_gate_is_strictly_greater():
-    table = {"code": {"pct": 72.0, "ci": [60.0, 80.0], "n": 5}}
-    assert not check_gates(table, {"code": 72})[0].passed
+def test_gate_needs_the_lower_bound_strictly_above():
+    table = {"code": {"pct": 90.0, "ci": [72.0, 99.0], "n": 5}}
+    assert check_gates(table, {"code": 72})[0].verdict == "inconclusive"
+    assert check_gates(table, {"code": 71.9})[0].passed
 
 
 def test_gate_on_missing_or_undefined_domain_fails():
@@ -94,6 +101,7 @@ def test_gate_on_missing_or_undefined_domain_fails():
              "general": {"pct": 90.0, "ci": [80.0, 100.0], "n": 4}}
     results = {g.domain: g for g in check_gates(table, {"automation": 75, "code": 72})}
     assert not results["automation"].passed and "no evaluated items" in results["automation"].message
-    assert math.isnan(results["automation"].pct)
+    assert math.isnan(results["automation"].pct) and results["automation"].verdict == "undefined"
     assert not results["code"].passed and "reference scored 0" in results["code"].message
+    assert results["code"].verdict == "undefined" and results["code"].message.endswith("gate > 72%: undefined")
     assert check_gates(table, {}) == []
