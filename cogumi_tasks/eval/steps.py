@@ -142,12 +142,13 @@ def run_eval(ctx: StepContext) -> StepOutput:
 
 
 @step("eval.gate", version=1, reads=("eval.gates",), inputs=("summary",), outputs=("gates",),
-      code=("cogumi_tasks.eval.stats",))
+      code=("cogumi_tasks.eval.stats", "cogumi_tasks.core.verdict"))
 def gate(ctx: StepContext) -> StepOutput:
     """Pass or fail on the configured gates (domain -> minimum % of reference).
 
-    Inputs: ``summary`` (eval.run's summary.json). Outputs: ``gates`` (JSON). Fails the task with
-    every measured figure and interval when any gate fails.
+    Inputs: ``summary`` (eval.run's summary.json). Outputs: ``gates`` (JSON: per gate the figure, its interval,
+    the verdict and its reason). A gate passes only when met (the interval's lower bound clears it); the task
+    fails with every measured figure, interval and verdict when any gate is not met, inconclusive or undefined.
     """
     from cogumi_tasks.eval.stats import check_gates
 
@@ -155,7 +156,7 @@ def gate(ctx: StepContext) -> StepOutput:
     gates = ctx.config.eval.gates if ctx.config.eval else {}
     results = check_gates(summary.get("pct_of_reference", {}), gates)
     report = [{"domain": g.domain, "threshold": g.threshold, "pct": g.pct, "ci": list(g.ci), "passed": g.passed,
-               "message": g.message} for g in results]
+               "verdict": g.verdict, "reason": g.reason, "message": g.message} for g in results]
     failed = [g for g in results if not g.passed]
     if failed:
         raise StepFailed("quality gates failed: " + "; ".join(g.message for g in failed)
