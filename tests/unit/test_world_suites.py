@@ -1,0 +1,121 @@
+"""World suites in the evaluation harness (held-out instances of the task families, scored by their checkers) and
+the per-domain tables: accuracy with bootstrap intervals, % of reference (undefined when the reference got 0/N),
+Phase 1's before/after table."""
+
+from __future__ import annotations
+
+import shutil
+import typing
+
+import pytest
+from pydantic import ValidationError
+
+from cogumi_tasks import world
+from cogumi_tasks.core.config import SuiteConfig, WorldFamily
+from cogumi_tasks.eval.suites import load_suite, score_items
+from cogumi_tasks.eval.tables import before_after, bootstrap_mean_ci, domain_table
+from cogumi_tasks.world.sandbox import Limits
+
+needs_bwrap = pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap not installed (code runs in it)")
+
+
+def _suite(family: str, n: int = 12, seed: int = 0) -> list:
+    return load_suite(SuiteConfig(kind="world", family=family, n=n, seed=seed), fetch=None)
+
+
+def test_config_families_are_the_worlds():
+    assert set(typing.get_args(WorldFamily)) == set(world.FAMILIES)
+
+
+@pytest.mark.parametrize(("data", "why"), [
+    ({"kind": "world", "family": "poetry", "n": 3}, "family"),
+    ({"kind": "world", "family": "list_fn"}, "needs family and n"),
+    ({"kind": "world", "family": "list_fn", "n": 3, "source": "builtin:tiny_mbpp"}, "no source"),
+    ({"kind": "mbpp"}, "needs a source"),
+    ({"kind": "mbpp", "source": "builtin:tiny_mbpp", "n": 3}, "for world suites"),
+])
+def test_world_suite_config_is_checked(data, why):
+    with pytest.raises(ValidationError, match=why):
+        SuiteConfig.model_validate(data)
+
+
+@pytest.mark.parametrize("family", sorted(world.FAMILIES))
+def test_world_items_are_held_out_and_disjoint_from_training(family):
+    items = _suite(family, n=40, seed=3)
+    insts = [world.Instance.from_dict(i.target["task"]) for i in items]
+    assert len(items) == 40 and len({i.id for i in items}) == 40
+    assert {i.suite for i in items} == {f"world/{family}"}
+    assert {i.domain for i in items} == {world.family(family).domain}
+    assert all(world.part_of(world.base.task_key(x.family, x.params)) == "heldout" for x in insts)
+    assert [i.messages for i in items] == [[{"role": "user", "content": x.prompt}] for x in insts]
+    world.assert_disjoint(world.generate(family, 400, seed=3, part="train"), insts)  # same seed, other part
+    assert [i.id for i in _suite(family, n=40, seed=3)] == [i.id for i in items]  # deterministic
+    assert len(load_suite(SuiteConfig(kind="world", family=family, n=40, seed=3, limit=5), fetch=None)) == 5
+
+
+@needs_bwrap
+@pytest.mark.parametrize("family", sorted(world.FAMILIES))
+def test_reference_answers_score_100_and_wrong_ones_0_with_the_reason(family):
+    items = _suite(family)
+    refs = score_items(items, [i.target["task"]["reference"] for i in items], Limits())
+    assert [s.correct for s in refs] == [True] * len(items) and all(s.score == 1.0 for s in refs)
+    # another item's reference is a wrong answer to this one (distinct tasks)
+    wrong = score_items(items, [items[(k + 1) % len(items)].target["task"]["reference"] for k in range(len(items))],
+                        Limits())
+    assert [s.score for s in wrong] == [0.0] * len(items)
+    assert all(s.error is None and s.detail["reason"] for s in wrong)
+    empty = score_items(items[:1], [""], Limits())[0]
+    assert not empty.correct and empty.detail["reason"]
+
+
+@needs_bwrap
+def test_a_wrong_code_answer_names_the_failed_hidden_test():
+    item = _suite("list_fn", n=1)[0]
+    entry = item.target["task"]["payload"]["entry_point"]
+    s = score_items([item], [f"```python\ndef {entry}(xs):\n    return 12345\n```"], Limits())[0]
+    assert not s.correct and "hidden test 1 of" in s.detail["reason"] and "returned 12345" in s.detail["reason"]
+
+
+def _rows(domain: str, ours: list[int], ref: list[int], suite: str | None = None) -> list[dict]:
+    return [{"id": f"{domain}-{k}", "suite": suite or f"world/{domain}", "domain": domain, "score": float(o),
+             "reference_score": float(r)} for k, (o, r) in enumerate(zip(ours, ref, strict=True))]
+
+
+def test_bootstrap_mean_interval():
+    point, low, high = bootstrap_mean_ci([1, 0, 1, 1], n=500, seed=1)
+    assert point == 0.75 and 0.0 <= low <= point <= high <= 1.0
+    assert bootstrap_mean_ci([1, 1, 1], n=100) == (1.0, 1.0, 1.0)
+    with pytest.raises(ValueError, match="no items"):
+        bootstrap_mean_ci([])
+
+
+def test_domain_table_accuracy_interval_and_pct_of_reference():
+    rows = (_rows("reasoning", [1, 1, 0, 0], [1, 1, 1, 1]) + _rows("automation", [1, 0, 0], [0, 0, 0])
+            + _rows("code", [1, 0], [1, 0], suite="humaneval"))
+    table = domain_table(rows, n=200, seed=0)
+    assert set(table) == {"reasoning", "automation", "humaneval"}  # non-world suites on rows of their own
+    r = table["reasoning"]
+    assert r["n"] == 4 and r["ours"]["correct"] == 2 and r["ours"]["accuracy"] == 0.5
+    assert r["ours"]["ci"][0] <= 0.5 <= r["ours"]["ci"][1] and r["reference"]["accuracy"] == 1.0
+    assert r["pct_of_reference"]["pct"] == pytest.approx(50.0)
+    a = table["automation"]["pct_of_reference"]
+    assert a["pct"] is None and a["ci"] is None and a["why"] == "undefined (reference 0/3)"  # never 0%
+    assert table["humaneval"]["pct_of_reference"]["pct"] == pytest.approx(100.0)
+
+
+def test_before_after_table_rise_in_points_and_pct_per_model():
+    untrained = _rows("reasoning", [0, 0, 0, 1], [1, 1, 0, 0]) + _rows("automation", [0, 0], [0, 0])
+    sft = _rows("reasoning", [1, 1, 0, 1], [1, 1, 0, 0]) + _rows("automation", [1, 0], [0, 0])
+    distilled = _rows("reasoning", [1, 1, 1, 1], [1, 1, 0, 0]) + _rows("automation", [1, 1], [0, 0])
+    table = before_after({"untrained": untrained, "sft": sft, "distilled": distilled}, n=300, seed=0)
+    r = table["reasoning"]
+    assert [r[m]["accuracy"] for m in ("untrained", "sft", "distilled")] == [0.25, 0.75, 1.0]
+    assert r["rise_sft"]["points"] == pytest.approx(50.0) and r["rise_distilled"]["points"] == pytest.approx(75.0)
+    assert r["rise_sft"]["ci"][0] <= 50.0 <= r["rise_sft"]["ci"][1]
+    assert r["reference"]["accuracy"] == 0.5
+    assert r["pct_of_reference"]["untrained"]["pct"] == pytest.approx(50.0)
+    assert r["pct_of_reference"]["distilled"]["pct"] == pytest.approx(200.0)
+    a = table["automation"]["pct_of_reference"]
+    assert all(a[m] == {"pct": None, "ci": None, "why": "undefined (reference 0/2)"} for m in a)
+    with pytest.raises(ValueError, match="different items"):
+        before_after({"untrained": untrained, "sft": sft[:-1], "distilled": distilled})
