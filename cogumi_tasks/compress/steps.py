@@ -236,7 +236,8 @@ def _manifest_of(ctx: StepContext, name: str) -> dict:
 
 @step("compress.publish", version=1, inputs=("base", "pruned", "awq", "gguf", "packed", "calibrator", "lora"),
       outputs=("table", "gguf", "calibrator", "lora_gguf?"),
-      code=("cogumi_tasks.compress.sizes", "cogumi_tasks.compress.gguf", "cogumi_tasks.models.step_io"))
+      code=("cogumi_tasks.compress.sizes", "cogumi_tasks.compress.gguf", "cogumi_tasks.models.step_io",
+            "cogumi_tasks.core.verdict"))
 def publish(ctx: StepContext) -> StepOutput:
     """One size/quality table of every stage beside the plan's promised sizes, and the arithmetic of what a
     model of this size can reach.

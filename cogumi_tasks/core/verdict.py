@@ -37,8 +37,8 @@ class Verdict:
 
 
 def num(v: float) -> str:
-    """A figure as verdict reasons print it (4 significant digits)."""
-    return f"{v:.4g}"
+    """A figure as verdict reasons print it: whole numbers as they are, others to 4 significant digits."""
+    return str(int(v)) if float(v).is_integer() and abs(v) < 1e15 else f"{v:.4g}"
 
 
 def target_text(op: str, target: float | tuple[float, float] | list[float]) -> str:

@@ -41,11 +41,36 @@ def test_size_table_rows_and_arithmetic():
     assert bpw["GGUF + zstd (transfer only)"] == 5.28
     assert t["size_gb"] == {"start": 0.004, "stage1": 0.004, "stage2": 0.0006, "stage3": 0.0007, "stage4": 0.0007}
     assert t["shipped_mb"] == 0.7 and t["ece_after"] == 0.04
+    assert {k: v["verdict"] for k, v in t["plan_sizes"].items()} == {  # 0.7 MB of 4 MB: 0.175 x start
+        "stage1": "not met", "stage2": "not met", "stage3": "not met", "stage4": "not met", "shipped": "not met"}
     # the plan's 0.5 GB for Llama-3.1-8B would need half a bit per weight
     needed = t["arithmetic"]["plan_model"]["bits_per_weight_needed"]
     assert needed["stage4"] == round(0.5e9 * 8 / PLAN_MODEL_PARAMETERS, 3)
     assert t["arithmetic"]["plan_model"]["gb_at_measured_Q5_K_M_bits_per_weight"] == round(
         PLAN_MODEL_PARAMETERS * 0.7 / 1e9, 3)
+
+
+def test_plan_sizes_judged_as_the_plans_ratio_to_the_start():
+    from cogumi_tasks.compress.sizes import plan_size_verdicts
+
+    params = 134_515_008
+    measured = {"start": 538_100_000, "stage1": 538_100_000, "stage2": None, "stage3": 30_000_000,
+                "stage4": 28_000_000, "shipped": 30_000_000}
+    v = plan_size_verdicts(measured, params)
+    assert set(v) == {"stage1", "stage3", "stage4", "shipped"}  # AWQ not run: no figure, no verdict
+    s1 = v["stage1"]  # the demo's "10 GB -> 3.5 GB: 0.5381, met": dense pruning saves nothing
+    assert (s1["verdict"], s1["ratio"], s1["plan_ratio"], s1["for_this_base"]) == ("not met", 1.0, 0.35, 0.1883)
+    assert s1["check"] == {"op": "<=", "value": 0.35, "of": "start"} and s1["promised"] == "10 GB -> 3.5 GB"
+    assert s1["reason"].startswith("0.5381 GB = 1 x start (0.5381 GB) <= the plan's 3.5/10 GB = 0.35 x start "
+                                   "(= 0.1883 GB for this base): no (sizes on disk: no interval, compared directly)")
+    assert "32.12 GB, not 3.5 GB (that needs 3.49 bits/weight)" in s1["reason"]
+    assert v["stage3"]["verdict"] == "met" and v["stage3"]["ratio"] == round(30 / 538.1, 5)  # 0.0558 <= 0.06
+    assert v["stage4"]["verdict"] == "not met"  # 0.052 x start > 0.05, though 28 MB is far under 0.5 GB
+    shipped = v["shipped"]  # 668 MB of 10 GB = 0.0668 x start: 35.95 MB for this base
+    assert (shipped["verdict"], shipped["plan_unit"], shipped["for_this_base"]) == ("met", "MB", 35.9451)
+    assert "the plan's 668/10000 MB = 0.0668 x start" in shipped["reason"]
+    # 8B at the 1.78 bits/weight measured here would be 1.79 GB: the plan's 668 MB is out of reach
+    assert "~ 1.791 GB, not 668 MB (that needs 0.665 bits/weight)" in shipped["reason"]
 
 
 def test_recipe_values_are_set_everywhere_and_missing_ones_refused():
