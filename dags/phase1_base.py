@@ -1,6 +1,7 @@
 """Phase 1: the base model, specialised on the Phase 0 dataset.
 
-base_model -> vocab_trim -> sft -> eval_sft -> failure_analysis -> distill -> eval_distilled -> publish
+base_model -> vocab_trim -> sft -> eval_sft -> failure_analysis -> distill -> eval_distilled -> before_after -> publish
+base_model -> eval_untrained -> before_after (held-out accuracy per domain: untrained, after SFT, after distillation)
 Scheduled on Phase 0's Asset (the dataset comes from its newest event) or run by hand with a dataset
 URI. Publishes the ``cogumi_phase1`` Asset that Phase 2 is scheduled on.
 """
@@ -29,6 +30,10 @@ with cogumi_dag(
     dataset = "{{ params.dataset }}"
     from_phase0 = {"inlets": [phase_asset("phase0")], "asset_inputs": {"dataset": "cogumi_phase0:dataset"}}
     base = CogumiStepOperator(task_id="base_model", step="train.base_model", **placement("train.base_model"))
+    eval_untrained = CogumiStepOperator(
+        task_id="eval_untrained", step="eval.run", inputs={"model": base.output["model"]},
+        overrides={**dag.default_args["overrides"], **EVAL_OVERRIDES}, **placement("eval.run"),
+    )
     trim = CogumiStepOperator(
         task_id="vocab_trim", step="train.vocab_trim", inputs={"model": base.output["model"], "dataset": dataset},
         **from_phase0, **placement("train.vocab_trim"),
@@ -54,9 +59,15 @@ with cogumi_dag(
         task_id="eval_distilled", step="eval.run", inputs={"model": distill.output["model"]},
         overrides={**dag.default_args["overrides"], **EVAL_OVERRIDES}, **placement("eval.run"),
     )
+    before_after = CogumiStepOperator(
+        task_id="before_after", step="eval.before_after",
+        inputs={"untrained": eval_untrained.output["items"], "sft": eval_sft.output["items"],
+                "distilled": eval_distilled.output["items"]},
+        **placement("eval.before_after"),
+    )
     publish = CogumiStepOperator(
         task_id="publish", step="train.publish",
         inputs={"model": distill.output["model"], "before": eval_sft.output["items"],
-                "after": eval_distilled.output["items"]},
+                "after": eval_distilled.output["items"], "table": before_after.output["table"]},
         outlets=[phase_asset("phase1")], **placement("train.publish"),
     )

@@ -294,19 +294,24 @@ def compare_evaluations(before: list[dict], after: list[dict]) -> dict:
     }
 
 
-@step("train.publish", version=1, inputs=("model", "before", "after"), outputs=("model", "release"),
+@step("train.publish", version=2, inputs=("model", "before", "after", "table"), outputs=("model", "release"),
       code=("cogumi_tasks.models.step_io",))
 def publish(ctx: StepContext) -> StepOutput:
-    """Publish the enhanced base model with the before/after evaluation of targeted distillation.
+    """Publish the enhanced base model with the before/after evaluation of targeted distillation and Phase 1's
+    before/after table.
 
     Inputs: ``model`` (the distilled model), ``before`` and ``after`` (``eval.run`` items of the SFT and the
-    distilled model). Outputs: ``model`` (the same URI: nothing is copied), ``release`` (JSON).
+    distilled model), ``table`` (optional: ``eval.before_after``'s held-out accuracy per domain of the untrained,
+    SFT and distilled model). Outputs: ``model`` (the same URI: nothing is copied), ``release`` (JSON).
     """
     before = list(iter_jsonl_dicts(ctx.fetch(ctx.input("before"))))
     after = list(iter_jsonl_dicts(ctx.fetch(ctx.input("after"))))
     comparison = compare_evaluations(before, after)
     model_uri = ctx.input("model")
     release = {"model": model_uri, "distillation": comparison}
+    if "table" in ctx.inputs:
+        comparison = {**comparison, "before_after": json.loads(ctx.fetch(ctx.input("table")).read_text())}
+        release["before_after"] = comparison["before_after"]
     ctx.out("release.json").write_text(json.dumps(release, indent=1))
     fs, gs = comparison["failure_set"], comparison["general_set"]
     log.info("publish: failure set %s -> %s correct (n=%d); general set %s -> %s (n=%d)", fs["correct_before"],

@@ -35,8 +35,10 @@ def test_dag_files_do_not_import_heavy_modules_at_parse_time():
 
 def test_phase1_is_scheduled_on_phase0_and_publishes_phase1(dagbag):
     dag = dagbag.dags["phase1_base"]
-    assert set(dag.task_ids) == {"base_model", "vocab_trim", "sft", "eval_sft", "failure_analysis", "distill",
-                                 "eval_distilled", "publish"}
+    assert set(dag.task_ids) == {"base_model", "eval_untrained", "vocab_trim", "sft", "eval_sft", "failure_analysis",
+                                 "distill", "eval_distilled", "before_after", "publish"}
+    assert dag.get_task("eval_untrained").upstream_task_ids == {"base_model"}
+    assert dag.get_task("before_after").upstream_task_ids == {"eval_untrained", "eval_sft", "eval_distilled"}
     assert [a.name for a in dag.timetable.asset_condition.objects] == ["cogumi_phase0"]
     assert [o.name for o in dag.get_task("publish").outlets] == ["cogumi_phase1"]
     sft = dag.get_task("sft")
@@ -45,7 +47,7 @@ def test_phase1_is_scheduled_on_phase0_and_publishes_phase1(dagbag):
     assert dag.get_task("eval_sft").overrides["eval.judge_pairwise"] is False
     upstream = {t: sorted(dag.get_task(t).upstream_task_ids) for t in ("failure_analysis", "distill", "publish")}
     assert upstream == {"failure_analysis": ["eval_sft"], "distill": ["failure_analysis", "sft"],
-                        "publish": ["distill", "eval_distilled", "eval_sft"]}
+                        "publish": ["before_after", "distill", "eval_distilled", "eval_sft"]}
 
 
 def test_cpu_heavy_tasks_take_turns_in_the_tiny_pool(dagbag):
