@@ -50,7 +50,7 @@ def plan_size_verdicts(measured: dict[str, int | None], params: int) -> dict[str
                       + (f"not {num(plan_value)} {unit} (that needs {needed:.3g} bits/weight)" if model_gb > plan_gb
                          else f"within {num(plan_value)} {unit}"))
         v = Verdict(v.verdict, f"{v.reason}; {arithmetic}")
-        out[stage] = {"promised": PLAN_PROMISED[stage], "plan": plan_value, "plan_unit": unit,
+        out[stage] = {"promised": PLAN_PROMISED[stage], "plan": plan_value, "unit": unit,
                       "plan_ratio": round(plan_value / plan_start, 5),
                       "measured": round(nbytes / scale, 4), "ratio": round(nbytes / start, 5) if start else None,
                       "for_this_base": round(plan_value / plan_start * start / scale, 4) if start else None,

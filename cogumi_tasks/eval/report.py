@@ -4,8 +4,9 @@ A run's report holds every step result it used: the manifests it published and, 
 inputs, the cached results of earlier runs it reused. Steps are grouped by phase (the step name's
 prefix); each shows its metrics, timings and cost, and plots are drawn where the data exists. The
 plan's promised figures (``configs/plan_targets.yaml``) stand beside what was measured, or say
-"not measured yet": no figure is ever filled in. The page is the Jinja2 template ``resources/report.html.j2``,
-rendered with autoescaping.
+"not measured yet": no figure is ever filled in. Each is judged by ``core.verdict``: met only when its
+interval clears the target, inconclusive when the interval straddles it, not met, or undefined. The
+page is the Jinja2 template ``resources/report.html.j2``, rendered with autoescaping.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import fnmatch
 import functools
 import io
 import json
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -25,14 +25,13 @@ import yaml
 
 from cogumi_tasks.core.artifacts import MANIFEST, ArtifactStore, join_uri, parent_uri
 from cogumi_tasks.core.steps import safe_name, used_manifests
+from cogumi_tasks.core.verdict import OPS, UNDEFINED, VERDICTS, judge
 
 PHASES = {"data": "Phase 0: dataset", "train": "Phase 1: training", "compress": "Phase 2: compression",
           "modifiers": "Phase 3: modifiers", "routing": "Phase 4: routing", "serve": "Phase 5: serving",
           "eval": "Evaluation"}
 NOT_MEASURED = "not measured yet"
-OPS = {">": lambda a, b: a > b, ">=": lambda a, b: a >= b, "<": lambda a, b: a < b, "<=": lambda a, b: a <= b,
-       "==": lambda a, b: math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12),
-       "between": lambda a, b: b[0] <= a <= b[1]}
+NO_CHECK = "no check"
 
 
 # ---------------------------------------------------------------- collecting a run
@@ -115,7 +114,7 @@ def load_targets(path: str | Path) -> dict:
         check = t.get("check")
         if check is not None:
             if check.get("op") not in OPS:
-                raise ValueError(f"{where}: check.op must be one of {sorted(OPS)}, got {check.get('op')!r}")
+                raise ValueError(f"{where}: check.op must be one of {list(OPS)}, got {check.get('op')!r}")
             want_pair = check["op"] == "between"
             value = check.get("value")
             if want_pair != (isinstance(value, list) and len(value) == 2):
@@ -135,25 +134,39 @@ def _lookup(obj: Any, path: list[str]) -> tuple[bool, Any]:
 
 
 def evaluate_targets(manifests: list[dict], targets: dict) -> list[dict]:
-    """Each target with what was measured (from the latest matching manifest) and whether it is met."""
+    """Each target with what was measured (the latest matching manifest that has its path), its verdict and why.
+
+    The figure's interval is ``<key>_ci`` or ``ci`` beside it. Verdicts are ``core.verdict.judge``'s: met only
+    when the interval clears the check, inconclusive when it straddles it, not met when none of it does; a figure
+    without an interval is compared directly; a figure recorded as None (% of a reference that scored 0) is
+    undefined. A figure its step already judged (``verdict`` and ``reason`` beside it, e.g. the plan's sizes in
+    ``compress.publish``) is shown as judged there, with the step's check.
+    """
     out = []
     for t in targets.get("targets", []):
         path = str(t["path"]).split("/")
         row = {k: t.get(k) for k in ("id", "phase", "promised", "step", "path", "check", "note")}
-        row.update(measured=None, ci=None, source=None, status=NOT_MEASURED)
+        row.update(measured=None, ci=None, unit=None, source=None, status=NOT_MEASURED, reason=None)
         for m in sorted(manifests, key=lambda m: m.get("timings", {}).get("finished", 0), reverse=True):
             found, value = _lookup(m, path) if fnmatch.fnmatchcase(m["step"], t["step"]) else (False, None)
-            if not found or value is None:
+            if not found:
                 continue
             _, parent = _lookup(m, path[:-1])
+            parent = parent if isinstance(parent, dict) else {}
+            ci = parent.get(f"{path[-1]}_ci", parent.get("ci"))
             row.update(measured=value, source=f"{m['step']} ({'configured' if path[0] == 'config' else 'measured'})",
-                       ci=parent.get("ci") if isinstance(parent, dict) else None, status="no check")
-            check = t.get("check")
-            if check and _is_number(value):
-                row["status"] = "met" if OPS[check["op"]](value, check["value"]) else "not met"
-                ci, bound = row["ci"], check["value"]
-                if isinstance(ci, list) and len(ci) == 2 and _is_number(bound) and ci[0] <= bound <= ci[1]:
-                    row["status"] += " (the CI includes the target)"
+                       ci=ci if isinstance(ci, list) and len(ci) == 2 else None, unit=parent.get("unit"),
+                       status=NO_CHECK)
+            check, why = t.get("check"), parent.get("error")
+            if parent.get("verdict") in VERDICTS and parent.get("reason"):
+                row.update(status=parent["verdict"], reason=parent["reason"], check=parent.get("check") or check)
+            elif check:
+                if value is not None and not _is_number(value):
+                    value, why = None, f"not a number: {value!r}"
+                v = judge(value, check["op"], check["value"], row["ci"], undefined_reason=why)
+                row.update(status=v.verdict, reason=v.reason)
+            elif value is None:
+                row.update(status=UNDEFINED, reason=why or "the step recorded no value (None)")
             break
         out.append(row)
     return out
@@ -384,15 +397,15 @@ def _cost_row(cost: dict) -> list[Any]:
 
 
 def _target_view(t: dict) -> dict:
-    """A target row as the template shows it: the check, the measured text and the status's CSS class."""
+    """A target row as the template shows it: the check, the measured text and the verdict's CSS class."""
     check = t["check"] or {}
-    classes = (("not met", "notmet"), ("met", "met"), (NOT_MEASURED, "nm"))
-    cls = next((c for k, c in classes if t["status"].startswith(k)), "")
-    ci = t["ci"]
-    measured = NOT_MEASURED if t["source"] is None else fmt(t["measured"]) + (
-        f" (CI {fmt(ci[0])}-{fmt(ci[1])})" if isinstance(ci, list) and len(ci) == 2 else "")
-    return {**t, "check_op": check.get("op", ""), "check_value": check.get("value", ""), "cls": cls,
-            "measured_text": measured}
+    classes = {"met": "met", "not met": "notmet", "inconclusive": "inconclusive", "undefined": "undefined",
+               NOT_MEASURED: "nm"}
+    ci, unit = t["ci"], f" {t['unit']}" if t["unit"] else ""
+    measured = NOT_MEASURED if t["source"] is None else (
+        fmt(t["measured"]) + unit + (f" (CI {fmt(ci[0])}-{fmt(ci[1])})" if ci else ""))
+    check_text = f"{check['op']} {fmt(check['value'])}{' x ' + check['of'] if check.get('of') else ''}" if check else ""
+    return {**t, "check_text": check_text, "cls": classes.get(t["status"], ""), "measured_text": measured}
 
 
 @functools.cache

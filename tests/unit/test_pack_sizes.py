@@ -67,7 +67,7 @@ def test_plan_sizes_judged_as_the_plans_ratio_to_the_start():
     assert v["stage3"]["verdict"] == "met" and v["stage3"]["ratio"] == round(30 / 538.1, 5)  # 0.0558 <= 0.06
     assert v["stage4"]["verdict"] == "not met"  # 0.052 x start > 0.05, though 28 MB is far under 0.5 GB
     shipped = v["shipped"]  # 668 MB of 10 GB = 0.0668 x start: 35.95 MB for this base
-    assert (shipped["verdict"], shipped["plan_unit"], shipped["for_this_base"]) == ("met", "MB", 35.9451)
+    assert (shipped["verdict"], shipped["unit"], shipped["for_this_base"]) == ("met", "MB", 35.9451)
     assert "the plan's 668/10000 MB = 0.0668 x start" in shipped["reason"]
     # 8B at the 1.78 bits/weight measured here would be 1.79 GB: the plan's 668 MB is out of reach
     assert "~ 1.791 GB, not 668 MB (that needs 0.665 bits/weight)" in shipped["reason"]

@@ -105,17 +105,73 @@ def test_targets_measured_or_not_measured(report):
     by_id = {t["id"]: t for t in data["targets"]}
     code = by_id["eval_code"]
     assert code["measured"] == 75.0 and code["ci"] == [61.5, 88.2]
-    assert code["status"] == "met (the CI includes the target)"  # 72 lies inside [61.5, 88.2]
-    assert by_id["eval_reasoning"]["measured"] == 62.5 and by_id["eval_reasoning"]["status"].startswith("not met")
+    assert code["status"] == "inconclusive"  # 72 lies inside [61.5, 88.2]: neither met nor not met
+    assert by_id["eval_reasoning"]["measured"] == 62.5 and by_id["eval_reasoning"]["status"] == "inconclusive"
     assert by_id["judge_keep_threshold"]["measured"] == 7 and "configured" in by_id["judge_keep_threshold"]["source"]
     for tid in ("eval_automation", "eval_overall", "size_shipped_mb", "routing_accuracy", "calibration_ece",
                 "dedup_jaccard"):
         assert by_id[tid]["measured"] is None and by_id[tid]["status"] == NOT_MEASURED
     row = re.search(r"<tr><td>eval</td><td>code &gt; 72% of GPT-4</td>.*?</tr>", page)
     assert row and fmt(75.0) in row.group(0) and "CI 61.5-88.2" in row.group(0)
-    assert "class='met'>met (the CI" in row.group(0)
+    assert "class='inconclusive'>inconclusive</span>" in row.group(0)
+    assert "the interval straddles the target (&gt; 72)" in row.group(0)
     row = re.search(r"<tr><td>phase4</td><td>97% routing accuracy</td>.*?</tr>", page)
     assert row and NOT_MEASURED in row.group(0)
+
+
+def verdict_run() -> dict:
+    """An evaluation with a met, an inconclusive, a not met and an undefined target, and a Phase 2 size table."""
+    from cogumi_tasks.compress.sizes import plan_size_verdicts
+
+    ev = manifest("b", "eval.run", "k3", "run-3", 300.0, {"pct_of_reference": {
+        "code": {"ours": 0.9, "reference": 1.0, "pct": 90.0, "ci": [80.0, 99.0], "n": 30},
+        "reasoning": {"ours": 0.1, "reference": 0.1, "pct": 100.0, "ci": [0.0, 300.0], "n": 10},
+        "automation": {"ours": 0.4, "reference": 1.0, "pct": 40.0, "ci": [20.0, 60.0], "n": 30},
+        "all": {"ours": 0.0, "reference": 0.0, "pct": None, "ci": None, "n": 70,
+                "error": "all: reference scored 0; % of reference undefined"}}})
+    measured = {"start": 538_100_000, "stage1": 538_100_000, "stage3": 112_100_000, "shipped": 112_100_000}
+    sizes = manifest("b", "compress.publish", "k7", "run-3", 400.0,
+                     {"size_gb": {"start": 0.5381}, "plan_sizes": plan_size_verdicts(measured, 134_515_008)})
+    score = manifest("b", "data.score", "k1", "run-3", 100.0, {"judged": 1}, config={"dataset.score": {"threshold": 5}})
+    return {"pipeline": "pipe", "run_id": "run-3", "manifests": [score, ev, sizes], "ledger": {}}
+
+
+def test_target_verdicts_and_their_reasons_in_json_and_html():
+    page, data = build_report(verdict_run(), load_targets(TARGETS))
+    by_id = {t["id"]: t for t in data["targets"]}
+    assert {k: by_id[k]["status"] for k in ("eval_code", "eval_reasoning", "eval_automation", "eval_overall",
+                                            "judge_keep_threshold", "size_stage1", "size_stage2", "size_stage3",
+                                            "size_shipped_mb", "size_start")} == {
+        "eval_code": "met", "eval_reasoning": "inconclusive", "eval_automation": "not met",
+        "eval_overall": "undefined", "judge_keep_threshold": "not met", "size_stage1": "not met",
+        "size_stage2": NOT_MEASURED, "size_stage3": "not met", "size_shipped_mb": "not met", "size_start": "no check"}
+    assert by_id["eval_code"]["reason"] == "90 (95% CI 80-99): the lower bound 80 clears > 72"
+    assert by_id["eval_overall"]["reason"].startswith("all: reference scored 0; % of reference undefined")
+    assert by_id["judge_keep_threshold"]["reason"] == (
+        "5 >= 7: no (a single figure without an interval, compared directly)")
+
+    def row(promised: str) -> str:
+        found = re.search(rf"<tr><td>[^<]*</td><td>{re.escape(html.escape(promised))}</td>.*?</tr>", page, re.S)
+        assert found, promised
+        return found.group(0)
+
+    # the demo's "reasoning > 70% of GPT-4: 100 (CI 0-300), met (the CI includes the target)"
+    reasoning = row("reasoning > 70% of GPT-4")
+    assert "<td class='inconclusive'>100 (CI 0-300)</td>" in reasoning
+    assert "class='inconclusive'>inconclusive</span>" in reasoning and "straddles the target (&gt; 70)" in reasoning
+    assert "class='met'>met</span>" in row("code > 72% of GPT-4")
+    assert "class='notmet'>not met</span>" in row("automation > 75% of GPT-4")
+    overall = row("89-91% of GPT-4 overall")
+    assert "class='undefined'>undefined</span>" in overall and "reference scored 0" in overall
+    assert "<td class='undefined'>-</td>" in overall  # never shown as 0%
+    # the demo's "10 GB -> 3.5 GB: 0.5381, met": judged as the plan's ratio, the absolute figures beside it
+    stage1 = row("10 GB -> 3.5 GB")
+    assert "<td>&lt;= 0.35 x start</td>" in stage1 and "<td class='notmet'>0.5381 GB</td>" in stage1
+    assert "= 1 x start (0.5381 GB) &lt;= the plan&#39;s 3.5/10 GB = 0.35 x start (= 0.1883 GB for this base)" in stage1
+    assert "sizes on disk: no interval, compared directly" in stage1
+    shipped = row("668 MB shipped")
+    assert "<td class='notmet'>112.1 MB</td>" in shipped and "~ 6.692 GB, not 668 MB" in shipped
+    assert NOT_MEASURED in row("3.5 GB -> 0.9 GB")  # AWQ not run: no figure, no verdict
 
 
 def test_values_with_html_are_escaped():
