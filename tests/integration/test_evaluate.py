@@ -13,7 +13,7 @@ from cogumi_tasks.core.steps import StepFailed, run_step
 
 pytestmark = pytest.mark.stack
 
-SUITES = ["humaneval", "mbpp", "mmlu", "bbh", "tool_use"]
+SUITES = ["humaneval", "world/list_fn", "world/word_arith", "world/tool_call"]  # configs/tiny.yaml's
 
 
 @pytest.fixture(scope="module")
@@ -41,9 +41,20 @@ def test_eval_run_task_scores_student_and_reference(evaluated):
     states = {ti.task_id: ti.state for ti in run.get_task_instances()}
     assert states["eval_run"] == "success"
     summary = m["metrics"]
-    assert summary["items"] == 10 and set(summary["suites"]) == set(SUITES)
+    assert summary["items"] == 2 * len(SUITES) and set(summary["suites"]) == set(SUITES)
     rows = [json.loads(x) for x in store.get_bytes(m["outputs"]["items"]).decode().splitlines()]
-    assert len(rows) == 10
+    assert len(rows) == 2 * len(SUITES)
+    assert all(r["reason"] and r["reference_reason"] for r in rows if r["suite"].startswith("world/"))
+    domains = summary["domains"]  # world suites by domain, HumanEval on its own row
+    assert set(domains) == {"humaneval", "code", "reasoning", "automation"}
+    row_of = {r["id"]: r["domain"] if r["suite"].startswith("world/") else r["suite"] for r in rows}
+    for key, d in domains.items():
+        assert d["n"] == 2 and d["ours"]["correct"] == sum(r["score"] for r in rows if row_of[r["id"]] == key)
+        assert d["ours"]["ci"][0] <= d["ours"]["accuracy"] <= d["ours"]["ci"][1]
+        pct = d["pct_of_reference"]
+        assert (pct["pct"] is None) == (d["reference"]["correct"] == 0)
+        if pct["pct"] is None:
+            assert pct["why"] == "undefined (reference 0/2)"
     for r in rows:
         assert {"prompt", "answer", "score", "error", "reference_answer", "reference_score", "domain"} <= set(r)
         assert 0.0 <= r["score"] <= 1.0

