@@ -122,6 +122,15 @@ class EndpointConfig(Strict):
 
 class TeacherConfig(EndpointConfig):
     weight: float = 1.0
+    families: list[WorldFamily] | None = Field(None, description="task families this teacher answers (then "
+                                               "never a general prompt); unset: every prompt")
+
+
+class JudgeConfig(EndpointConfig):
+    """The judge: ``llm`` (the endpoint rates answers 1-10), ``verifier`` (every row carries a task of the tiny
+    world and its checker decides: 10 or 1), ``auto`` (the verifier where a row carries a task, else the LLM)."""
+
+    kind: Literal["llm", "verifier", "auto"] = "llm"
 
 
 class LLMConfig(Strict):
@@ -137,9 +146,24 @@ class LLMConfig(Strict):
 
 
 # ---------------------------------------------------------------- phase 0
+class WorldPromptsConfig(Strict):
+    """Prompts drawn from the task families (the train part of cogumi_tasks.world), added to the source's."""
+
+    families: dict[WorldFamily, int] = Field(description="family -> how many train-part instances")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _counts(self) -> WorldPromptsConfig:
+        bad = {k: v for k, v in self.families.items() if v < 0}
+        if bad:
+            raise ValueError(f"families: counts must be >= 0, got {bad}")
+        return self
+
+
 class PromptsConfig(Strict):
     source: ConfigFile = Field(description="builtin:<name> or s3://... or a local path to prompt JSONL")
-    limit: int | None = None
+    limit: int | None = Field(None, description="how many source prompts (the world's come on top)")
+    world: WorldPromptsConfig | None = None
     shards: int = 4
     max_error_rate: float = 0.05
     max_record_bytes: int = Field(256 * 1024, ge=1, description="a longer line is quarantined with its size, "
@@ -157,6 +181,7 @@ class GenerateConfig(Strict):
 
 class ScoreConfig(Strict):
     threshold: int = 7
+    llm_threshold: int | None = Field(None, description="the threshold for LLM-judged rows; empty: threshold")
     max_tokens: int = 128
     max_parse_retries: int = 2
     max_error_rate: float = 0.2
@@ -375,7 +400,7 @@ class PipelineConfig(Strict):
     compute: ComputeConfig = Field(default_factory=ComputeConfig)
     llm: LLMConfig = Field(default_factory=LLMConfig)
     teachers: list[TeacherConfig]
-    judge: EndpointConfig
+    judge: JudgeConfig
     dataset: DatasetConfig
     eval: EvalConfig | None = None
     train: TrainConfig | None = None
@@ -388,6 +413,11 @@ class PipelineConfig(Strict):
             raise ValueError(f"teachers: duplicate names {names}")
         if not self.teachers or sum(t.weight for t in self.teachers) <= 0:
             raise ValueError("teachers: need at least one teacher with a positive weight")
+        world = self.dataset.prompts.world
+        for fam in sorted(k for k, n in (world.families.items() if world else ()) if n):
+            if not any(t.weight > 0 and (t.families is None or fam in t.families) for t in self.teachers):
+                raise ValueError(f"dataset.prompts.world: no teacher with a positive weight answers family {fam!r} "
+                                 "(see teachers.*.families)")
         return self
 
     def teacher(self, name: str) -> TeacherConfig:

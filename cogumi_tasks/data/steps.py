@@ -18,6 +18,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, field_validator
 
+from cogumi_tasks.core.config import ConfigError, TeacherConfig, WorldPromptsConfig
 from cogumi_tasks.core.records import (
     Quarantine,
     RecordError,
@@ -28,7 +29,8 @@ from cogumi_tasks.core.records import (
     write_jsonl,
 )
 from cogumi_tasks.core.steps import StepContext, StepFailed, StepOutput, step
-from cogumi_tasks.llm.step_calls import judge_answers, teacher_answers
+from cogumi_tasks.llm.step_calls import teacher_answers
+from cogumi_tasks.world.judge import judge_rows, threshold
 
 Domain = Literal["code", "reasoning", "automation", "general"]
 
@@ -81,12 +83,46 @@ def split_by_weight(ids: list[str], weights: dict[str, float]) -> dict[str, str]
     return out
 
 
-@step("data.prompts", version=2, reads=("dataset.prompts", "teachers"), inputs=("source",),
-      outputs=("prompts", "shards", "quarantine"), code=("cogumi_tasks.core.records",),
+def world_rows(cfg: WorldPromptsConfig) -> list[dict]:
+    """Prompt rows of the task families' train part: id, prompt and domain of the instance, ``task`` the
+    instance itself (what the verifier judge checks the answer against)."""
+    from cogumi_tasks.world import generate as generate_tasks
+
+    return [{"id": inst.id, "prompt": inst.prompt, "domain": inst.domain, "task": inst.to_dict()}
+            for name, n in cfg.families.items() for inst in generate_tasks(name, n, cfg.seed, part="train")]
+
+
+def assign_teachers(rows: list[dict], teachers: list[TeacherConfig]) -> dict[str, str]:
+    """id -> teacher: each row among the teachers eligible for it (a positive weight, and its family among the
+    teacher's ``families``, or no ``families``: a general prompt only goes to those), by weight within each
+    group of rows with the same eligible teachers (:func:`split_by_weight`)."""
+    groups: dict[tuple[str, ...], list[str]] = {}
+    for r in rows:
+        fam = (r.get("task") or {}).get("family")
+        names = tuple(t.name for t in teachers
+                      if t.weight > 0 and (t.families is None or (fam is not None and fam in t.families)))
+        if not names:
+            what = f"of family {fam!r}" if fam else "a general prompt (no task)"
+            raise ConfigError(f"teachers: no teacher with a positive weight answers prompt {r['id']!r}, {what}; "
+                              "a teacher with families answers only prompts of those families")
+        groups.setdefault(names, []).append(r["id"])
+    weight = {t.name: t.weight for t in teachers}
+    out: dict[str, str] = {}
+    for names, ids in groups.items():
+        out |= split_by_weight(ids, {n: weight[n] for n in names})
+    return out
+
+
+@step("data.prompts", version=3, reads=("dataset.prompts", "teachers"), inputs=("source",),
+      outputs=("prompts", "shards", "quarantine"),
+      code=("cogumi_tasks.core.records", "cogumi_tasks.world", "cogumi_tasks.world.base", "cogumi_tasks.world.code",
+            "cogumi_tasks.world.reasoning", "cogumi_tasks.world.automation"),
       config_inputs={"source": "dataset.prompts.source"})
 def prompts(ctx: StepContext) -> StepOutput:
-    """Validate the prompt JSONL, assign teachers by the configured mix, and shard. A ``limit``
-    takes the first prompts of each domain in turn.
+    """Validate the prompt JSONL, add the task families' prompts (``dataset.prompts.world``: train-part
+    instances, each row carrying its ``task``), assign teachers by the configured mix among those eligible for
+    each prompt (``teachers.*.families``), and shard. A ``limit`` takes the first source prompts of each domain
+    in turn; the world's prompts come on top.
 
     Inputs: ``source`` (s3://, a local path, or builtin:<name>). Outputs: ``prompts`` (all used
     prompts with their teacher), ``shards`` (one JSONL per shard), ``quarantine`` (bad lines).
@@ -108,8 +144,14 @@ def prompts(ctx: StepContext) -> StepOutput:
     check_error_rate(f"prompts from {source}", len(quarantine), total, cfg.max_error_rate, quarantine)
 
     used = balanced_head(unique, cfg.limit) if cfg.limit else unique
-    teacher_of = split_by_weight([r.id for r in used], {t.name: t.weight for t in ctx.config.teachers})
-    rows = [{**r.model_dump(), "teacher": teacher_of[r.id]} for r in used]
+    rows = [r.model_dump() for r in used]
+    world = world_rows(cfg.world) if cfg.world else []
+    clash = sorted({r["id"] for r in world} & set(seen))
+    if clash:
+        raise StepFailed(f"prompts from {source}: id {clash[0]!r} is also a task family instance's id")
+    rows += world
+    teacher_of = assign_teachers(rows, ctx.config.teachers)
+    rows = [{**r, "teacher": teacher_of[r["id"]]} for r in rows]
     write_jsonl(ctx.out("prompts.jsonl"), rows)
     n_shards = max(1, min(cfg.shards, len(rows)))
     shard_files = []
@@ -124,8 +166,12 @@ def prompts(ctx: StepContext) -> StepOutput:
             "prompts_quarantined": len(quarantine),
             "prompts": len(rows),
             "shards": n_shards,
+            "source_prompts": len(used),
+            "world_prompts": len(world),
             "per_domain": dict(Counter(r["domain"] for r in rows)),
             "per_teacher": dict(Counter(r["teacher"] for r in rows)),
+            "per_family": dict(Counter(r["task"]["family"] for r in world)),
+            "per_family_teacher": dict(Counter(f"{r['task']['family']}/{r['teacher']}" for r in rows if "task" in r)),
             "quarantine_reasons": quarantine.counts(),
         },
     )
@@ -157,19 +203,29 @@ def generate(ctx: StepContext) -> StepOutput:
     )
 
 
-@step("data.score", version=1, reads=("judge", "dataset.score", "llm"), inputs=("answers",),
-      outputs=("kept", "rejected", "quarantine"), code=("cogumi_tasks.llm.step_calls",))
+@step("data.score", version=2, reads=("judge", "dataset.score", "llm"), inputs=("answers",),
+      outputs=("kept", "rejected", "quarantine"),
+      code=("cogumi_tasks.llm.step_calls", "cogumi_tasks.world.judge", "cogumi_tasks.world",
+            "cogumi_tasks.world.code", "cogumi_tasks.world.reasoning", "cogumi_tasks.world.automation",
+            "cogumi_tasks.world.answers", "cogumi_tasks.world.sandbox"))
 def score(ctx: StepContext) -> StepOutput:
-    """The judge rates each answer 1-10 with a JSON verdict; keep those >= the threshold.
+    """The judge scores each answer 1-10 (:func:`cogumi_tasks.world.judge.judge_rows`: the task's checker, 10 or 1,
+    where a row carries a task and ``judge.kind`` allows it, else the LLM judge's JSON verdict); keep those >=
+    the threshold (``llm_threshold`` for LLM verdicts when set).
 
-    Inputs: ``answers``. Outputs: ``kept`` and ``rejected`` (both with judge_score and
-    judge_reason), ``quarantine`` (answers whose verdict stayed unparseable after retries).
+    Inputs: ``answers``. Outputs: ``kept`` and ``rejected`` (both with judge_score, judge_reason and
+    judge_kind), ``quarantine`` (answers whose verdict stayed unparseable after retries).
     """
     cfg = ctx.config.dataset.score
     rows = list(iter_jsonl_dicts(ctx.fetch(ctx.input("answers"))))
-    judged, quarantine, stats = judge_answers(ctx, rows)
-    kept = [r for r in judged if r["judge_score"] >= cfg.threshold]
-    rejected = [r for r in judged if r["judge_score"] < cfg.threshold]
+    judged, quarantine, stats = judge_rows(ctx, rows)
+    kept = [r for r in judged if r["judge_score"] >= threshold(r, cfg)]
+    rejected = [r for r in judged if r["judge_score"] < threshold(r, cfg)]
+    outcome: dict[str, dict[str, Counter]] = {"per_domain": {}, "per_judge_kind": {}}
+    for verdict, part in (("kept", kept), ("rejected", rejected)):
+        for r in part:
+            outcome["per_domain"].setdefault(r["domain"], Counter())[verdict] += 1
+            outcome["per_judge_kind"].setdefault(r["judge_kind"], Counter())[verdict] += 1
     write_jsonl(ctx.out("kept.jsonl"), kept)
     write_jsonl(ctx.out("rejected.jsonl"), rejected)
     quarantine.write(ctx.out("quarantine.jsonl"))
@@ -183,7 +239,8 @@ def score(ctx: StepContext) -> StepOutput:
             "rejected_by_judge": len(rejected),
             "judge_quarantined": len(quarantine),
             "score_histogram": {str(k): v for k, v in sorted(Counter(r["judge_score"] for r in judged).items())},
-            "faults": stats,
+            **{k: {name: dict(c) for name, c in sorted(v.items())} for k, v in outcome.items()},
+            "faults": stats["faults"],
             "cost": ctx.cost,
         },
     )
@@ -272,15 +329,17 @@ def dedup_text(row: dict, field: str) -> str:
     return row["prompt"] + "\n" + row["response"]
 
 
-FINAL_FIELDS = ("id", "prompt", "response", "domain", "teacher", "model", "judge_score", "judge_reason")
+FINAL_FIELDS = ("id", "prompt", "response", "domain", "teacher", "model", "judge_score", "judge_reason", "judge_kind",
+                "task")
 
 
-@step("data.publish", version=2, inputs=("deduped",), outputs=("dataset", "stats", "quarantine"))
+@step("data.publish", version=3, inputs=("deduped",), outputs=("dataset", "stats", "quarantine"))
 def publish(ctx: StepContext) -> StepOutput:
     """The curated dataset with its stats and every quarantined record of the run's lineage.
 
     Inputs: ``deduped``. Outputs: ``dataset`` (JSONL of {id, prompt, response, domain, teacher,
-    model, judge_score, judge_reason}), ``stats`` (JSON), ``quarantine`` (JSONL with a ``stage``).
+    model, judge_score, judge_reason, judge_kind, task (the instance of a family prompt, else null)}),
+    ``stats`` (JSON), ``quarantine`` (JSONL with a ``stage``).
     """
     from cogumi_tasks.core.artifacts import join_uri, lineage
 
@@ -328,10 +387,10 @@ def _add(into: dict, other: dict) -> dict:
     return into
 
 
-def _merge_hist(manifests: list[dict]) -> dict:
+def _merge(manifests: list[dict], key: str) -> dict:
     out: dict = {}
     for m in manifests:
-        _add(out, m["metrics"].get("score_histogram", {}))
+        _add(out, m["metrics"].get(key, {}))
     return out
 
 
@@ -356,7 +415,10 @@ def phase0_stats(by_step: dict[str, list[dict]], per_domain: Counter, per_teache
         "exact_duplicates": _sum(ded, "exact_duplicates"),
         "near_duplicates": _sum(ded, "near_duplicates"),
         "final_records": sum(per_domain.values()),
-        "judge_score_histogram": _merge_hist(sco),
+        "judge_score_histogram": _merge(sco, "score_histogram"),
+        "scored_per_domain": _merge(sco, "per_domain"),
+        "scored_per_judge_kind": _merge(sco, "per_judge_kind"),
+        "prompts_per_family": _merge(pro, "per_family"),
         "per_domain": dict(per_domain),
         "per_teacher": dict(per_teacher),
         "faults": faults,

@@ -135,12 +135,13 @@ def judge_request(prompt: str, response: str, max_tokens: int) -> ChatRequest:
     )
 
 
-def judge_answers(ctx: StepContext, rows: list[dict]) -> tuple[list[dict], Quarantine, dict]:
-    """Judge every answer; returns (rows with judge_score/judge_reason, quarantine, fault counts by endpoint)."""
+def judge_answers(ctx: StepContext, rows: list[dict], source: str | None = None) -> tuple[list[dict], Quarantine, dict]:
+    """Judge every answer; returns (rows with judge_score/judge_reason, quarantine, fault counts by endpoint).
+    ``source``: what quarantined rows name as their source (default: the step's ``answers`` input)."""
     cfg = ctx.config.dataset.score
     ledger = make_ledger(ctx)
     quarantine = Quarantine()
-    source = ctx.input("answers")
+    source = source or ctx.input("answers")
 
     async def run() -> tuple[list[dict], dict]:
         client = make_client(ctx, ctx.config.judge, ledger)

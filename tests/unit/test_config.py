@@ -62,3 +62,28 @@ def test_pools_and_placement_name_registered_steps_once(tmp_path):
     bad.write_text(text.replace("  pools:\n", "  pools:\n    other: {slots: 2, steps: [eval.run]}\n"))
     with pytest.raises(ConfigError, match=r"compute: .*'eval.run' is in two pools"):
         load_config(str(bad))
+
+
+def test_world_prompts_teacher_families_and_judge_kind():
+    tiny, prod = load_config("tiny"), load_config("production")
+    assert tiny.judge.kind == prod.judge.kind == "auto" and prod.dataset.prompts.world is None
+    assert (tiny.dataset.score.threshold, tiny.dataset.score.llm_threshold) == (7, 1)
+    assert prod.dataset.score.llm_threshold is None and all(t.families is None for t in prod.teachers)
+    strong = tiny.teacher("teacher-b")
+    assert strong.families == ["list_fn", "word_arith", "tool_call"] and strong.price == "strong-tier-local"
+    assert load_config("tiny", {"judge.kind": None}).judge.kind == "auto"  # an empty override changes nothing
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"dataset.prompts.world.families": {"list_fn": 3, "sorting": 2}},
+     r"dataset.prompts.world.families.sorting.\[key\]: Input should be 'list_fn', 'word_arith' or 'tool_call'"),
+    ({"teachers.1.families": ["list_fn", "chess"]},
+     r"teachers.1.families.1: Input should be 'list_fn', 'word_arith' or 'tool_call'"),
+    ({"teachers.0.families": ["list_fn"], "teachers.1.families": ["list_fn"]},
+     r"no teacher with a positive weight answers family 'tool_call'"),
+    ({"dataset.prompts.world.families": {"list_fn": -1}}, r"counts must be >= 0"),
+    ({"judge.kind": "oracle"}, r"judge.kind: Input should be 'llm', 'verifier' or 'auto'"),
+], ids=["unknown-family", "unknown-teacher-family", "family-without-teacher", "negative-count", "judge-kind"])
+def test_world_config_errors_name_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("tiny", overrides)

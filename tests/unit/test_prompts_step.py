@@ -37,12 +37,13 @@ def test_bad_lines_are_quarantined_with_line_and_field(s3_server, store_for, tmp
                                "dataset.prompts.max_error_rate": 0.1, "dataset.prompts.limit": 100000})
     store = store_for(cfg)
     res = run_step("data.prompts", cfg, store=store)
-    assert res.metrics["prompts"] == 40 and res.metrics["prompts_quarantined"] == 2
+    assert res.metrics["source_prompts"] == 40 and res.metrics["prompts_quarantined"] == 2
     q = [json.loads(x) for x in store.get_bytes(res.outputs["quarantine"]).decode().splitlines()]
     assert {(r["line"], r["field"]) for r in q} == {(41, "domain"), (42, "<line>")}
     assert all(r["source"] == str(src) for r in q)
     shards = [store.get_bytes(u).decode().splitlines() for u in res.outputs["shards"]]
-    assert sum(len(s) for s in shards) == 40 and len(shards) == cfg.dataset.prompts.shards
+    assert sum(len(s) for s in shards) == 40 + res.metrics["world_prompts"] == res.metrics["prompts"]
+    assert len(shards) == cfg.dataset.prompts.shards
 
 
 def test_error_rate_stops_with_file_line_field_and_publishes_nothing(s3_server, store_for, tmp_path):
@@ -79,10 +80,11 @@ def test_malformed_prompt_file_bom_bad_utf8_oversized_line_and_duplicate(s3_serv
     lines = [b"\xef\xbb\xbf" + good[0], *good[1:], latin1, huge, again]
     src.write_bytes(b"\n".join(lines) + b"\n")
     cfg = load_config("tiny", {"name": "t-prompts-malformed", "dataset.prompts.source": str(src),
-                               "dataset.prompts.max_error_rate": 0.1, "dataset.prompts.limit": 100000})
+                               "dataset.prompts.max_error_rate": 0.1, "dataset.prompts.limit": 100000,
+                               "dataset.prompts.world.families": {}})  # only the file's prompts in the shards
     store = store_for(cfg)
     res = run_step("data.prompts", cfg, store=store)
-    assert res.metrics["prompts"] == 40 and res.metrics["prompts_quarantined"] == 3  # the BOM line is p0
+    assert res.metrics["source_prompts"] == 40 and res.metrics["prompts_quarantined"] == 3  # the BOM line is p0
     rows = [json.loads(x) for x in store.get_bytes(res.outputs["quarantine"]).decode().splitlines()]
     q = {r["line"]: r for r in rows}
     assert sorted(q) == [41, 42, 43] and all(r["source"] == str(src) for r in q.values())
@@ -115,3 +117,64 @@ def test_cli_turns_error_rate_into_one_line_and_exit_code(s3_server, store_for, 
     assert errors == [errors[0]] and errors[0].startswith("cogumi: data.prompts failed: prompts from ")
     assert "2 of 12 records bad" in errors[0] and f"{src}:11: field 'domain'" in errors[0]
     assert f"{src}:12: field 'id': duplicate id: 'p1' first at line 2" in errors[0]
+
+
+WORLD = {"dataset.prompts.world.families": {"list_fn": 30, "word_arith": 20, "tool_call": 10},
+         "dataset.prompts.world.seed": 3, "teachers.0.weight": 0.25, "teachers.1.weight": 0.75}
+
+
+def _prompt_rows(store, res) -> list[dict]:
+    return [json.loads(x) for x in store.get_bytes(res.outputs["prompts"]).decode().splitlines()]
+
+
+def test_world_prompts_come_on_top_with_their_task_and_eligible_teachers(s3_server, store_for, tmp_path):
+    from cogumi_tasks.world import Instance, assert_disjoint, generate
+
+    src = _write(tmp_path / "prompts.jsonl", GOOD)
+    over = {"dataset.prompts.source": str(src), "dataset.prompts.limit": 25, **WORLD}
+    cfg = load_config("tiny", {"name": "t-prompts-world", **over})
+    store = store_for(cfg)
+    res = run_step("data.prompts", cfg, store=store)
+    m = res.metrics
+    assert (m["source_prompts"], m["world_prompts"], m["prompts"]) == (25, 60, 85)  # limit: source prompts only
+    assert m["per_family"] == {"list_fn": 30, "word_arith": 20, "tool_call": 10}
+    assert m["per_domain"] == {"general": 25, "code": 30, "reasoning": 20, "automation": 10}
+    rows = _prompt_rows(store, res)
+    general, family = [r for r in rows if "task" not in r], [r for r in rows if "task" in r]
+    assert len(general) == 25 and all(r["teacher"] == "teacher-a" for r in general)  # strong tier: families only
+    insts = [Instance.from_dict(r["task"]) for r in family]
+    assert [(r["id"], r["prompt"], r["domain"]) for r in family] == [(i.id, i.prompt, i.domain) for i in insts]
+    assert insts == [i for name, n in WORLD["dataset.prompts.world.families"].items()
+                     for i in generate(name, n, 3, part="train")]
+    # the family prompts split by weight among the two teachers that may answer them, exactly and per family
+    assert sum(r["teacher"] == "teacher-a" for r in family) == 15
+    assert sum(v for k, v in m["per_family_teacher"].items() if k.endswith("/teacher-b")) == 45
+    for name, n in WORLD["dataset.prompts.world.families"].items():
+        assert_disjoint(insts, generate(name, 2 * n, 3, part="heldout"))
+        assert_disjoint(insts, generate(name, 2 * n, 4, part="heldout"))  # whatever seed a suite uses
+
+    again = run_step("data.prompts", load_config("tiny", {"name": "t-prompts-world-2", **over}), store=store)
+    assert _prompt_rows(store, again) == rows
+
+
+def test_teachers_are_assigned_among_those_eligible():
+    from cogumi_tasks.core.config import ConfigError, TeacherConfig
+    from cogumi_tasks.data.steps import assign_teachers
+
+    def teacher(name, weight, families=None):
+        return TeacherConfig(name=name, base_url="http://x/v1", model="m", price="p", weight=weight,
+                             families=families)
+
+    rows = [{"id": f"g{i}"} for i in range(10)]
+    rows += [{"id": f"c{i}", "task": {"family": "list_fn"}} for i in range(20)]
+    rows += [{"id": f"r{i}", "task": {"family": "word_arith"}} for i in range(8)]
+    teachers = [teacher("cheap", 1.0), teacher("code", 3.0, ["list_fn"]), teacher("off", 0.0, ["word_arith"])]
+    got = assign_teachers(rows, teachers)
+    assert {got[f"g{i}"] for i in range(10)} == {"cheap"}
+    assert sorted(got[f"c{i}"] for i in range(20)) == ["cheap"] * 5 + ["code"] * 15
+    assert {got[f"r{i}"] for i in range(8)} == {"cheap"}  # a zero weight answers nothing
+    assert assign_teachers(list(reversed(rows)), teachers) == got
+    with pytest.raises(ConfigError, match=r"no teacher .* answers prompt 'g0', a general prompt"):
+        assign_teachers(rows, [teacher("code", 1.0, ["list_fn"]), teacher("r", 1.0, ["word_arith"])])
+    with pytest.raises(ConfigError, match=r"answers prompt 'r0', of family 'word_arith'"):
+        assign_teachers(rows[10:], [teacher("code", 1.0, ["list_fn"]), teacher("none", 1.0, [])])
