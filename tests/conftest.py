@@ -1,4 +1,4 @@
-"""Shared fixtures: the real servers on loopback (S3, llama.cpp) and an isolated Airflow home.
+"""Shared fixtures: the real servers on loopback (S3, llama.cpp, the strong tier) and an isolated Airflow home.
 
 Airflow reads its configuration when first imported, so the environment is set here, at
 collection time, before any test module imports it.
@@ -70,8 +70,21 @@ def s3_server(tmp_root: Path):
 
 
 @pytest.fixture(scope="session")
-def llm_server(tmp_root: Path) -> str:
-    """llama.cpp's OpenAI-compatible server with the packaged SmolLM2-135M-Instruct; base URL."""
+def strong_server(tmp_root: Path) -> str:
+    """The strong tier (cogumi_tasks.world.strong_tier), the tiny config's family-solving teacher; base URL."""
+    from cogumi_tasks.stack.services import free_port, start_strong_tier, stop
+
+    port = free_port()
+    proc = start_strong_tier(port, tmp_root / "logs" / "strong_tier.log")
+    os.environ["COGUMI_STRONG_URL"] = f"http://127.0.0.1:{port}/v1"
+    yield f"http://127.0.0.1:{port}/v1"
+    stop(proc)
+
+
+@pytest.fixture(scope="session")
+def llm_server(tmp_root: Path, strong_server: str) -> str:
+    """llama.cpp's OpenAI-compatible server with the packaged SmolLM2-135M-Instruct; base URL. The strong tier
+    starts with it, since the tiny config's pipeline runs ask both (``COGUMI_STRONG_URL`` set)."""
     from cogumi_tasks.stack.services import free_port, start_llama_server, stop
 
     port = free_port()

@@ -1,5 +1,7 @@
-"""The local stack on 127.0.0.1: SeaweedFS S3, llama.cpp (SmolLM2-135M as every teacher and the judge)
-and Airflow 3 (api-server, scheduler, dag-processor, triggerer; SQLite, LocalExecutor).
+"""The local stack on 127.0.0.1: SeaweedFS S3, llama.cpp (SmolLM2-135M: the cheap teacher, the LLM judge and
+the reference), the strong tier (:mod:`cogumi_tasks.world.strong_tier`: the teacher that solves the task
+families, standing in for GPT-5/GPT-4o-class models) and Airflow 3 (api-server, scheduler, dag-processor,
+triggerer; SQLite, LocalExecutor).
 
 State lives under ``$COGUMI_HOME`` (default ``<repo>/.cogumi``): ``secrets.env`` (generated once,
 mode 600), ``pids.json`` (what we started), ``logs/<service>.log``, ``s3/`` and ``airflow/``.
@@ -31,8 +33,10 @@ BUCKET = "cogumi"
 LLM_MODEL = "smollm2-135m"
 SIMPLE_AUTH_MANAGER = "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager"
 AIRFLOW_SERVICES = ("api-server", "scheduler", "dag-processor", "triggerer")
-SERVICES = ("s3", "llm", *AIRFLOW_SERVICES)
-PORT_VARS = {"s3": "COGUMI_S3_PORT", "llm": "COGUMI_LLM_PORT", "api-server": "COGUMI_AIRFLOW_PORT"}
+SERVICES = ("s3", "llm", "strong", *AIRFLOW_SERVICES)
+CODE_SERVICES = ("strong", *AIRFLOW_SERVICES)  # they run the project's code: restarted when it changes
+PORT_VARS = {"s3": "COGUMI_S3_PORT", "llm": "COGUMI_LLM_PORT", "strong": "COGUMI_STRONG_PORT",
+             "api-server": "COGUMI_AIRFLOW_PORT"}
 # Popen objects of children started by this process, so stop() can reap them (no zombies in tests).
 _CHILDREN: dict[int, subprocess.Popen] = {}
 
@@ -44,6 +48,7 @@ class Settings:
     home: Path
     s3_port: int = 18300
     llm_port: int = 18400
+    strong_port: int = 18401
     airflow_port: int = 18500
     dags_folder: Path = REPO / "dags"
     plugins_folder: Path = REPO / "plugins"
@@ -58,6 +63,7 @@ class Settings:
             home=Path(e.get("COGUMI_HOME") or REPO / ".cogumi").resolve(),
             s3_port=int(e.get("COGUMI_S3_PORT") or 18300),
             llm_port=int(e.get("COGUMI_LLM_PORT") or 18400),
+            strong_port=int(e.get("COGUMI_STRONG_PORT") or 18401),
             airflow_port=int(e.get("COGUMI_AIRFLOW_PORT") or 18500),
         )
         return replace(s, **overrides)
@@ -87,6 +93,10 @@ class Settings:
         return f"http://{HOST}:{self.llm_port}/v1"
 
     @property
+    def strong_url(self) -> str:
+        return f"http://{HOST}:{self.strong_port}/v1"
+
+    @property
     def airflow_url(self) -> str:
         return f"http://{HOST}:{self.airflow_port}"
 
@@ -94,7 +104,7 @@ class Settings:
         """Every port a service listens on (SeaweedFS derives ~14 from its base port)."""
         if name == "s3":
             return S3Ports(self.s3_port).all()
-        return {"llm": [self.llm_port], "api-server": [self.airflow_port]}.get(name, [])
+        return {"llm": [self.llm_port], "strong": [self.strong_port], "api-server": [self.airflow_port]}.get(name, [])
 
 
 # ---------------------------------------------------------------- secrets and environment
@@ -172,6 +182,7 @@ def env(settings: Settings | None = None) -> dict[str, str]:
         "COGUMI_HOME": str(s.home),
         "COGUMI_S3_ENDPOINT": s.s3_endpoint,
         "COGUMI_LLM_URL": s.llm_url,
+        "COGUMI_STRONG_URL": s.strong_url,
         "COGUMI_CONFIG_DIR": str(s.config_dir),
         "NO_PROXY": "127.0.0.1,localhost",
         "no_proxy": "127.0.0.1,localhost",
@@ -211,7 +222,7 @@ def _record(settings: Settings, name: str, proc: subprocess.Popen, cmd: list[str
     _CHILDREN[proc.pid] = proc
     pids = read_pids(settings)
     pids[name] = {"pid": proc.pid, "ports": settings.ports(name), "cmd": cmd, "started": time.time(),
-                  "code": code_fingerprint(settings) if name in AIRFLOW_SERVICES else None}
+                  "code": code_fingerprint(settings) if name in CODE_SERVICES else None}
     _write_pids(settings, pids)
 
 
@@ -251,6 +262,8 @@ def healthy(settings: Settings, name: str, health: dict | None = None) -> bool:
         return _http_ok(settings.s3_endpoint + "/", (200, 403))
     if name == "llm":
         return _http_ok(settings.llm_url + "/models")
+    if name == "strong":
+        return _http_ok(settings.strong_url.removesuffix("/v1") + "/_stats")
     health = airflow_health(settings) if health is None else health
     key = {"api-server": "metadatabase"}.get(name, name.replace("-", "_"))
     return (health.get(key) or {}).get("status") == "healthy"
@@ -357,6 +370,10 @@ def _start(settings: Settings, name: str) -> subprocess.Popen:
         proc = services.start_llama_server(LLM_MODEL, settings.llm_port, log_path)
         _record(settings, name, proc, proc.args)
         return proc
+    if name == "strong":
+        proc = services.start_strong_tier(settings.strong_port, log_path)
+        _record(settings, name, proc, proc.args)
+        return proc
     cmd = _airflow_cmd(name, settings)
     proc = services.spawn(cmd, log_path, env=env(settings), cwd=settings.airflow_home)
     _record(settings, name, proc, cmd)
@@ -375,7 +392,7 @@ def up(settings: Settings | None = None, log=print, timeout_s: float = 180) -> d
             sync_pools(s, log)
         rec = read_pids(s).get(name)
         if rec and pid_alive(rec["pid"], rec.get("cmd")):
-            stale = name in AIRFLOW_SERVICES and rec.get("code") != code_fingerprint(s)
+            stale = name in CODE_SERVICES and rec.get("code") != code_fingerprint(s)
             if not stale and (name in AIRFLOW_SERVICES or healthy(s, name)):
                 log(f"{name:14s} reusing pid {rec['pid']}")
                 continue
@@ -387,7 +404,7 @@ def up(settings: Settings | None = None, log=print, timeout_s: float = 180) -> d
         log(f"{name:14s} started pid {proc.pid} ({s.logs_dir / (name + '.log')})")
     _wait_airflow(s, timeout_s - (time.monotonic() - t0))
     log(f"stack healthy after {time.monotonic() - t0:.1f}s: Airflow {s.airflow_url}  S3 {s.s3_endpoint}  "
-        f"LLM {s.llm_url}")
+        f"LLM {s.llm_url}  strong tier {s.strong_url}")
     return read_pids(s)
 
 
@@ -419,7 +436,7 @@ def down(settings: Settings | None = None, log=print) -> list[str]:
 
     s = settings or Settings.from_env()
     pids = read_pids(s)
-    waves = [("scheduler", "dag-processor", "triggerer"), ("api-server",), ("llm", "s3")]
+    waves = [("scheduler", "dag-processor", "triggerer"), ("api-server",), ("llm", "strong", "s3")]
     waves.insert(0, tuple(n for n in pids if n not in SERVICES))
     stopped: list[str] = []
     for wave in waves:

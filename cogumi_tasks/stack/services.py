@@ -1,5 +1,6 @@
-"""Local services on loopback: the S3 server (SeaweedFS ``weed mini``) and llama.cpp's
-OpenAI-compatible server over the packaged GGUFs. Used by ``cogumi stack`` and by the tests.
+"""Local services on loopback: the S3 server (SeaweedFS ``weed mini``), llama.cpp's
+OpenAI-compatible server over the packaged GGUFs and the strong tier (the task families' solver).
+Used by ``cogumi stack`` and by the tests.
 
 Nothing here downloads anything: the models come from pip-installed packages.
 """
@@ -143,6 +144,17 @@ def start_llama_server(model: str, port: int, log_path: Path, n_ctx: int = 2048,
     ]
     proc = spawn(cmd, log_path)
     wait_http(f"http://{HOST}:{port}/v1/models", timeout_s=120, proc=proc)
+    return proc
+
+
+# ---------------------------------------------------------------- the strong tier
+def start_strong_tier(port: int, log_path: Path) -> subprocess.Popen:
+    """The strong tier's OpenAI-compatible server (:mod:`cogumi_tasks.world.strong_tier`) on 127.0.0.1:port."""
+    if not port_is_free(port):
+        raise ServiceError(f"port {port} for the strong tier is in use")
+    cmd = [sys.executable, "-m", "cogumi_tasks.world.strong_tier", "--host", HOST, "--port", str(port)]
+    proc = spawn(cmd, log_path)
+    wait_http(f"http://{HOST}:{port}/_stats", timeout_s=60, proc=proc)
     return proc
 
 

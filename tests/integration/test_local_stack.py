@@ -56,9 +56,9 @@ def stack(tmp_path_factory):
     dags = root / "dags"
     dags.mkdir()
     (dags / "cogumi_smoke.py").write_text(textwrap.dedent(SMOKE_DAGS))
-    base = pick_base_port((20, 21), 20000, 22000)
+    base = pick_base_port((20, 21, 22), 20000, 22000)
     settings = local.Settings.from_env({}, home=root / "home", s3_port=base, llm_port=base + 20,
-                                       airflow_port=base + 21, dags_folder=dags)
+                                       airflow_port=base + 21, strong_port=base + 22, dags_folder=dags)
     t0 = time.monotonic()
     try:
         pids = local.up(settings)
@@ -75,7 +75,7 @@ def test_up_binds_loopback_only(stack):
     ours = descendants({r["pid"] for r in pids.values()})
     sockets = listening(ours)
     ports = {p for _, p, _ in sockets}
-    assert {settings.s3_port, settings.llm_port, settings.airflow_port} <= ports
+    assert {settings.s3_port, settings.llm_port, settings.strong_port, settings.airflow_port} <= ports
     assert all(addr == "127.0.0.1" for addr, _, _ in sockets), sockets
     assert stat.S_IMODE(settings.secrets_file.stat().st_mode) == 0o600
     assert all(r["healthy"] for r in local.status(settings))
@@ -170,7 +170,7 @@ def test_port_conflict_is_clear(stack, tmp_path):
             local._check_ports(busy, "api-server")
 
 
-def test_up_restarts_airflow_when_the_code_changed(stack, tmp_path, monkeypatch):
+def test_up_restarts_airflow_and_the_strong_tier_when_the_code_changed(stack, tmp_path, monkeypatch):
     settings, pids = stack
     plugins, configs = tmp_path / "plugins", tmp_path / "configs"
     plugins.mkdir()
@@ -185,8 +185,8 @@ def test_up_restarts_airflow_when_the_code_changed(stack, tmp_path, monkeypatch)
     lines: list[str] = []
     again = local.up(settings, log=lines.append)
     restarted = {n for n in local.SERVICES if again[n]["pid"] != pids[n]["pid"]}
-    assert restarted == set(local.AIRFLOW_SERVICES), lines
-    assert sum("the code or configs changed" in line for line in lines) == 4
+    assert restarted == set(local.CODE_SERVICES) == {"strong", *local.AIRFLOW_SERVICES}, lines
+    assert sum("the code or configs changed" in line for line in lines) == len(local.CODE_SERVICES)
     pids.update(again)  # later tests in this module see the new processes
 
 
