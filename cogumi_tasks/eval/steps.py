@@ -39,8 +39,8 @@ def _endpoints(ctx: StepContext) -> dict:
                                           "cogumi_tasks.eval.tables", "cogumi_tasks.llm.step_calls",
                                           "cogumi_tasks.world", "cogumi_tasks.world.answers",
                                           "cogumi_tasks.world.automation", "cogumi_tasks.world.base",
-                                          "cogumi_tasks.world.code", "cogumi_tasks.world.reasoning",
-                                          "cogumi_tasks.world.sandbox"))
+                                          "cogumi_tasks.world.code", "cogumi_tasks.world.judge",
+                                          "cogumi_tasks.world.reasoning", "cogumi_tasks.world.sandbox"))
 def run_eval(ctx: StepContext) -> StepOutput:
     """Evaluate the student and the reference model on the configured suites.
 

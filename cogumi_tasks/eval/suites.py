@@ -411,16 +411,10 @@ def score_items(items: list[Item], outputs: list[str], limits: Limits, workers: 
             error = res.reason if res.reason.startswith("sandbox_error") else None  # not the answer's fault
             scores[i] = _verdict(items[i], res.passed, error, reason=res.reason, exit_code=res.exit_code,
                                  seconds=round(res.seconds, 3), stderr=res.stderr[-2000:])
-    if tasks:
-        for i, (ok, reason) in zip(tasks, verify([items[i].target["task"] for i in tasks],
-                                                 [outputs[i] or "" for i in tasks], limits, workers), strict=True):
+    if tasks:  # the verifier of the one judge interface (Phase 0's score and Phase 1's distill use it too)
+        from cogumi_tasks.world.judge import verify
+
+        rows = [{"id": items[i].id, "task": items[i].target["task"], "response": outputs[i] or ""} for i in tasks]
+        for i, (ok, reason) in zip(tasks, verify(rows, limits), strict=True):
             scores[i] = _verdict(items[i], ok, None, reason=reason)
     return [s for s in scores if s is not None]
-
-
-def verify(tasks: list[dict], answers: list[str], limits: Limits, workers: int = 2) -> list[tuple[bool, str]]:
-    """(ok, the checker's reason) per answer to a world task (an Instance dict); code runs in the sandbox one
-    answer per program (model output shares nothing)."""
-    from cogumi_tasks import world
-
-    return world.check_many([world.Instance.from_dict(t) for t in tasks], answers, limits, workers, code_batch=1)
