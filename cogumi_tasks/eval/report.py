@@ -427,6 +427,32 @@ def _step_entry(m: dict, run_id: str) -> dict:
             "outputs": m.get("outputs", {}), "code_version": m.get("code_version")}
 
 
+BEFORE_AFTER_HEADERS = ["domain", "n", "untrained", "after SFT", "after distillation", "rise SFT (points)",
+                        "rise distilled (points)", "reference", "% of reference: untrained", "SFT", "distilled"]
+
+
+def before_after_rows(manifests: list[dict]) -> tuple[dict, list[list[str]]]:
+    """Phase 1's before/after table (``eval.before_after``, latest result) and its rows as the report prints
+    them: accuracies in % with 95% CIs, rises in points with paired CIs, % of reference or why it is undefined."""
+    table = next((m["metrics"]["before_after"] for m in reversed(manifests)
+                  if m["step"] == "eval.before_after" and m.get("metrics", {}).get("before_after")), {})
+
+    def acc(a: dict) -> str:
+        return f"{100 * a['accuracy']:.1f}% ({a['correct']}/{a['n']}; CI {100 * a['ci'][0]:.1f}-{100 * a['ci'][1]:.1f})"
+
+    def rise(r: dict) -> str:
+        return f"{r['points']:+.1f} (CI {r['ci'][0]:+.1f} to {r['ci'][1]:+.1f})"
+
+    def pct(p: dict) -> str:
+        return p["why"] if p["pct"] is None else f"{p['pct']:.1f}% (CI {p['ci'][0]:.1f}-{p['ci'][1]:.1f})"
+
+    rows = [[key, row["n"], acc(row["untrained"]), acc(row["sft"]), acc(row["distilled"]), rise(row["rise_sft"]),
+             rise(row["rise_distilled"]), acc(row["reference"]),
+             *(pct(row["pct_of_reference"][m]) for m in ("untrained", "sft", "distilled"))]
+            for key, row in table.items()]
+    return table, rows
+
+
 def build_report(run: dict, targets: dict) -> tuple[str, dict]:
     """The HTML report and a JSON-able dict with the same numbers (plots as their data, not images)."""
     run_id = run["run_id"]
@@ -439,8 +465,9 @@ def build_report(run: dict, targets: dict) -> tuple[str, dict]:
                "step_seconds": round(sum(s["timings"].get("seconds", 0) for s in steps if not s["reused"]), 3),
                "wall_seconds": round(max(finished) - min(started), 3) if started and finished else None,
                "ledger": run.get("ledger", {})}
+    before_after, before_after_table = before_after_rows(run["manifests"])
     data = {"pipeline": run["pipeline"], "run_id": run_id, "generated_at": time.time(), "summary": summary,
-            "targets": target_rows, "steps": steps,
+            "targets": target_rows, "steps": steps, "before_after": before_after,
             "plots": [{k: v for k, v in p.items() if k != "png"} for p in plots]}
 
     order = list(PHASES.values())
@@ -455,7 +482,8 @@ def build_report(run: dict, targets: dict) -> tuple[str, dict]:
     page = _template().render(
         title=f"Cogumi report: {run['pipeline']} / run {run_id}", generated=data["generated_at"], phases=phases,
         steps=steps, plots=plots, summary_rows=summary_rows, targets=[_target_view(t) for t in target_rows],
-        endpoint_rows=[[k, *_cost_row(v)] for k, v in sorted(ledger.get("per_endpoint", {}).items())])
+        endpoint_rows=[[k, *_cost_row(v)] for k, v in sorted(ledger.get("per_endpoint", {}).items())],
+        before_after_headers=BEFORE_AFTER_HEADERS, before_after_rows=before_after_table)
     return page, data
 
 

@@ -119,3 +119,24 @@ def test_before_after_table_rise_in_points_and_pct_per_model():
     assert all(a[m] == {"pct": None, "ci": None, "why": "undefined (reference 0/2)"} for m in a)
     with pytest.raises(ValueError, match="different items"):
         before_after({"untrained": untrained, "sft": sft[:-1], "distilled": distilled})
+
+
+def test_the_run_report_prints_the_before_after_table():
+    from cogumi_tasks.eval.report import build_report
+
+    untrained = _rows("reasoning", [0, 0, 1], [1, 0, 0]) + _rows("automation", [0, 0], [0, 0])
+    sft = _rows("reasoning", [1, 1, 1], [1, 0, 0]) + _rows("automation", [1, 0], [0, 0])
+    table = before_after({"untrained": untrained, "sft": sft, "distilled": sft}, n=100)
+
+    def manifest(step: str, metrics: dict, t: float) -> dict:
+        return {"step": step, "version": 1, "prefix": f"s3://b/p/{step}/k", "run_id": "r1", "metrics": metrics,
+                "timings": {"started": t, "finished": t + 1, "seconds": 1}, "outputs": {}}
+
+    run = {"pipeline": "p", "run_id": "r1", "ledger": {},
+           "manifests": [manifest("eval.before_after", {"before_after": table}, 1.0),
+                         manifest("train.publish", {"before_after": table}, 2.0)]}
+    page, data = build_report(run, {"targets": []})
+    assert data["before_after"] == table
+    assert "Held-out accuracy before/after Phase 1" in page
+    assert "33.3% (1/3; CI" in page and "100.0% (3/3; CI 100.0-100.0)" in page and "+66.7 (CI" in page
+    assert "undefined (reference 0/2)" in page and "300.0% (CI" in page
