@@ -13,6 +13,7 @@ import random
 from cogumi_tasks.core.config import CompressConfig
 from cogumi_tasks.core.records import iter_jsonl_dicts
 from cogumi_tasks.core.steps import StepContext, StepFailed, StepOutput, step
+from cogumi_tasks.core.verdict import judge
 from cogumi_tasks.models.step_io import dataset_rows, model_stats, pass_on
 
 log = logging.getLogger("cogumi")
@@ -136,7 +137,7 @@ def quantize_awq(ctx: StepContext) -> StepOutput:
 @step("compress.export_gguf", version=1, reads=("compress.gguf", "compress.prune.ppl_rows"),
       inputs=("model", "dataset"), outputs=("gguf",),
       code=("cogumi_tasks.compress.gguf", "cogumi_tasks.models.convert", "cogumi_tasks.models.nll",
-            "cogumi_tasks.models.step_io"))
+            "cogumi_tasks.models.step_io", "cogumi_tasks.core.verdict"))
 def export_gguf(ctx: StepContext) -> StepOutput:
     """llama.cpp's converter to f16 GGUF, then quantization to ``compress.gguf.quant_type`` (Q5_K_M), with the
     plan's validation: greedy token agreement with the unquantized HF model and per-byte perplexity.
@@ -162,6 +163,7 @@ def export_gguf(ctx: StepContext) -> StepOutput:
     params = model_stats(src)["parameters"]
     ppl = {"hf": _ppl(nll_stats(src, held)), "f16": _ppl(gguf_nll_stats(f16, src, held)),
            cfg.quant_type: _ppl(gguf_nll_stats(quant, src, held))}
+    agreement = judge(agree_q.rate, ">=", cfg.min_agreement)  # one figure over all positions, compared directly
     metrics = {
         "quant_type": cfg.quant_type, "parameters": params,
         "f16_bytes": f16.stat().st_size, "gguf_bytes": quant.stat().st_size,
@@ -169,7 +171,7 @@ def export_gguf(ctx: StepContext) -> StepOutput:
         "agreement_prompts": len(prompts), "agreement_positions": agree_q.positions,
         "token_agreement": round(agree_q.rate, 5), "token_agreement_f16": round(agree_f16.rate, 5),
         "exact_sequences": agree_q.exact_sequences, "min_agreement": cfg.min_agreement,
-        "agreement_gate_passed": agree_q.rate >= cfg.min_agreement, "perplexity": ppl,
+        "agreement_gate_passed": agreement.met, "agreement_gate": agreement.as_dict(), "perplexity": ppl,
         "byte_ppl_increase_pct": round((ppl[cfg.quant_type]["byte_ppl"] / ppl["hf"]["byte_ppl"] - 1) * 100, 3),
         "sample_answer": chat_answer(quant, prompts[0] if prompts else "Hello!")[:300],
     }
@@ -199,7 +201,7 @@ def pack_zstd(ctx: StepContext) -> StepOutput:
 
 
 @step("compress.calibrate", version=1, reads=("compress.calibrate",), inputs=("gguf", "items", "tokenizer"),
-      outputs=("calibrator", "features"), code=("cogumi_tasks.compress.calibration",))
+      outputs=("calibrator", "features"), code=("cogumi_tasks.compress.calibration", "cogumi_tasks.core.verdict"))
 def calibrate_step(ctx: StepContext) -> StepOutput:
     """Confidence features of the GGUF model's own answers on the evaluation items (mean log-prob, max token
     probability, entropy), correctness from the evaluation harness, temperature and Platt scaling fitted on half
@@ -218,7 +220,8 @@ def calibrate_step(ctx: StepContext) -> StepOutput:
     features = answer_features(ctx.fetch(ctx.input("gguf")), items, ctx.fetch_dir(ctx.input("tokenizer")))
     correct = [bool(r.get("correct")) for r in items]
     report = calibrate(features, correct, cfg.bins, cfg.seed)
-    report["ece_gate_passed"] = report["ece_after"] < cfg.max_ece
+    gate = judge(report["ece_after"], "<", cfg.max_ece)
+    report["ece_gate"], report["ece_gate_passed"] = gate.as_dict(), gate.met
     report["max_ece"] = cfg.max_ece
     write_jsonl(ctx.out("features.jsonl"), [{**f, "correct": c} for f, c in zip(features, correct, strict=True)])
     ctx.out("calibrator.json").write_text(json.dumps({"method": report["method"], **report["calibrator"],

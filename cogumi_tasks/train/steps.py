@@ -60,7 +60,8 @@ def base_model(ctx: StepContext) -> StepOutput:
 
 
 @step("train.vocab_trim", version=1, reads=("train.vocab_trim",), inputs=("model", "dataset", "heldout"),
-      outputs=("model",), code=("cogumi_tasks.train.vocab", "cogumi_tasks.models.nll", "cogumi_tasks.models.step_io"),
+      outputs=("model",), code=("cogumi_tasks.train.vocab", "cogumi_tasks.models.nll", "cogumi_tasks.models.step_io",
+                                "cogumi_tasks.core.verdict"),
       config_inputs={"heldout": "train.vocab_trim.heldout"})
 def vocab_trim(ctx: StepContext) -> StepOutput:
     """Keep the tokens covering ``coverage`` of the dataset's chat text (plus the held-out English prompts),
@@ -72,13 +73,14 @@ def vocab_trim(ctx: StepContext) -> StepOutput:
     """
     from transformers import AutoTokenizer
 
+    from cogumi_tasks.core.verdict import judge
     from cogumi_tasks.models.nll import chat_texts, nll_stats
     from cogumi_tasks.train.vocab import (
         TokenizerBroken,
         check_round_trip,
         load_prompt_texts,
-        passes_gate,
         ppl_increase_pct,
+        trim_gate,
         trim_model,
     )
 
@@ -102,7 +104,8 @@ def vocab_trim(ctx: StepContext) -> StepOutput:
         result = trim_model(src, trimmed, texts, cfg.coverage)
         check_round_trip(trimmed, ppl_texts)
     except TokenizerBroken as exc:
-        metrics.update(gate_passed=False, refused=str(exc))
+        metrics.update(gate_passed=False, refused=str(exc),
+                       gate=judge(None, "<=", cfg.max_ppl_increase_pct, undefined_reason=str(exc)).as_dict())
     else:
         before, after = nll_stats(src, ppl_texts), nll_stats(trimmed, ppl_texts)
         new_tok = AutoTokenizer.from_pretrained(str(trimmed))
@@ -116,8 +119,9 @@ def vocab_trim(ctx: StepContext) -> StepOutput:
             byte_ppl_before=before.byte_ppl, byte_ppl_after=after.byte_ppl,
             bits_per_byte_before=before.bits_per_byte, bits_per_byte_after=after.bits_per_byte,
             ppl_increase_pct=round(ppl_increase_pct(before, after), 4),
-            gate_passed=passes_gate(before, after, cfg.max_ppl_increase_pct),
         )
+        gate = trim_gate(before, after, cfg.max_ppl_increase_pct)
+        metrics.update(gate_passed=gate.met, gate=gate.as_dict())
     if metrics["gate_passed"]:
         metrics["used"] = "trimmed"
         log.info("vocab_trim: %d -> %d tokens, per-byte perplexity %+.2f%%: using the trimmed model",

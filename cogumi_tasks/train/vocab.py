@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cogumi_tasks.core.verdict import Verdict, judge
 from cogumi_tasks.models.nll import NLLStats, chat_texts
 
 TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "chat_template.json")
@@ -295,6 +296,7 @@ def ppl_increase_pct(before: NLLStats, after: NLLStats) -> float:
     return (after.byte_ppl / before.byte_ppl - 1.0) * 100.0
 
 
-def passes_gate(before: NLLStats, after: NLLStats, max_ppl_increase_pct: float) -> bool:
-    """``VocabTrimConfig.max_ppl_increase_pct`` gate on the per-byte perplexity increase."""
-    return ppl_increase_pct(before, after) <= max_ppl_increase_pct
+def trim_gate(before: NLLStats, after: NLLStats, max_ppl_increase_pct: float) -> Verdict:
+    """``VocabTrimConfig.max_ppl_increase_pct`` gate on the per-byte perplexity increase (``core.verdict.judge``:
+    one figure on the held-out rows, compared directly)."""
+    return judge(ppl_increase_pct(before, after), "<=", max_ppl_increase_pct)

@@ -18,8 +18,8 @@ from cogumi_tasks.models.nll import chat_texts, nll_stats
 from cogumi_tasks.train.vocab import (
     TokenizerBroken,
     check_round_trip,
-    passes_gate,
     ppl_increase_pct,
+    trim_gate,
     trim_model,
 )
 
@@ -188,4 +188,5 @@ def test_bits_per_byte_gate(hf_dir, trimmed, texts):
     # Renormalising over fewer tokens raises kept-token probabilities; split words cost more: either way it is finite.
     assert 0 < before.bits_per_byte < 8 and 0 < after.bits_per_byte < 8
     increase = ppl_increase_pct(before, after)
-    assert passes_gate(before, after, increase + 0.01) and not passes_gate(before, after, increase - 0.01)
+    assert trim_gate(before, after, increase + 0.01).met
+    assert trim_gate(before, after, increase - 0.01).verdict == "not met"
