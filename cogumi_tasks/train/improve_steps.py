@@ -18,7 +18,6 @@ from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
 
-from cogumi_tasks.core.config import TeacherConfig
 from cogumi_tasks.core.records import Quarantine, check_error_rate, iter_jsonl_dicts, write_jsonl
 from cogumi_tasks.core.steps import StepContext, StepOutput, step
 from cogumi_tasks.models.step_io import dataset_rows, pass_on
@@ -27,11 +26,6 @@ from cogumi_tasks.train.steps import train_config
 
 log = logging.getLogger("cogumi")
 
-TASK_SYSTEM = (
-    "You write practice tasks for a student model. Given tasks the student got wrong, write ONE new task of "
-    "the same kind and difficulty, different from the examples. Reply with the task text only."
-)
-EXAMPLE_CHARS = 300
 GENERAL_ROWS = 16  # Phase 0 rows held out of the replay to measure forgetting
 
 
@@ -100,115 +94,42 @@ def failure_analysis(ctx: StepContext) -> StepOutput:
     )
 
 
-def strongest_teacher(ctx: StepContext) -> TeacherConfig:
-    """``train.distill.teacher`` by name, else the last configured teacher (teachers are listed cheapest first)."""
-    name = train_config(ctx).distill.teacher
-    return ctx.config.teacher(name) if name else ctx.config.teachers[-1]
-
-
-def task_request(cluster: dict, index: int, cfg) -> object:
-    """Ask the teacher for one new task like the cluster's examples (``index`` seeds the variation)."""
-    from cogumi_tasks.llm.client import ChatRequest
-
-    examples = "\n".join(f"{i}. {' '.join(str(ex.get('prompt', '')).split())[:EXAMPLE_CHARS]}"
-                         for i, ex in enumerate(cluster["examples"], 1))
-    user = (f"Failure pattern: {cluster.get('label') or 'unlabelled'}\nTasks the student got wrong:\n{examples}\n\n"
-            f"Write new task number {index + 1}.")
-    return ChatRequest(messages=[{"role": "system", "content": TASK_SYSTEM}, {"role": "user", "content": user}],
-                       max_tokens=cfg.task_max_tokens, temperature=cfg.temperature, seed=index)
-
-
-def parse_task(text: str) -> str:
-    """A usable task text; raises ValueError (the client resamples) on an empty or trivial one."""
-    task = text.strip()
-    if len(task.split()) < 3:
-        raise ValueError(f"task too short: {task[:60]!r}")
-    return task
-
-
 def _normal(text: str) -> str:
     return " ".join(text.lower().split())
 
 
-def write_examples(ctx: StepContext, clusters: list[dict], quarantine: Quarantine) -> tuple[list[dict], dict]:
-    """New (prompt, response) pairs per pattern, judged; returns (rows with judge_score, counts)."""
-    from cogumi_tasks.llm.client import ChatRequest, ChatResult
-    from cogumi_tasks.llm.step_calls import ask, finish_calls, judge_request, make_client, make_ledger, parse_verdict
-
-    cfg = train_config(ctx).distill
-    teacher = strongest_teacher(ctx)
-    ledger = make_ledger(ctx)
-    slots = [(c, i) for c in clusters if c.get("examples") for i in range(cfg.examples_per_pattern)]
-    source = ctx.input("clusters")
-
-    async def run() -> list[dict]:
-        client = make_client(ctx, teacher, ledger)
-        judge = make_client(ctx, ctx.config.judge, ledger)
-        results: list = []
-        try:
-            tasks = await ask(ctx, client, [task_request(c, i, cfg) for c, i in slots], parse_task, tag="tasks")
-            results += tasks
-            rows = []
-            for (c, i), res in zip(slots, tasks, strict=True):
-                if isinstance(res, ChatResult):
-                    rows.append({"cluster": c["id"], "pattern": c.get("label"), "prompt": parse_task(res.text),
-                                 "teacher": teacher.name})
-                else:
-                    quarantine.add(source, None, "task", f"cluster {c['id']} task {i}: {res}", None)
-            system = ctx.config.dataset.generate.system_prompt
-            answers = await ask(ctx, client, [
-                ChatRequest(messages=[{"role": "system", "content": system}, {"role": "user", "content": r["prompt"]}],
-                            max_tokens=cfg.answer_max_tokens, temperature=0.0, seed=0) for r in rows], tag="answers")
-            results += answers
-            answered = []
-            for r, res in zip(rows, answers, strict=True):
-                if isinstance(res, ChatResult) and res.text.strip():
-                    answered.append({**r, "response": res.text.strip()})
-                else:
-                    quarantine.add(source, None, "response", f"no usable answer: {res}", r)
-            verdicts = await ask(ctx, judge, [judge_request(r["prompt"], r["response"],
-                                                            ctx.config.dataset.score.max_tokens) for r in answered],
-                                 parse_verdict, tag="judge")
-            results += verdicts
-            judged = []
-            for r, res in zip(answered, verdicts, strict=True):
-                if isinstance(res, ChatResult):
-                    v = res.parsed if res.parsed is not None else parse_verdict(res.text)
-                    judged.append({**r, "judge_score": v["score"], "judge_reason": v["reason"]})
-                else:
-                    quarantine.add(source, None, "judge_verdict", f"unparseable verdict after retries: {res}", r)
-        finally:
-            await client.aclose()
-            await judge.aclose()
-            ledger.flush()
-        finish_calls(ctx, ledger, results)
-        return judged
-
-    judged = asyncio.run(run()) if slots else []
-    return judged, {"requested": len(slots), "judged": len(judged), "quarantined": len(quarantine)}
-
-
-@step("train.distill", version=1,
+@step("train.distill", version=2,
       reads=("train.distill", "train.sft", "teachers", "judge", "llm", "dataset.generate.system_prompt",
              "dataset.score.max_tokens"),
       inputs=("model", "clusters", "dataset"),
       outputs=("examples", "rejected", "quarantine", "mix", "model", "adapter?", "metrics?"),
       code=("cogumi_tasks.llm.step_calls", "cogumi_tasks.train.lora", "cogumi_tasks.train.sft",
             "cogumi_tasks.models.nll", "cogumi_tasks.models.step_io", "cogumi_tasks.train.steps",
-            "cogumi_tasks.llm.client"))
+            "cogumi_tasks.llm.client", "cogumi_tasks.train.distill_tasks", "cogumi_tasks.world.judge",
+            "cogumi_tasks.world.strong_tier", "cogumi_tasks.world", "cogumi_tasks.world.base",
+            "cogumi_tasks.world.code", "cogumi_tasks.world.reasoning", "cogumi_tasks.world.automation",
+            "cogumi_tasks.world.answers", "cogumi_tasks.world.sandbox"))
 def distill(ctx: StepContext) -> StepOutput:
-    """Targeted distillation: per failure pattern the strongest teacher writes new tasks and answers, the
-    judge keeps those scoring >= ``judge_min_score``; they are mixed with ``replay_fraction`` of replayed
-    Phase 0 rows and LoRA training continues from the SFT model at the low learning rate.
+    """Targeted distillation: per failure pattern a teacher writes new tasks with answers, the judge keeps those
+    scoring >= ``judge_min_score``; they are mixed with ``replay_fraction`` of replayed Phase 0 rows and LoRA
+    training continues from the SFT model at the low learning rate.
+
+    Failures that are tiny-world tasks go to the teacher of their family (the strong tier in the tiny config) as
+    "write N new tasks like these"; tasks of the held-out part are dropped (counted), the answers are judged by
+    the tasks' checkers (:mod:`cogumi_tasks.train.distill_tasks`). Other failures: the strongest teacher of
+    general prompts writes and answers one task per request, the configured judge scores it.
 
     Inputs: ``model`` (the SFT model), ``clusters`` (failure analysis), ``dataset`` (Phase 0 JSONL).
     Outputs: ``model`` (merged; the input model when no example survived), ``adapter``, ``examples`` (kept),
-    ``rejected``, ``quarantine``, ``mix`` (the training rows).
+    ``rejected``, ``quarantine``, ``mix`` (the training rows). Metrics: ``by_cluster`` counts per cluster and
+    path (asked, received, unparsed, dropped_heldout, judged, verified, kept).
     """
+    from cogumi_tasks.train.distill_tasks import write_examples
+
     cfg = train_config(ctx).distill
     clusters = json.loads(ctx.fetch(ctx.input("clusters")).read_text())["clusters"]
     quarantine = Quarantine()
-    judged, counts = write_examples(ctx, clusters, quarantine)
+    judged, counts, by_cluster = write_examples(ctx, cfg, clusters, quarantine)
     if counts["requested"]:
         check_error_rate("distill examples", len(quarantine), counts["requested"], cfg.max_error_rate, quarantine)
     pool = dataset_rows(ctx)  # read once: the duplicate check and the replay both use it
@@ -231,8 +152,11 @@ def distill(ctx: StepContext) -> StepOutput:
     write_jsonl(ctx.out("rejected.jsonl"), rejected)
     quarantine.write(ctx.out("quarantine.jsonl"))
     write_jsonl(ctx.out("mix.jsonl"), mix)
+    for row in by_cluster:
+        row["kept"] = sum(r["cluster"] == row["cluster"] and (r.get("family") or "general") == row["path"]
+                          for r in kept)
     metrics = {**counts, "patterns": len([c for c in clusters if c.get("examples")]), "kept": len(kept),
-               "rejected": len(rejected), "replayed": len(replay), "teacher": strongest_teacher(ctx).name,
+               "rejected": len(rejected), "replayed": len(replay), "by_cluster": by_cluster,
                "kept_by_pattern": {str(c["id"]): sum(r["cluster"] == c["id"] for r in kept) for c in clusters},
                "lr": cfg.lr, "cost": ctx.cost}
     files = {"examples": "examples.jsonl", "rejected": "rejected.jsonl", "quarantine": "quarantine.jsonl",

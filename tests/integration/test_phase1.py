@@ -94,7 +94,12 @@ def test_sft_distill_and_publish_figures(phase1):
     assert sum(c["size"] for c in fa["clusters"]) == fa["failures"] > 0
     dist = _manifest(store, "p1-e2e", "train.distill")
     d = dist["metrics"]
-    assert d["requested"] == 2 * d["patterns"] and d["kept"] + d["rejected"] == d["judged"]
+    assert d["kept"] + d["rejected"] == d["judged"] == sum(r["judged"] for r in d["by_cluster"])
+    assert d["requested"] == sum(r["asked"] for r in d["by_cluster"]) == 2 * len(d["by_cluster"])
+    for r in d["by_cluster"]:  # world paths: the strong tier's tasks, held-out ones dropped, the rest verified
+        if r["path"] != "general":
+            assert r["dropped_heldout"] + r["unparsed"] + r["judged"] == r["received"] and r["verified"] == r["judged"]
+        assert r["kept"] <= r["judged"]
     assert d["replayed"] == round(d["kept"] * 0.1 / 0.9)
     mix = [json.loads(x) for x in store.get_bytes(dist["outputs"]["mix"]).decode().splitlines()]
     assert sum(r["source"] == "new" for r in mix) == d["kept"]

@@ -9,7 +9,8 @@ import pytest
 
 from cogumi_tasks.core.artifacts import ArtifactStore
 from cogumi_tasks.core.config import StorageConfig
-from cogumi_tasks.train.improve_steps import compare_evaluations, parse_task
+from cogumi_tasks.train.distill_tasks import parse_task
+from cogumi_tasks.train.improve_steps import compare_evaluations
 
 
 def _row(i: int, correct: bool, domain: str = "code") -> dict:
