@@ -103,7 +103,7 @@ def run_eval(ctx: StepContext) -> StepOutput:
             "reference_answer": r.text, "reference_score": rs.score, "reference_error": rs.error or r.error,
             "ours": os_.score, "reference": rs.score,
             **({"reason": os_.detail.get("reason"), "reference_reason": rs.detail.get("reason")}
-               if "task" in item.target else {}),
+               if item.suite.startswith("world/") else {}),
         })
 
     summary: dict = {"items": len(rows), "student": student_ref.model_dump(), "student_runtime": student.name,
