@@ -1,4 +1,4 @@
-"""Automation family ``tool_call``: a request and 3-5 tools -> one JSON tool call.
+"""Automation family ``tool_call``: a request and 3-4 tools -> one JSON tool call.
 
 The prompt lists the tools one per line (``- set_timer(minutes: integer, label?: string): Start a countdown
 timer.``) and asks for one call; the reference is ``{"name": "set_timer", "arguments": {"minutes": 5}}``. The
@@ -112,7 +112,7 @@ class ToolCalls(Family):
         tool = rng.choice(tuple(TOOLS))
         template = rng.randrange(len(TOOLS[tool][2]))
         args = {a: _draw(_slot_of(tool, a), rng) for a in TOOLS[tool][2][template][1]}
-        others = rng.sample([t for t in TOOLS if t != tool], rng.randint(2, 4))
+        others = rng.sample([t for t in TOOLS if t != tool], rng.randint(2, 3))  # 3-4 tools: short prompts
         tools = [tool, *others]
         rng.shuffle(tools)
         return {"tool": tool, "template": template, "args": args, "tools": tools}

@@ -1,4 +1,4 @@
-"""Reasoning family ``word_arith``: two- and three-step arithmetic word problems with small integers.
+"""Reasoning family ``word_arith``: two- and three-step arithmetic word problems with one-digit operands.
 
 "Ana has 12 marbles. Ana buys 5 more and then gives away 3. How many marbles does Ana have now?" The reference
 shows each step on its own line and ends with the fixed answer line ``Answer: 14``; the checker compares the
@@ -73,18 +73,20 @@ class WordArithmetic(Family):
 
     def sample_params(self, rng: random.Random) -> dict:
         kind = rng.choice(tuple(STORIES))
+        # Operands stay small (one digit, products <= 25) so a 135M student learns the steps in minutes of SFT
+        # (bench/tiny_world_learning.py; with operands up to 20 it got most subtractions wrong).
         if kind == "add_sub":
-            a, b = rng.randint(5, 20), rng.randint(2, 9)
-            nums = [a, b, rng.randint(1, a + b - 1)]
-        elif kind in ("mul_add", "mul_sub"):
             a, b = rng.randint(2, 9), rng.randint(2, 9)
-            nums = [a, b, rng.randint(2, 9) if kind == "mul_add" else rng.randint(2, a * b - 1)]
+            nums = [a, b, rng.randint(1, min(9, a + b - 1))]
+        elif kind in ("mul_add", "mul_sub"):
+            a, b = rng.randint(2, 5), rng.randint(2, 5)
+            nums = [a, b, rng.randint(1, 9) if kind == "mul_add" else rng.randint(1, min(9, a * b - 1))]
         elif kind == "div_add":
-            b, q = rng.randint(2, 6), rng.randint(2, 9)
-            nums = [b * q, b, rng.randint(2, 9)]
+            b, q = rng.randint(2, 5), rng.randint(2, 5)
+            nums = [b * q, b, rng.randint(1, 9)]
         else:
-            a, b, c = rng.randint(2, 20), rng.randint(2, 5), rng.randint(2, 6)
-            nums = [a, b, c, rng.randint(1, a + b * c - 1)]
+            a, b, c = rng.randint(2, 9), rng.randint(2, 3), rng.randint(2, 4)
+            nums = [a, b, c, rng.randint(1, min(9, a + b * c - 1))]
         return {"kind": kind, "name": rng.choice(NAMES), "item": rng.choice(ITEMS), "nums": nums}
 
     def render(self, params: dict, rng: random.Random) -> str:
