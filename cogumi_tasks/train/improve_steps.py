@@ -1,8 +1,9 @@
 """Phase 1 steps after SFT: find what the model fails at, teach it those patterns, publish the result.
 
 ``train.failure_analysis`` clusters the failed items of an ``eval.run`` and has the judge name each cluster;
-``train.distill`` has the strongest teacher write new tasks and answers per pattern, keeps those the judge
-passes, mixes them with replayed Phase 0 rows and continues training at a low learning rate;
+``train.distill`` has a teacher write new tasks and answers per pattern (tiny-world failures: the teacher of their
+family, e.g. the strong tier; :mod:`cogumi_tasks.train.distill_tasks`), keeps those the judge passes, mixes them
+with replayed Phase 0 rows and continues training at a low learning rate;
 ``train.publish`` compares the evaluations before and after on the failure set and on the rest (forgetting)
 and publishes the enhanced base model for Phase 2.
 """

@@ -19,6 +19,7 @@ pytestmark = [pytest.mark.stack, pytest.mark.e2e]
 SMALL = {
     "dataset.prompts.limit": 16,
     "dataset.prompts.shards": 1,
+    **{f"dataset.prompts.world.families.{f}": 8 for f in ("list_fn", "word_arith", "tool_call")},
     "dataset.generate.max_tokens": 48,
     "dataset.score.max_tokens": 48,
     "eval.max_tokens": 64,
@@ -146,6 +147,9 @@ def test_phase1_figures_land_in_the_run_report(phase1, tmp_path):
                               config_dir() / "plan_targets.yaml")
     text = html.read_text()
     assert "Phase 1: training" in text and "Failure clusters" in text and "Loss curves" in text
+    assert "Held-out accuracy before/after Phase 1" in text
+    assert json.loads(numbers.read_text())["before_after"] == _manifest(phase1["store"], "p1-e2e",
+                                                                         "eval.before_after")["metrics"]["before_after"]
     measured = {t["id"]: t for t in json.loads(numbers.read_text())["targets"]}
     assert measured["vocab_ppl_increase"]["measured"] is not None
     assert measured["distill_failures_fixed"]["status"] != "not measured yet"
