@@ -205,7 +205,7 @@ def generate(ctx: StepContext) -> StepOutput:
 
 @step("data.score", version=2, reads=("judge", "dataset.score", "llm"), inputs=("answers",),
       outputs=("kept", "rejected", "quarantine"),
-      code=("cogumi_tasks.llm.step_calls", "cogumi_tasks.world.judge", "cogumi_tasks.world",
+      code=("cogumi_tasks.llm.step_calls", "cogumi_tasks.world.judge", "cogumi_tasks.world", "cogumi_tasks.world.base",
             "cogumi_tasks.world.code", "cogumi_tasks.world.reasoning", "cogumi_tasks.world.automation",
             "cogumi_tasks.world.answers", "cogumi_tasks.world.sandbox"))
 def score(ctx: StepContext) -> StepOutput:

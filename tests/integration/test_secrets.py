@@ -64,6 +64,7 @@ def test_markers_reach_no_artifact_log_or_xcom(dagbag, s3_server, proxy, write_c
     path = write_config(name, {
         "dataset.prompts.limit": 4, "dataset.prompts.shards": 2, "dataset.generate.max_tokens": 24,
         "dataset.score.max_tokens": 32, "llm.backoff_base_s": 0.05,
+        "dataset.prompts.world.families": {},  # general prompts only: every call goes through the proxy
         "teachers.0.base_url": url, "teachers.0.api_key_env": "COGUMI_SECRETS_TEACHER_KEY",
         "teachers.1.base_url": url, "judge.base_url": url, "judge.conn_id": conn_id})
     store = ArtifactStore(load_config(path).storage, s3_server.credentials())

@@ -6,8 +6,11 @@ upstream's answer, one of: 429 (Retry-After: 0), 500, a hang longer than the cli
 request body and how many times that body was seen before, so which calls fail is the same whatever
 order concurrent calls arrive in. A ``plan`` (fault kinds) fails the first calls to arrive with those
 faults, in that order, before any draw: the totals are then exact whatever the timing. At 0% and no
-plan it is a request counter. ``GET /_stats`` returns the counts (and, under ``bearers``, how many requests
-carried each Bearer token, by the token's sha256: never the token), ``POST /_reset`` zeroes them.
+plan it is a request counter. ``wrong_answers`` plants wrong answers: the first that many forwarded answers
+(non-streamed) whose content ends in a line ``Answer: <integer>`` get that integer plus one, and ``wrong`` in
+the stats lists each one's last user message and the answer it got. ``GET /_stats`` returns the counts (and,
+under ``bearers``, how many requests carried each Bearer token, by the token's sha256: never the token),
+``POST /_reset`` zeroes them.
 
     python -m tests.servers.fault_proxy --upstream http://127.0.0.1:8080 --port 9000 --fault-rate 0.2
 """
@@ -19,9 +22,11 @@ import asyncio
 import hashlib
 import json
 import random
+import re
 from pathlib import Path
 
 FAULTS = ("429", "500", "hang", "garbage")
+_ANSWER = re.compile(r"^(Answer: )(-?\d+)\s*\Z", re.M)
 
 
 def _canonical(body: bytes) -> bytes:
@@ -32,7 +37,31 @@ def _canonical(body: bytes) -> bytes:
         return body
 
 
-def build_app(upstream: str, fault_rate: float, seed: int, hang_s: float, plan: tuple[str, ...] = ()):
+def plant_wrong_answer(body: bytes) -> tuple[bytes, str] | None:
+    """A chat completion whose answer ends in ``Answer: <n>`` rewritten to ``n + 1``: (new body, new answer), or
+    None when the answer has no such line."""
+    try:
+        data = json.loads(body)
+        content = data["choices"][0]["message"]["content"]
+    except (ValueError, KeyError, IndexError, TypeError):
+        return None
+    m = _ANSWER.search(content or "")
+    if not m:
+        return None
+    wrong = content[: m.start()] + m.group(1) + str(int(m.group(2)) + 1)
+    data["choices"][0]["message"]["content"] = wrong
+    return json.dumps(data).encode(), wrong
+
+
+def _last_user(request_body: bytes) -> str:
+    try:
+        return next(m["content"] for m in reversed(json.loads(request_body)["messages"]) if m["role"] == "user")
+    except (ValueError, KeyError, StopIteration, TypeError):
+        return ""
+
+
+def build_app(upstream: str, fault_rate: float, seed: int, hang_s: float, plan: tuple[str, ...] = (),
+              wrong_answers: int = 0):
     import httpx
     from starlette.applications import Starlette
     from starlette.requests import Request
@@ -43,7 +72,8 @@ def build_app(upstream: str, fault_rate: float, seed: int, hang_s: float, plan: 
     if unknown:
         raise ValueError(f"unknown fault kinds in the plan: {sorted(unknown)}; known: {FAULTS}")
     seen: dict[str, int] = {}
-    stats: dict = {"requests": 0, "forwarded": 0, "in_flight": 0, "faults": {k: 0 for k in FAULTS}, "bearers": {}}
+    stats: dict = {"requests": 0, "forwarded": 0, "in_flight": 0, "faults": {k: 0 for k in FAULTS}, "bearers": {},
+                   "wrong": []}
     client = httpx.AsyncClient(base_url=upstream, timeout=600)
 
     async def get_stats(request: Request) -> Response:
@@ -51,7 +81,8 @@ def build_app(upstream: str, fault_rate: float, seed: int, hang_s: float, plan: 
 
     async def reset(request: Request) -> Response:
         seen.clear()
-        stats.update({"requests": 0, "forwarded": 0, "in_flight": 0, "faults": {k: 0 for k in FAULTS}, "bearers": {}})
+        stats.update({"requests": 0, "forwarded": 0, "in_flight": 0, "faults": {k: 0 for k in FAULTS}, "bearers": {},
+                      "wrong": []})
         return JSONResponse(stats)
 
     async def proxy(request: Request) -> Response:
@@ -87,7 +118,12 @@ def build_app(upstream: str, fault_rate: float, seed: int, hang_s: float, plan: 
         finally:
             stats["in_flight"] -= 1
         drop = ("content-length", "transfer-encoding", "content-encoding", "connection")
-        return Response(upstream_resp.content, upstream_resp.status_code,
+        content = upstream_resp.content
+        if path.endswith("/chat/completions") and upstream_resp.status_code == 200 and \
+                len(stats["wrong"]) < wrong_answers and (planted := plant_wrong_answer(content)):
+            content = planted[0]
+            stats["wrong"].append({"prompt": _last_user(body), "answer": planted[1]})
+        return Response(content, upstream_resp.status_code,
                         headers={k: v for k, v in upstream_resp.headers.items() if k.lower() not in drop})
 
     return Starlette(routes=[
@@ -98,12 +134,13 @@ def build_app(upstream: str, fault_rate: float, seed: int, hang_s: float, plan: 
 
 
 def start_fault_proxy(upstream: str, port: int, fault_rate: float, seed: int, hang_s: float, log_path: Path,
-                      plan: tuple[str, ...] = ()):
+                      plan: tuple[str, ...] = (), wrong_answers: int = 0):
     """Start the proxy as a detached process on 127.0.0.1:port and wait until it answers."""
     from tests.servers.procs import start_test_server
 
     args = ["--upstream", upstream, "--fault-rate", str(fault_rate), "--seed", str(seed), "--hang-s", str(hang_s)]
     args += ["--plan", ",".join(plan)] if plan else []
+    args += ["--wrong-answers", str(wrong_answers)] if wrong_answers else []
     return start_test_server("tests.servers.fault_proxy", port, args, Path(log_path))
 
 
@@ -123,10 +160,11 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--hang-s", type=float, default=30.0)
     p.add_argument("--plan", default="", help="comma-separated fault kinds for the first calls, e.g. 429,hang")
+    p.add_argument("--wrong-answers", type=int, default=0, help="plant this many wrong 'Answer: <n>' answers")
     a = p.parse_args()
     plan = tuple(k for k in a.plan.split(",") if k)
-    uvicorn.run(build_app(a.upstream, a.fault_rate, a.seed, a.hang_s, plan), host="127.0.0.1", port=a.port,
-                log_level="warning")
+    uvicorn.run(build_app(a.upstream, a.fault_rate, a.seed, a.hang_s, plan, a.wrong_answers), host="127.0.0.1",
+                port=a.port, log_level="warning")
 
 
 if __name__ == "__main__":
