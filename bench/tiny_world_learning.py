@@ -1,7 +1,7 @@
 """Benchmark: does the tiny student learn the tiny world? Held-out accuracy per domain before and after Phase 1 SFT.
 
-    python bench/tiny_world_learning.py [--train-per-family 60] [--heldout-per-family 30] [--set lr=2e-3 ...]
-                                         [--config configs/tiny.yaml] [--work DIR] [--out F]
+    python bench/tiny_world_learning.py [--train-counts list_fn=30,word_arith=100,tool_call=80]
+        [--heldout-per-family 30] [--set lr=2e-3 ...] [--config configs/tiny.yaml] [--work DIR] [--out F]
 
 Draws ``--train-per-family`` training instances of each world family (``part="train"``, the reference answer as
 the response: what the strong tier gives Phase 0) and ``--heldout-per-family`` held-out ones (``part="heldout"``,
@@ -101,7 +101,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--train-per-family", type=int, default=60)
     ap.add_argument("--heldout-per-family", type=int, default=30)
-    ap.add_argument("--train-counts", default="", metavar="FAMILY=N,...",
+    ap.add_argument("--train-counts", default="list_fn=30,word_arith=100,tool_call=80", metavar="FAMILY=N,...",
                     help="per-family training counts overriding --train-per-family, e.g. list_fn=40")
     ap.add_argument("--families", default="list_fn,word_arith,tool_call")
     ap.add_argument("--seed", type=int, default=0)
