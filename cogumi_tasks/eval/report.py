@@ -272,6 +272,25 @@ def _pct_plot(pct: dict, gates: dict) -> str:
     return _png(fig)
 
 
+def _accuracy_plot(domains: dict) -> str:
+    """Student and reference accuracy per domain with 95% intervals (defined even where % of reference is not)."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.5, 3.6))
+    ax = fig.add_subplot()
+    names = sorted(domains)
+    for k, (who, colour) in enumerate((("ours", "#4a7bb7"), ("reference", "#999999"))):
+        vals = [100 * domains[d][who]["accuracy"] for d in names]
+        lo = [max(0.0, v - 100 * domains[d][who]["ci"][0]) for v, d in zip(vals, names, strict=True)]
+        hi = [max(0.0, 100 * domains[d][who]["ci"][1] - v) for v, d in zip(vals, names, strict=True)]
+        ax.bar([i + 0.4 * k for i in range(len(names))], vals, width=0.4, yerr=[lo, hi], capsize=4, color=colour,
+               label="student" if who == "ours" else "reference")
+    ax.set_xticks([i + 0.2 for i in range(len(names))], names)
+    ax.set(title="Accuracy by domain (95% CI)", ylabel="% correct", ylim=(0, 105))
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2, frameon=False)
+    return _png(fig)
+
+
 def _curve_plot(title: str, curves: dict[str, list], xlabel: str, ylabel: str) -> str:
     from matplotlib.figure import Figure
 
@@ -343,6 +362,9 @@ def make_plots(manifests: list[dict]) -> list[dict]:
                 lambda src=src, key=key: _bar(f"Records {key.replace('_', ' ')}", src, key.split("_", 1)[1]))
 
     ev = last.get("eval.run", {})
+    domains = ev.get("metrics", {}).get("domains") or {}
+    if domains:
+        add("accuracy_by_domain", "eval.run", "Accuracy by domain", domains, lambda: _accuracy_plot(domains))
     pct = ev.get("metrics", {}).get("pct_of_reference") or {}
     if pct:
         gates = dict(ev.get("config", {}).get("eval", {}).get("gates", {}))

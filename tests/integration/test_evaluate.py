@@ -66,20 +66,34 @@ def test_eval_run_task_scores_student_and_reference(evaluated):
 
 
 def test_gate_above_the_measured_score_fails_with_the_figure(evaluated, write_config):
-    table = evaluated["manifest"]["metrics"]["pct_of_reference"]
-    domain, row = next((d, r) for d, r in table.items() if d != "all" and r.get("pct") is not None)
-    summary = evaluated["manifest"]["outputs"]["summary"]
+    """The real summary's table decides nothing here (the reference may score 0 on 2 items: undefined); a
+    copy of it with one planted row checks met / not met / inconclusive, the real one undefined."""
     store = evaluated["store"]
-    above = load_config(evaluated["path"], {"eval.gates": json.dumps({domain: row["pct"] + 1})})
-    with pytest.raises(StepFailed) as err:
-        run_step("eval.gate", above, {"summary": summary}, store=store)
-    assert f"{domain}: {row['pct']:.1f}% of reference" in str(err.value) and "quality gates failed" in str(err.value)
-    # met only when the interval's lower bound clears the gate: a gate under the point but inside the interval
-    # is inconclusive and fails too
-    below = load_config(evaluated["path"], {"eval.gates": json.dumps({domain: row["ci"][0] - 1})})
-    result = run_step("eval.gate", below, {"summary": summary}, store=store)
+    real = evaluated["manifest"]["outputs"]["summary"]
+    summary = json.loads(store.get_bytes(real).decode())
+    summary["pct_of_reference"]["code"] = {"pct": 80.0, "ci": [60.0, 95.0], "n": 30}
+    planted = store.uri("eval-tiny", "test-gate", "summary.json")
+    store.put_json(planted, summary)
+
+    def gate(threshold):
+        cfg = load_config(evaluated["path"], {"eval.gates": json.dumps({"code": threshold})})
+        return run_step("eval.gate", cfg, {"summary": planted}, store=store)
+
+    with pytest.raises(StepFailed) as err:  # above the point: not met
+        gate(96)
+    assert "code: 80.0% of reference (95% CI 60.0-95.0, n=30)" in str(err.value)
+    assert "quality gates failed" in str(err.value) and "not met" in str(err.value)
+    with pytest.raises(StepFailed, match="inconclusive"):  # under the point, inside the interval
+        gate(70)
+    result = gate(59)  # met only when the interval's lower bound clears the gate
     assert [(g["passed"], g["verdict"]) for g in result.metrics["gates"]] == [(True, "met")]
     assert "the lower bound" in result.metrics["gates"][0]["reason"]
+    undefined = [d for d, r in json.loads(store.get_bytes(real).decode())["pct_of_reference"].items()
+                 if d != "all" and r.get("pct") is None]
+    if undefined:  # what the measured table leaves undefined fails the gate, saying so
+        cfg = load_config(evaluated["path"], {"eval.gates": json.dumps({undefined[0]: 1})})
+        with pytest.raises(StepFailed, match="undefined"):
+            run_step("eval.gate", cfg, {"summary": real}, store=store)
 
 
 def test_gate_task_reports_its_verdict_and_the_report_shows_it(evaluated, tmp_path):
