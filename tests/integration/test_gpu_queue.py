@@ -37,7 +37,7 @@ def _gpu_config(folder: Path, name: str) -> str:
     """A config derived from tiny.yaml that places ``data.prompts`` on the gpu queue."""
     data = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
     data = apply_overrides(data, {"name": name, "compute.steps": {"data.prompts": "gpu_queue"},
-                                  "dataset.prompts.limit": 8}, "test")
+                                  "dataset.prompts.limit": 8, "dataset.prompts.world.families": {}}, "test")
     path = folder / f"{name}.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return str(path)

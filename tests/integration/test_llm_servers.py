@@ -224,9 +224,10 @@ def test_a_step_waiting_on_a_batch_defers_and_resumes_without_resubmitting(batch
     from cogumi_tasks.core.steps import run_step
 
     path = write_config(f"batchdefer-{uuid.uuid4().hex[:6]}", {
-        "dataset.prompts.limit": 3, "dataset.prompts.shards": 1, "dataset.generate.max_tokens": 16,
-        "llm.batch_poll_s": 0.2, "teachers.0.base_url": batch_server, "teachers.0.batch": True,
-        "teachers.1.base_url": batch_server, "teachers.1.batch": True})
+        "dataset.prompts.limit": 3, "dataset.prompts.world.families": {}, "dataset.prompts.shards": 1,
+        "dataset.generate.max_tokens": 16, "llm.batch_poll_s": 0.2,
+        "teachers.0.base_url": batch_server, "teachers.0.batch": True,
+        "teachers.1.base_url": batch_server, "teachers.1.batch": True, "teachers.1.families": "null"})
     config = load_config(path)
     store_for(config)
     shard = run_step("data.prompts", config, run_id="batchdefer").outputs["shards"][0]
@@ -246,7 +247,7 @@ def test_a_step_waiting_on_a_batch_defers_and_resumes_without_resubmitting(batch
             classpath, kwargs = deferred.trigger.serialize()
             # plain config data: the endpoint names where its key is, never the key
             teacher = next(t for t in config.teachers if t.name == kwargs["endpoint"]["name"])
-            assert kwargs["endpoint"] == teacher.model_dump(mode="json", exclude={"weight"})
+            assert kwargs["endpoint"] == teacher.model_dump(mode="json", include=set(EndpointConfig.model_fields))
             trigger = import_string(classpath)(**kwargs)
             event = asyncio.run(anext(trigger.run())).payload
             assert event == {"status": "completed", "batch_id": kwargs["batch_id"]}
