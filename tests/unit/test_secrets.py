@@ -49,7 +49,7 @@ def test_secret_expansion_refused_naming_file_and_key(tmp_path: Path, monkeypatc
     with pytest.raises(ConfigError) as err:
         load_config(str(path))
     message = str(err.value)
-    assert f"{path}: teachers.1.model: ${{{var}}} names a secret-looking environment variable" in message
+    assert f"{path}: eval.reference.model: ${{{var}}} names a secret-looking environment variable" in message
     assert value not in message
     # an override is expanded too, so it is refused the same way
     with pytest.raises(ConfigError, match=rf"judge\.model: \$\{{{var}\}}"):
