@@ -391,6 +391,49 @@ class CompressConfig(Strict):
     calibrate: CalibrateConfig = Field(default_factory=CalibrateConfig)
 
 
+# ---------------------------------------------------------------- phase 3: domain modifiers
+Domain = Literal["code", "reasoning", "automation"]
+
+
+class TierConfig(Strict):
+    """One tier of a modifier's teacher cascade: ``teacher`` answers what the tiers before it failed."""
+
+    teacher: str = Field(description="a name in `teachers`")
+    max_items: int | None = Field(None, ge=1, description="at most this many of the remaining failures; empty: all")
+    samples: int = Field(1, ge=1, description="best-of-k: k answers per item (seeds 0..k-1), the first that passes "
+                         "the verifier or judge is kept")
+    temperature: float = Field(0.0, ge=0)
+    max_tokens: int = Field(160, ge=1)
+
+
+class ModifierConfig(Strict):
+    """One domain modifier: a LoRA on Phase 2's pruned model trained on what a cascade of teachers solved of the
+    tasks the compressed base failed, then compressed (rank reduction by SVD at each ``sparsity`` level)."""
+
+    name: str = Field(pattern=r"^[a-z][a-z0-9_]{0,31}$")
+    domain: Domain
+    tasks: SuiteConfig = Field(description="the domain's task source; a world suite draws train-part instances")
+    heldout: SuiteConfig = Field(description="held-out items of the domain for scores (a world suite: part heldout)")
+    tiers: list[TierConfig] = Field(min_length=1)
+    rank: int = Field(16, ge=1)
+    alpha: int = 32
+    lr: float = 2e-3
+    epochs: int = Field(2, ge=1)
+    target_modules: list[str] | None = Field(None, description="empty: those of train.sft")
+    replay_fraction: float = Field(0.1, ge=0, lt=1, description="share of Phase 0 rows in the training set")
+    sparsity: list[float] = Field(default_factory=list, description="LoRA weight share removed, one variant each "
+                                  "(stored at the reduced rank that keeps 1 - sparsity of the parameters)")
+    gate_pct: float = Field(100.0, gt=0, description="domain gate: held-out score in % of the reference's")
+    adapter_scale: float = Field(1.0, gt=0, description="the modifier's scale beside the recovery LoRA (1.0)")
+
+    @model_validator(mode="after")
+    def _check(self) -> ModifierConfig:
+        for s in self.sparsity:
+            if not 0 < s < 1:
+                raise ValueError(f"sparsity {s}: must be between 0 and 1")
+        return self
+
+
 # ---------------------------------------------------------------- the whole pipeline
 class PipelineConfig(Strict):
     """Everything one pipeline run reads. ``name`` is the S3 prefix of its artifacts."""
@@ -405,6 +448,7 @@ class PipelineConfig(Strict):
     eval: EvalConfig | None = None
     train: TrainConfig | None = None
     compress: CompressConfig | None = None
+    modifiers: list[ModifierConfig] = Field(default_factory=list, description="Phase 3: the domain modifiers")
 
     @model_validator(mode="after")
     def _check(self) -> PipelineConfig:
@@ -418,7 +462,21 @@ class PipelineConfig(Strict):
             if not any(t.weight > 0 and (t.families is None or fam in t.families) for t in self.teachers):
                 raise ValueError(f"dataset.prompts.world: no teacher with a positive weight answers family {fam!r} "
                                  "(see teachers.*.families)")
+        mods = [m.name for m in self.modifiers]
+        if len(set(mods)) != len(mods):
+            raise ValueError(f"modifiers: duplicate names {mods}")
+        for m in self.modifiers:
+            for i, tier in enumerate(m.tiers, 1):
+                if tier.teacher not in names:
+                    raise ValueError(f"modifiers.{m.name}.tiers.{i}: no teacher named {tier.teacher!r} "
+                                     f"(known: {names})")
         return self
+
+    def modifier(self, name: str) -> ModifierConfig:
+        for m in self.modifiers:
+            if m.name == name:
+                return m
+        raise KeyError(f"no modifier named {name!r} (known: {[m.name for m in self.modifiers]})")
 
     def teacher(self, name: str) -> TeacherConfig:
         for t in self.teachers:
