@@ -434,6 +434,25 @@ class ModifierConfig(Strict):
         return self
 
 
+# ---------------------------------------------------------------- phase 4: routing
+class MemoryConfig(Strict):
+    """Session memory (SQLite): what is kept per session and for how long."""
+
+
+class EscalationConfig(Strict):
+    """The escalation detector: a BERT-class teacher distilled into an LSTM."""
+
+
+class RouterConfig(Strict):
+    """The router MLP, its features and the confidence-threshold sweep."""
+
+
+class RoutingConfig(Strict):
+    memory: MemoryConfig = Field(default_factory=MemoryConfig)
+    escalation: EscalationConfig = Field(default_factory=EscalationConfig)
+    router: RouterConfig = Field(default_factory=RouterConfig)
+
+
 # ---------------------------------------------------------------- the whole pipeline
 class PipelineConfig(Strict):
     """Everything one pipeline run reads. ``name`` is the S3 prefix of its artifacts."""
@@ -449,6 +468,7 @@ class PipelineConfig(Strict):
     train: TrainConfig | None = None
     compress: CompressConfig | None = None
     modifiers: list[ModifierConfig] = Field(default_factory=list, description="Phase 3: the domain modifiers")
+    routing: RoutingConfig | None = None
 
     @model_validator(mode="after")
     def _check(self) -> PipelineConfig:
