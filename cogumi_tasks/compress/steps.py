@@ -238,7 +238,7 @@ def _manifest_of(ctx: StepContext, name: str) -> dict:
 
 
 @step("compress.publish", version=1, inputs=("base", "pruned", "awq", "gguf", "packed", "calibrator", "lora"),
-      outputs=("table", "gguf", "calibrator", "lora_gguf?"),
+      outputs=("table", "gguf", "calibrator", "pruned", "lora_gguf?"),
       code=("cogumi_tasks.compress.sizes", "cogumi_tasks.compress.gguf", "cogumi_tasks.models.step_io",
             "cogumi_tasks.core.verdict"))
 def publish(ctx: StepContext) -> StepOutput:
@@ -247,7 +247,8 @@ def publish(ctx: StepContext) -> StepOutput:
 
     Inputs: ``base`` (the Phase 1 model directory), ``pruned``, ``awq``, ``gguf``, ``packed``, ``calibrator``,
     ``lora`` (the recovery GGUF LoRA; their producers' manifests are read). Outputs: ``table`` (JSON); ``gguf``,
-    ``calibrator`` and ``lora_gguf`` passed on.
+    ``calibrator``, ``pruned`` (the HF weights the GGUF was made from: Phase 3 trains its modifiers on them) and
+    ``lora_gguf`` passed on.
     """
     from cogumi_tasks.compress.sizes import size_table
 
@@ -258,7 +259,8 @@ def publish(ctx: StepContext) -> StepOutput:
             manifests[optional] = _manifest_of(ctx, optional)
     table = size_table(model_stats(base_dir), {k: m["metrics"] for k, m in manifests.items()})
     ctx.out("table.json").write_text(json.dumps(table, indent=1))
-    files = {"table": "table.json", "gguf": ctx.input("gguf"), "calibrator": ctx.input("calibrator")}
+    files = {"table": "table.json", "gguf": ctx.input("gguf"), "calibrator": ctx.input("calibrator"),
+             "pruned": ctx.input("pruned")}
     if "lora" in ctx.inputs:  # the serving pair: prove llama.cpp applies the adapter to this GGUF and answers
         from cogumi_tasks.compress.gguf import chat_answer
 
