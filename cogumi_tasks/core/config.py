@@ -438,9 +438,48 @@ class ModifierConfig(Strict):
 class MemoryConfig(Strict):
     """Session memory (SQLite): what is kept per session and for how long."""
 
+    last_n: int = Field(5, ge=1, description="turns a session's view holds (the router's session features)")
+    retention_days: float = Field(7.0, gt=0, description="turns older than this are deleted, query text included")
+    purge_every_s: float = Field(3600.0, gt=0, description="a writer purges again once this much time has passed")
+    max_query_chars: int = Field(2000, ge=1, description="longer queries are cut to this many characters")
+    busy_timeout_s: float = Field(10.0, gt=0, description="how long a writer waits for another's lock")
+
 
 class EscalationConfig(Strict):
     """The escalation detector: a BERT-class teacher distilled into an LSTM."""
+
+    examples: ConfigFile | None = Field(None, description="JSONL of judged examples {text, label: 0/1 or "
+                                        "satisfied/dissatisfied, split?: train/val/test}; empty: generated ones")
+    generated: int = Field(600, ge=30, description="how many examples to generate when `examples` is empty")
+    split: tuple[float, float, float] = Field((0.5, 1 / 3, 1 / 6), description="train/val/test shares for rows "
+                                              "without a split (the plan's 3,000/2,000/1,000)")
+    teacher: ConfigFile = Field("builtin:all-minilm-l6-v2", description="the BERT-class encoder fine-tuned as the "
+                                "teacher: builtin:<name>, a local dir or a hub name (bert-base-uncased)")
+    max_length: int = Field(32, ge=4, description="teacher tokens per message")
+    teacher_epochs: int = Field(2, ge=1)
+    teacher_lr: float = Field(5e-5, gt=0)
+    teacher_batch: int = Field(16, ge=1)
+    embed_dim: int = Field(64, ge=1, description="student word-embedding width")
+    hidden: int = Field(128, ge=1, description="student LSTM hidden size")
+    layers: int = Field(2, ge=1, description="student LSTM layers")
+    max_words: int = Field(32, ge=1, description="student words per message")
+    min_count: int = Field(1, ge=1, description="a training word enters the student's vocabulary this often")
+    student_epochs: int = Field(12, ge=1)
+    student_lr: float = Field(3e-3, gt=0)
+    student_batch: int = Field(32, ge=1)
+    temperature: float = Field(2.0, gt=0, description="distillation temperature of the teacher's soft labels")
+    soft_weight: float = Field(0.7, ge=0, le=1, description="share of the soft-label loss (rest: hard labels)")
+    threshold: float = Field(0.5, gt=0, lt=1, description="dissatisfied probability from which a turn escalates")
+    latency_messages: int = Field(300, ge=10, description="single-message predictions timed for p50/p99")
+    save_teacher: bool = Field(False, description="also publish the fine-tuned teacher (its size is always measured)")
+    threads: int = Field(2, ge=1, description="torch CPU threads while training")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _check(self) -> EscalationConfig:
+        if abs(sum(self.split) - 1) > 1e-6 or min(self.split) <= 0:
+            raise ValueError(f"split {list(self.split)}: three positive shares summing to 1")
+        return self
 
 
 class RouterConfig(Strict):
