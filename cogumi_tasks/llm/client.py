@@ -42,6 +42,10 @@ class LLMCallFailed(RuntimeError):
     """A call that still failed after every retry, or was refused for a reason retries cannot fix."""
 
 
+class LLMRefused(LLMCallFailed):
+    """The endpoint refused the request (a 4xx other than 408/429): asking again would get the same answer."""
+
+
 class _Retryable(Exception):
     def __init__(self, kind: str, detail: str, retry_after: float | None = None):
         super().__init__(detail)
@@ -194,8 +198,8 @@ class LLMClient:
             if status == 408:
                 raise _Retryable("timeout", "HTTP 408") from None
             self.stats["failed"] += 1
-            raise LLMCallFailed(f"endpoint {self.endpoint.name} ({self.endpoint.base_url}) refused the request: "
-                                f"HTTP {status}: {exc.message}") from None
+            raise LLMRefused(f"endpoint {self.endpoint.name} ({self.endpoint.base_url}) refused the request: "
+                             f"HTTP {status}: {exc.message}") from None
         try:
             resp = raw.parse()
             text = resp.choices[0].message.content or ""
