@@ -177,6 +177,12 @@ def cmd_demo(args: argparse.Namespace, rest: list[str]) -> int:
     return cli_demo(rest)
 
 
+def cmd_backfill(args: argparse.Namespace, rest: list[str]) -> int:
+    from cogumi_tasks.stack.backfill import cli_backfill
+
+    return cli_backfill(rest)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cogumi", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -219,6 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     st.set_defaults(fn=cmd_stack)
 
     sub.add_parser("demo", help="start the local stack and run the pipeline through Airflow", add_help=False)
+    sub.add_parser("backfill", help="re-run a failed Phase 3 tier through Airflow (phase3 --modifier M --tier K)",
+                   add_help=False)
     return p
 
 
@@ -250,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["demo"]:
         return cmd_demo(argparse.Namespace(), argv[1:])
+    if argv[:1] == ["backfill"]:
+        return cmd_backfill(argparse.Namespace(), argv[1:])
     args = build_parser().parse_args(argv)
     from botocore.exceptions import NoCredentialsError
 
