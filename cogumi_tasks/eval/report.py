@@ -26,6 +26,7 @@ import yaml
 from cogumi_tasks.core.artifacts import MANIFEST, ArtifactStore, join_uri, parent_uri
 from cogumi_tasks.core.steps import safe_name, used_manifests
 from cogumi_tasks.core.verdict import OPS, UNDEFINED, VERDICTS, judge
+from cogumi_tasks.eval.phase_tables import phase3_tables
 
 PHASES = {"data": "Phase 0: dataset", "train": "Phase 1: training", "compress": "Phase 2: compression",
           "modifiers": "Phase 3: modifiers", "routing": "Phase 4: routing", "serve": "Phase 5: serving",
@@ -488,8 +489,9 @@ def build_report(run: dict, targets: dict) -> tuple[str, dict]:
                "wall_seconds": round(max(finished) - min(started), 3) if started and finished else None,
                "ledger": run.get("ledger", {})}
     before_after, before_after_table = before_after_rows(run["manifests"])
+    tables = phase3_tables(run["manifests"])
     data = {"pipeline": run["pipeline"], "run_id": run_id, "generated_at": time.time(), "summary": summary,
-            "targets": target_rows, "steps": steps, "before_after": before_after,
+            "targets": target_rows, "steps": steps, "before_after": before_after, "tables": tables,
             "plots": [{k: v for k, v in p.items() if k != "png"} for p in plots]}
 
     order = list(PHASES.values())
@@ -505,7 +507,7 @@ def build_report(run: dict, targets: dict) -> tuple[str, dict]:
         title=f"Cogumi report: {run['pipeline']} / run {run_id}", generated=data["generated_at"], phases=phases,
         steps=steps, plots=plots, summary_rows=summary_rows, targets=[_target_view(t) for t in target_rows],
         endpoint_rows=[[k, *_cost_row(v)] for k, v in sorted(ledger.get("per_endpoint", {}).items())],
-        before_after_headers=BEFORE_AFTER_HEADERS, before_after_rows=before_after_table)
+        before_after_headers=BEFORE_AFTER_HEADERS, before_after_rows=before_after_table, tables=tables)
     return page, data
 
 
