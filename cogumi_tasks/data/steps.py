@@ -247,7 +247,7 @@ def score(ctx: StepContext) -> StepOutput:
 
 
 @step("data.dedup", version=1, reads=("dataset.dedup",), inputs=("scored",), outputs=("deduped", "dropped"),
-      code=("cogumi_tasks.data.dedup",))
+      code=("cogumi_tasks.data.dedup", "cogumi_tasks.world.base"))
 def dedup_step(ctx: StepContext) -> StepOutput:
     """Exact (normalised hash) then MinHash-LSH near-duplicate removal, keeping the best-scored
     record of each cluster. Every dropped record names the kept one and their Jaccard estimate.
@@ -322,6 +322,14 @@ class _Mapped:
 
 
 def dedup_text(row: dict, field: str) -> str:
+    """The text a row is deduplicated on. A row of the tiny world carries its task: two rows of one task are exact
+    duplicates whatever their wording, and two distinct tasks never near-duplicates however alike their prompts
+    read (``sum of squares of the even numbers`` vs ``... odd numbers``), so its text is a digest of the task key."""
+    task = row.get("task")
+    if task:
+        from cogumi_tasks.world.base import task_key
+
+        return "task " + hashlib.sha256(task_key(task["family"], task["params"]).encode()).hexdigest()
     if field == "prompt":
         return row["prompt"]
     if field == "response":
@@ -355,7 +363,8 @@ def publish(ctx: StepContext) -> StepOutput:
 
     write_jsonl(ctx.out("dataset.jsonl"), final_rows())
 
-    ancestors = lineage(ctx.store, ctx.store.producer_manifest(deduped))
+    dedup_manifest = ctx.store.producer_manifest(deduped)
+    ancestors = [dedup_manifest, *lineage(ctx.store, dedup_manifest)] if dedup_manifest else []
     by_step: dict[str, list[dict]] = {}
     for m in ancestors:
         by_step.setdefault(m["step"], []).append(m)

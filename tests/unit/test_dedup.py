@@ -224,3 +224,25 @@ def test_dedup_step_streams_rows_in_id_order(s3_server, store_for, tmp_path) -> 
     dropped = {r["id"]: (r["duplicate_kind"], r["duplicate_of"]) for r in read("dropped")}
     assert dropped == {"a1": ("exact", "a3"), "a3": ("near", "a2")}  # a3 (7) beats a1 (5), a2 (9) beats a3
     assert res.metrics == {"records_in": 5, "exact_duplicates": 1, "near_duplicates": 1, "records_out": 3}
+
+
+def test_world_rows_dedup_by_task_not_wording() -> None:
+    """Distinct tasks whose prompts read alike are kept; one task in two wordings is an exact duplicate."""
+    from cogumi_tasks.data.steps import dedup_text
+    from cogumi_tasks.world import generate
+
+    insts = generate("list_fn", 200, seed=0, part="train")
+    a = insts[0]
+    # the instance whose prompt shares the most 5-shingles with a's, a different task
+    twin = max(insts[1:], key=lambda i: jaccard(shingles(normalize(a.prompt), 5), shingles(normalize(i.prompt), 5)))
+    assert jaccard(shingles(normalize(a.prompt), 5), shingles(normalize(twin.prompt), 5)) > 0.5
+    rows = [{"prompt": a.prompt, "response": "x", "task": a.to_dict()},
+            {"prompt": twin.prompt, "response": "x", "task": twin.to_dict()},
+            {"prompt": a.prompt.upper() + " Please.", "response": "y", "task": a.to_dict()},
+            {"prompt": "a general prompt", "response": "z"}]
+    texts = [dedup_text(r, "prompt_response") for r in rows]
+    assert texts[0] == texts[2] and texts[0] != texts[1]
+    assert texts[3] == "a general prompt\nz"
+    result = dedup(texts, [1.0, 1.0, 2.0, 1.0], num_perm=128, shingle_size=5, threshold=0.8)
+    assert sorted(result.keep) == [1, 2, 3]  # the better-scored wording of task a, the twin, the general row
+    assert result.near_dropped == []
