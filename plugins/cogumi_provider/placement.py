@@ -18,10 +18,19 @@ from airflow.sdk import DAG, Asset, Param
 
 
 @lru_cache(maxsize=1)
-def _deployment_compute():
+def _deployment():
     from cogumi_tasks.core.config import load_config
 
-    return load_config(os.environ.get("COGUMI_CONFIG", "tiny")).compute
+    return load_config(os.environ.get("COGUMI_CONFIG", "tiny"))
+
+
+def _deployment_compute():
+    return _deployment().compute
+
+
+def deployment_modifiers() -> list[tuple[str, int]]:
+    """The deployment config's Phase 3 modifiers as (name, number of cascade tiers): one task group each."""
+    return [(m.name, len(m.tiers)) for m in _deployment().modifiers]
 
 
 def deployment_config() -> str:
