@@ -11,7 +11,9 @@ def test_tiny_and_production_load():
     tiny = load_config("tiny")
     prod = load_config("production")
     assert tiny.name == "tiny" and prod.name == "production"
-    assert [t.weight for t in prod.teachers] == [0.40, 0.35, 0.25]
+    assert [t.weight for t in prod.teachers if t.weight] == [0.40, 0.35, 0.25]  # the others: Phase 3 tiers only
+    assert [m.rank for m in prod.modifiers] == [128, 112, 96]  # the plan's ranks
+    assert {t.teacher for m in prod.modifiers for t in m.tiers} <= {t.name for t in prod.teachers}
     assert prod.judge.api_key_env == "OPENAI_API_KEY"
 
 
@@ -87,3 +89,19 @@ def test_world_prompts_teacher_families_and_judge_kind():
 def test_world_config_errors_name_the_key(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config("tiny", overrides)
+
+
+def test_modifier_tier_names_an_unknown_teacher(tmp_path):
+    import yaml
+
+    data = yaml.safe_load(load_config.__globals__["resolve_config_path"]("tiny").read_text())
+    data["modifiers"][0]["tiers"][1]["teacher"] = "nobody"
+    path = tmp_path / "m.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match=r"modifiers\.code\.tiers\.2: no teacher named 'nobody'"):
+        load_config(str(path))
+    data["modifiers"][0]["tiers"][1]["teacher"] = "teacher-a"
+    data["modifiers"][0]["sparsity"] = [1.2]
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match="sparsity 1.2: must be between 0 and 1"):
+        load_config(str(path))
