@@ -41,7 +41,8 @@ class CogumiStepOperator(BaseOperator):
         expands ``input_uri`` over a list of URIs (e.g. ``.expand(input_uri=prompts.output["shards"])``)
     :param input_uri: the URI for ``input_name``
     :param asset_inputs: input name -> ``"<asset>:<output>"``, taken from the newest event of the task's
-        inlet Asset of that name when the input is empty (e.g. Phase 1's ``dataset`` from ``cogumi_phase0``)
+        inlet Asset of that name when the input is empty (e.g. Phase 1's ``dataset`` from ``cogumi_phase0``);
+        a trailing ``?`` makes it optional (left out when no event has it)
     :param return_output: the output whose URI(s) become the return value, so a downstream task can
         be mapped over it (Airflow maps only over return values); every output and the manifest are
         also pushed under their own XCom keys
@@ -195,18 +196,26 @@ class CogumiStepOperator(BaseOperator):
                   for name, value in raw.items() if value is not None}
         for name, ref in self.asset_inputs.items():
             if not inputs.get(name):
-                inputs[name] = self.asset_output(context, ref)
+                value = self.asset_output(context, ref)
+                if value is not None:
+                    inputs[name] = value
+                else:
+                    inputs.pop(name, None)
         return inputs
 
     def asset_output(self, context: Any, ref: str) -> str | list[str]:
         """``"<asset name>:<output>"``: that output of the newest event of the task's inlet Asset of that name
-        (what an earlier phase published)."""
-        asset_name, _, output = ref.partition(":")
+        (what an earlier phase published). ``"<asset>:<output>?"`` is optional: None when the Asset has no event
+        or its newest event lacks that output (e.g. Phase 2 ran without a recovery LoRA)."""
+        optional = ref.endswith("?")
+        asset_name, _, output = ref.removesuffix("?").partition(":")
         inlet = next((a for a in self.inlets or [] if getattr(a, "name", None) == asset_name), None)
         if inlet is None or not output:
             raise ValueError(f"{self.task_id}: asset input {ref!r} needs the form '<asset>:<output>' and an inlet "
                              f"Asset of that name on the task")
         events = list(context["inlet_events"][inlet])
+        if optional and (not events or output not in (events[-1].extra or {}).get("outputs", {})):
+            return None
         if not events:
             raise ValueError(f"{self.task_id}: Asset {asset_name} has no event yet: run the DAG that publishes it "
                              "first, or pass the input as a param")

@@ -95,7 +95,7 @@ def asset_wiring_errors(dags: Iterable[DAG]) -> list[str]:
     errors = []
     for task, args in tasks:
         for name, ref in (args.get("asset_inputs") or {}).items():
-            asset, _, output = ref.partition(":")
+            asset, _, output = ref.removesuffix("?").partition(":")
             if output not in published.get(asset, set()):
                 errors.append(f"task {task.dag_id}.{task.task_id}: asset input {name}={ref!r}: no task publishing "
                               f"{asset} has output {output!r} (they have {sorted(published.get(asset, set()))})")

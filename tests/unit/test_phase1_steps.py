@@ -67,6 +67,10 @@ def test_asset_output_reads_the_newest_inlet_event():
         asset_output({"inlet_events": events}, op, "cogumi_phase0:model")
     with pytest.raises(ValueError, match="needs the form"):
         asset_output({}, op, "cogumi_phase2:model")
+    # optional ("?"): None where there is no event or the newest lacks the output, else the output
+    assert asset_output({"inlet_events": {phase0: [], phase1: []}}, op, "cogumi_phase0:dataset?") is None
+    assert asset_output({"inlet_events": events}, op, "cogumi_phase0:model?") is None
+    assert asset_output({"inlet_events": events}, op, "cogumi_phase1:model?") == "s3://b/m/"
 
 
 @pytest.fixture
