@@ -483,7 +483,53 @@ class EscalationConfig(Strict):
 
 
 class RouterConfig(Strict):
-    """The router MLP, its features and the confidence-threshold sweep."""
+    """The router MLP, its features and the confidence-threshold sweep.
+
+    Features (:mod:`cogumi_tasks.routing.features`): ``pca_dims`` embedding components, the base model's calibrated
+    confidence and 2 x models + 2 session features: the plan's 128 with 117 components and four models."""
+
+    embedder: ConfigFile = Field("builtin:all-minilm-l6-v2", description="sentence-transformers model of the queries")
+    pca_dims: int = Field(117, ge=1, description="embedding components kept by the PCA fitted on training queries")
+    session_window: int = Field(5, ge=1, description="previous turns whose routes the session features count")
+    hidden: list[int] = Field([64, 32], min_length=1, description="hidden layer widths of the MLP")
+    dropout: float = Field(0.2, ge=0, lt=1)
+    lr: float = Field(1e-3, gt=0, description="Adam learning rate")
+    batch_size: int = Field(32, ge=1)
+    max_epochs: int = Field(300, ge=1)
+    patience: int = Field(20, ge=1, description="early stopping: epochs without a lower validation loss")
+    validation: float = Field(0.15, gt=0, lt=1, description="share of the training split held out for early stopping")
+    holdout: float = Field(0.3, gt=0, lt=1, description="share of the verdict table evaluated, never trained on")
+    seed: int = 0
+    costs: dict[str, float] = Field({"base": 1.0, "code": 1.2, "reasoning": 1.2, "automation": 1.2},
+                                    description="relative cost of a query per model, in label-map order; the "
+                                    "models are the verdict table's keys, `base` first and cheapest")
+    keywords: dict[str, list[str]] = Field(
+        {"code": ["python", "function", "code", "list", "return"],
+         "reasoning": ["how many", "total", "each", "left", "answer:"],
+         "automation": ["tool", "call", "json", "api", "schedule"]},
+        description="the domain-keyword baseline: a query goes to the model with the most keyword hits, else base")
+    thresholds: list[float] = Field([0.70, 0.75, 0.80, 0.85, 0.90], min_length=1,
+                                    description="confidence thresholds swept: the base answers when its calibrated "
+                                    "confidence >= threshold, else the router's choice")
+    objective: Literal["max_quality_within_budget"] = Field(
+        "max_quality_within_budget", description="how the threshold is picked on the holdout: the most quality at "
+        "a cost per query <= cost_budget (ties: lower cost, then lower threshold)")
+    cost_budget: float | None = Field(None, gt=0, description="cost per query ceiling; empty: no ceiling")
+    bootstrap: int = Field(1000, ge=100, description="bootstrap resamples of the quality intervals")
+
+    @model_validator(mode="after")
+    def _check(self) -> RouterConfig:
+        models = list(self.costs)
+        if len(models) < 2 or models[0] != "base":
+            raise ValueError(f"costs: need `base` first and at least one modifier, got {models}")
+        if any(c <= 0 for c in self.costs.values()) or min(self.costs.values()) < self.costs["base"]:
+            raise ValueError(f"costs: must be positive with base the cheapest, got {self.costs}")
+        unknown = sorted(set(self.keywords) - set(models[1:]))
+        if unknown:
+            raise ValueError(f"keywords: {unknown} are not modifiers in costs ({models[1:]})")
+        if any(not 0 < t <= 1 for t in self.thresholds) or self.thresholds != sorted(set(self.thresholds)):
+            raise ValueError(f"thresholds: need distinct increasing values in (0, 1], got {self.thresholds}")
+        return self
 
 
 class RoutingConfig(Strict):
