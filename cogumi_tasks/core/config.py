@@ -501,8 +501,8 @@ class RouterConfig(Strict):
     holdout: float = Field(0.3, gt=0, lt=1, description="share of the verdict table evaluated, never trained on")
     seed: int = 0
     costs: dict[str, float] = Field({"base": 1.0, "code": 1.2, "reasoning": 1.2, "automation": 1.2},
-                                    description="relative cost of a query per model, in label-map order; the "
-                                    "models are the verdict table's keys, `base` first and cheapest")
+                                    description="relative cost of a query per model; the models are the verdict "
+                                    "table's keys, `base` the cheapest (label map: base, then this order)")
     keywords: dict[str, list[str]] = Field(
         {"code": ["python", "function", "code", "list", "return"],
          "reasoning": ["how many", "total", "each", "left", "answer:"],
@@ -517,11 +517,16 @@ class RouterConfig(Strict):
     cost_budget: float | None = Field(None, gt=0, description="cost per query ceiling; empty: no ceiling")
     bootstrap: int = Field(1000, ge=100, description="bootstrap resamples of the quality intervals")
 
+    @property
+    def models(self) -> list[str]:
+        """The label map: ``base``, then the other models of ``costs`` in their order."""
+        return ["base", *(m for m in self.costs if m != "base")]
+
     @model_validator(mode="after")
     def _check(self) -> RouterConfig:
-        models = list(self.costs)
-        if len(models) < 2 or models[0] != "base":
-            raise ValueError(f"costs: need `base` first and at least one modifier, got {models}")
+        models = self.models
+        if len(self.costs) < 2 or "base" not in self.costs:
+            raise ValueError(f"costs: need `base` and at least one modifier, got {list(self.costs)}")
         if any(c <= 0 for c in self.costs.values()) or min(self.costs.values()) < self.costs["base"]:
             raise ValueError(f"costs: must be positive with base the cheapest, got {self.costs}")
         unknown = sorted(set(self.keywords) - set(models[1:]))

@@ -1,0 +1,106 @@
+"""Phase 4 step ``routing.train_router``: the router MLP from the verdict table, its evaluation and threshold.
+
+:func:`fit_router` does the work on rows and their embeddings (tests and ``bench/router.py`` call it too): split
+by id hash (:func:`cogumi_tasks.routing.router.split_of`), PCA on the training split's embeddings, features, MLP
+training with early stopping on the validation split, every policy on the holdout split
+(:mod:`cogumi_tasks.routing.policies`) and the threshold chosen by the configured objective, stored in the bundle.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+
+from cogumi_tasks.core.config import RouterConfig
+from cogumi_tasks.core.steps import StepContext, StepFailed, StepOutput, step
+from cogumi_tasks.routing.features import VerdictRow, build_features, fit_pca, label_of, load_verdicts
+from cogumi_tasks.routing.policies import evaluate_policies
+from cogumi_tasks.routing.router import Router, split_of, train_mlp
+
+log = logging.getLogger("cogumi")
+
+
+def fit_router(rows: Sequence[VerdictRow], embeddings: np.ndarray, cfg: RouterConfig) -> tuple[Router, dict]:
+    """(the trained router with its chosen threshold, the evaluation on the holdout split)."""
+    models = cfg.models
+    parts = np.array([split_of(r.id, cfg.holdout, cfg.validation, cfg.seed) for r in rows])
+    counts = {p: int((parts == p).sum()) for p in ("train", "val", "test")}
+    if min(counts.values()) == 0 or counts["train"] < 2:
+        raise ValueError(f"verdict table of {len(rows)} rows splits into {counts}: too few rows for a router")
+    labels = np.array([label_of(r.verdicts, models, cfg.costs) for r in rows], dtype=np.int64)
+    verdicts = np.array([[r.verdicts[m] for m in models] for r in rows], dtype=np.float32)
+    conf = np.array([r.confidence for r in rows], dtype=np.float32)
+    train, val, test = (np.flatnonzero(parts == p) for p in ("train", "val", "test"))
+    pca = fit_pca(embeddings[train], cfg.pca_dims)
+    x = build_features(pca, embeddings, conf, [r.session for r in rows], models, cfg.session_window)
+    net, training = train_mlp(x[train], labels[train], x[val], labels[val], len(models), cfg)
+    router = Router(net, pca, models, dict(cfg.costs), cfg.session_window, cfg.embedder)
+    probs = router.probabilities(x[test])
+    evaluation = evaluate_policies(
+        models=models, costs=cfg.costs, verdicts=verdicts[test], labels=labels[test], router_probs=probs,
+        confidences=conf[test], queries=[rows[i].query for i in test], train_verdicts=verdicts[train],
+        keywords=cfg.keywords, thresholds=cfg.thresholds, cost_budget=cfg.cost_budget, bootstrap=cfg.bootstrap,
+        seed=cfg.seed)
+    evaluation["split"] = counts
+    evaluation["training"] = {"epochs": training.epochs, "best_epoch": training.best_epoch,
+                              "val_loss": training.val_loss, "val_accuracy": training.val_accuracy,
+                              "train_accuracy": training.train_accuracy, "history": training.history}
+    evaluation["pca"] = {"dims": cfg.pca_dims, "rank": pca.rank, "explained": float(pca.explained.sum())}
+    evaluation["by_domain"] = _by_domain([rows[i] for i in test], probs.argmax(axis=1), models)
+    router.threshold = evaluation["chosen"]["threshold"]
+    router.info = {"split": counts, "training": {k: v for k, v in evaluation["training"].items() if k != "history"},
+                   "holdout": {"accuracy": evaluation["policies"]["router"]["accuracy"],
+                               "quality": evaluation["policies"]["router"]["quality"]},
+                   "chosen": evaluation["chosen"]}
+    return router, evaluation
+
+
+def _by_domain(rows: Sequence[VerdictRow], routes: np.ndarray, models: Sequence[str]) -> dict[str, dict]:
+    """Per domain (general: no domain) of the holdout: queries and the router's route counts."""
+    out: dict[str, dict] = {}
+    for row, r in zip(rows, routes, strict=True):
+        entry = out.setdefault(row.domain or "general", {"n": 0, "routes": dict.fromkeys(models, 0)})
+        entry["n"] += 1
+        entry["routes"][models[int(r)]] += 1
+    return dict(sorted(out.items()))
+
+
+@step("routing.train_router", version=1, reads=("routing.router",), inputs=("verdicts",),
+      outputs=("router", "evaluation"),
+      code=("cogumi_tasks.routing.features", "cogumi_tasks.routing.policies", "cogumi_tasks.routing.router",
+            "cogumi_tasks.train.failures", "cogumi_tasks.eval.tables"))
+def train_router(ctx: StepContext) -> StepOutput:
+    """Train the router MLP on the verdict table and evaluate every routing policy on its holdout split.
+
+    Inputs: ``verdicts`` (JSONL, the format of :mod:`cogumi_tasks.routing.features`). Outputs: ``router`` (the
+    bundle: safetensors + manifest with PCA, label map and the chosen confidence threshold), ``evaluation`` (JSON:
+    per policy quality, cost, accuracy, route mix, confusion matrix and gain recovered; router-minus-policy quality
+    differences with bootstrap intervals; the quality-cost curve and APGR; the threshold sweep and the choice).
+    """
+    from cogumi_tasks.routing.features import embed_queries
+    from cogumi_tasks.train.failures import load_embedder
+
+    if ctx.config.routing is None:
+        raise StepFailed(f"config {ctx.config.name} has no routing section")
+    cfg = ctx.config.routing.router
+    try:
+        rows = load_verdicts(ctx.fetch(ctx.input("verdicts")), cfg.models)
+        embeddings = embed_queries(load_embedder(cfg.embedder), [r.query for r in rows])
+        router, evaluation = fit_router(rows, embeddings, cfg)
+    except ValueError as exc:
+        raise StepFailed(f"routing.train_router: {exc}") from None
+    router.save(ctx.out_dir / "router")
+    ctx.out("evaluation.json").write_text(json.dumps(evaluation, indent=1))
+    pol = evaluation["policies"]
+    log.info("router on %d holdout queries: quality %.3f (always-base %.3f, oracle %.3f), cost %.3f, threshold %s",
+             evaluation["n"], pol["router"]["quality"], pol["always_base"]["quality"], pol["oracle"]["quality"],
+             pol["router"]["cost"], evaluation["chosen"]["threshold"])
+    metrics = {"rows": len(rows), "split": evaluation["split"], "apgr": evaluation["apgr"],
+               "chosen": evaluation["chosen"], "best_modifier": evaluation["best_modifier"],
+               "policies": {name: {k: p[k] for k in ("quality", "quality_ci", "cost", "accuracy", "gain_recovered",
+                                                     "route_mix")} for name, p in pol.items()},
+               "differences": evaluation["differences"], "training": router.info["training"]}
+    return StepOutput(files={"router": "router/", "evaluation": "evaluation.json"}, metrics=metrics)

@@ -1,0 +1,183 @@
+"""The Phase 4 router on a planted verdict table (tiny-world held-out prompts per domain + general prompts, each
+domain's modifier right on its domain): 128 features, seeded training, the router against the baselines, the
+oracle's and always-base's gain recovered, the bundle round trip, the threshold sweep's guarantees, the step."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+
+from cogumi_tasks.core.config import RouterConfig, load_config
+from cogumi_tasks.routing.features import (
+    OUTCOMES,
+    VerdictRow,
+    build_features,
+    feature_names,
+    fit_pca,
+    label_of,
+    load_verdicts,
+    session_features,
+)
+from cogumi_tasks.routing.planted import MODELS, planted_verdicts
+from cogumi_tasks.routing.policies import evaluate, random_same_cost, threshold_routes
+from cogumi_tasks.routing.router import Router
+from cogumi_tasks.routing.router_steps import fit_router
+
+COSTS = {"base": 1.0, "code": 1.2, "reasoning": 1.2, "automation": 1.2}
+
+
+@pytest.fixture(scope="module")
+def table() -> tuple[list[VerdictRow], np.ndarray]:
+    from cogumi_tasks.routing.features import embed_queries
+    from cogumi_tasks.train.failures import load_embedder
+
+    rows = [VerdictRow.model_validate(r) for r in planted_verdicts(per_domain=40, general=60, seed=0)]
+    return rows, embed_queries(load_embedder("builtin:all-minilm-l6-v2"), [r.query for r in rows])
+
+
+@pytest.fixture(scope="module")
+def fitted(table) -> tuple[Router, dict]:
+    rows, emb = table
+    return fit_router(rows, emb, load_config("tiny").routing.router)
+
+
+def test_features_are_the_plans_128_in_the_documented_order(table):
+    rows, emb = table
+    cfg = load_config("tiny").routing.router
+    pca = fit_pca(emb[:100], cfg.pca_dims)
+    x = build_features(pca, emb, [r.confidence for r in rows], [r.session for r in rows], MODELS, cfg.session_window)
+    assert x.shape == (len(rows), 128) and len(feature_names(cfg.pca_dims, MODELS)) == 128
+    assert pca.rank == 99  # 100 centred rows span 99 directions; the other components are zero rows
+    assert np.all(x[:, 99:117] == 0)
+    np.testing.assert_allclose(x[:, 117], [r.confidence for r in rows], rtol=1e-6)
+    turns = [{"route": "code", "outcome": "ok"}, {"route": "base", "outcome": "ok"},
+             {"route": "code", "outcome": "escalated"}]
+    s = session_features(turns, MODELS, window=2)  # the last two turns: base, code
+    assert s.tolist() == [0, 1, 0, 0, 0.5, 0.5, 0, 0, 0, 1]
+    assert session_features([], MODELS, window=5).tolist() == [0.0] * 10
+
+
+def test_session_outcomes_are_session_memorys():
+    from cogumi_tasks.routing import memory
+
+    assert set(OUTCOMES) == set(memory.OUTCOMES)
+
+
+def test_label_is_the_cheapest_right_model_and_base_when_none_is():
+    costs = {"base": 1.0, "code": 1.5, "reasoning": 1.2, "automation": 1.2}
+    assert label_of({"base": True, "code": True, "reasoning": True, "automation": True}, MODELS, costs) == 0
+    assert label_of({"base": False, "code": True, "reasoning": True, "automation": False}, MODELS, costs) == 2
+    assert label_of({"base": False, "code": False, "reasoning": True, "automation": True}, MODELS, costs) == 2
+    assert label_of(dict.fromkeys(MODELS, False), MODELS, costs) == 0
+
+
+def test_bad_verdict_rows_name_file_line_and_field(tmp_path):
+    good = planted_verdicts(per_domain=1, general=1)[0]
+    cases = [({**good, "confidence": 1.5}, "field 'confidence'"),
+             ({**good, "verdicts": {"base": True}}, "field 'verdicts': keys ['base']"),
+             ({**good, "session": [{"route": "gpt", "outcome": "ok"}]}, "field 'session.0.route'"),
+             ({**good, "extra": 1}, "field 'extra'")]
+    for row, message in cases:
+        path = tmp_path / "v.jsonl"
+        path.write_text(json.dumps(good) + "\n" + json.dumps(row) + "\n")
+        with pytest.raises(ValueError, match=re.escape(f"v.jsonl:2: {message}")):
+            load_verdicts(path, MODELS)
+
+
+def test_training_is_deterministic_under_its_seed(table, fitted):
+    rows, emb = table
+    again, evaluation = fit_router(rows, emb, load_config("tiny").routing.router)
+    first = fitted[0].net.state_dict()
+    for k, v in again.net.state_dict().items():
+        assert np.array_equal(v.numpy(), first[k].numpy()), k
+    assert evaluation["policies"] == fitted[1]["policies"]
+
+
+def test_router_beats_always_base_and_random_at_equal_cost(fitted):
+    ev = fitted[1]
+    pol = ev["policies"]
+    assert pol["router"]["quality"] > pol["always_base"]["quality"]
+    assert pol["router"]["quality"] > pol["random_same_cost"]["quality"]
+    assert pol["random_same_cost"]["cost"] == pytest.approx(pol["router"]["cost"])
+    for name in ("always_base", "random_same_cost"):
+        d = ev["differences"][f"router_minus_{name}"]
+        assert d["ci"][0] <= d["points"] <= d["ci"][1] and d["points"] > 0
+
+
+def test_oracle_bounds_every_policy_and_gain_recovered_is_normalised(fitted):
+    pol = fitted[1]["policies"]
+    assert all(pol["oracle"]["quality"] >= p["quality"] for p in pol.values())
+    assert pol["oracle"]["gain_recovered"] == 1.0 and pol["always_base"]["gain_recovered"] == 0.0
+    assert pol["oracle"]["accuracy"] == 1.0
+    for p in pol.values():
+        assert sum(map(sum, p["confusion"])) == pytest.approx(fitted[1]["n"])
+        assert sum(p["route_mix"]) == pytest.approx(1.0)
+
+
+def test_bundle_round_trip_routes_identically(table, fitted, tmp_path):
+    rows, emb = table
+    router = fitted[0]
+    loaded = Router.load(router.save(tmp_path / "bundle"))
+    manifest = json.loads((tmp_path / "bundle" / "manifest.json").read_text())
+    assert manifest["models"] == list(MODELS) and manifest["input_dim"] == 128 and manifest["hidden"] == [64, 32]
+    assert loaded.threshold == fitted[1]["chosen"]["threshold"]
+    x = router.features(emb, [r.confidence for r in rows], [r.session for r in rows])
+    np.testing.assert_array_equal(loaded.features(emb, [r.confidence for r in rows], [r.session for r in rows]), x)
+    np.testing.assert_array_equal(loaded.probabilities(x), router.probabilities(x))
+    for i in range(len(rows)):
+        assert loaded.route(x[i])[0] == router.route(x[i])[0]
+        model, _ = loaded.decide(x[i])
+        assert model == ("base" if rows[i].confidence >= loaded.threshold else router.route(x[i])[0])
+
+
+def test_threshold_sweep_moves_queries_from_base_to_the_router_only(fitted):
+    ev = fitted[1]
+    sweep, curve = ev["sweep"], ev["curve"]
+    assert [s["threshold"] for s in sweep] == [0.70, 0.75, 0.80, 0.85, 0.90]
+    for points in (sweep, curve):
+        for a, b in zip(points, points[1:], strict=False):
+            assert b["route_mix"][0] <= a["route_mix"][0] + 1e-12  # base share never grows with the threshold
+            assert b["cost"] >= a["cost"] - 1e-12  # base is the cheapest: cost never falls
+    assert curve[0]["route_mix"][0] == 1.0 and curve[0]["gain_recovered"] == 0.0  # t = 0: always the base
+    assert curve[-1]["threshold"] is None and curve[-1]["quality"] == ev["policies"]["router"]["quality"]
+    chosen = ev["chosen"]
+    assert chosen["quality"] == max(s["quality"] for s in sweep)
+
+
+def test_policy_arithmetic_on_a_hand_table():
+    v = np.array([[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 0, 0]], dtype=float)
+    labels = np.array([0, 1, 0])
+    c = np.array([1.0, 2.0, 2.0, 2.0])
+    router = np.eye(4)[[0, 1, 1]]
+    row = evaluate(router, v, labels, c)
+    assert row["quality"] == pytest.approx(2 / 3) and row["cost"] == pytest.approx(5 / 3)
+    assert row["accuracy"] == pytest.approx(2 / 3) and row["confusion"][0] == [1, 1, 0, 0]
+    rnd, p = random_same_cost(router, c)
+    assert p == pytest.approx(2 / 3) and (rnd @ c).mean() == pytest.approx(5 / 3)
+    assert threshold_routes(np.array([1, 2, 3]), np.array([0.9, 0.5, 0.8]), 0.8).tolist() == [0, 2, 0]
+
+
+def test_config_refuses_a_base_that_is_not_cheapest():
+    with pytest.raises(ValueError, match="base the cheapest"):
+        RouterConfig(costs={"base": 2.0, "code": 1.0})
+    with pytest.raises(ValueError, match="not modifiers"):
+        RouterConfig(keywords={"chat": ["hi"]})
+
+
+def test_train_router_step_publishes_bundle_and_evaluation(s3_server, store_for, tmp_path):
+    from cogumi_tasks.core.steps import run_step
+
+    path = tmp_path / "verdicts.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in planted_verdicts(per_domain=20, general=30, seed=1)))
+    cfg = load_config("tiny", {"name": "t-router-step"})
+    store = store_for(cfg)
+    res = run_step("routing.train_router", cfg, {"verdicts": str(path)}, store=store)
+    evaluation = json.loads(store.get_bytes(res.outputs["evaluation"]).decode())
+    assert set(evaluation["policies"]) == {"always_base", "always_best_modifier", "random_same_cost", "keyword",
+                                           "oracle", "router"}
+    assert res.metrics["chosen"] == evaluation["chosen"] and res.metrics["rows"] == 90
+    local = store.fetch_prefix(res.outputs["router"], tmp_path / "fetched")
+    assert Router.load(local).threshold == evaluation["chosen"]["threshold"]
