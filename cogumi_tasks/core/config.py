@@ -469,6 +469,8 @@ class EscalationConfig(Strict):
     student_batch: int = Field(32, ge=1)
     temperature: float = Field(2.0, gt=0, description="distillation temperature of the teacher's soft labels")
     soft_weight: float = Field(0.7, ge=0, le=1, description="share of the soft-label loss (rest: hard labels)")
+    augment: int = Field(4, ge=0, description="teacher-labelled variants per training message for the student "
+                         "(words dropped or replaced by words of the teacher's vocabulary)")
     threshold: float = Field(0.5, gt=0, lt=1, description="dissatisfied probability from which a turn escalates")
     latency_messages: int = Field(300, ge=10, description="single-message predictions timed for p50/p99")
     save_teacher: bool = Field(False, description="also publish the fine-tuned teacher (its size is always measured)")

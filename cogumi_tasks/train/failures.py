@@ -74,19 +74,22 @@ def _builtin_dir(name: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations))) / "model"
 
 
-def load_embedder(spec: str) -> Any:
-    """A SentenceTransformer on CPU from ``builtin:<name>``, a local directory, or a hub name."""
+def model_source(spec: str) -> str:
+    """What to load for ``builtin:<name>`` (the installed package's directory, hub access off), a local
+    directory (hub access off), or a hub name (production only: needs the network or a warm HF cache)."""
     if spec.startswith("builtin:"):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        source = str(_builtin_dir(spec.removeprefix("builtin:")))
-    elif Path(spec).is_dir():
+        return str(_builtin_dir(spec.removeprefix("builtin:")))
+    if Path(spec).is_dir():
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        source = spec
-    else:
-        source = spec  # a hub name: production only, needs the network or a warm HF cache
+    return spec
+
+
+def load_embedder(spec: str) -> Any:
+    """A SentenceTransformer on CPU from ``builtin:<name>``, a local directory, or a hub name."""
     from sentence_transformers import SentenceTransformer
 
-    return SentenceTransformer(source, device="cpu")
+    return SentenceTransformer(model_source(spec), device="cpu")
 
 
 def embed(embedder: Any, texts: list[str], batch_size: int = 32) -> np.ndarray:
