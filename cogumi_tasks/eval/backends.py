@@ -1,9 +1,9 @@
 """Model backends behind one interface: chat messages in, greedy answers out.
 
 ``HFBackend`` (a transformers checkpoint directory, optional peft adapter), ``GGUFBackend``
-(llama.cpp in process, optional LoRA GGUF) and ``EndpointBackend`` (any OpenAI-compatible endpoint
-through :class:`~cogumi_tasks.llm.client.LLMClient`, so calls are cached, priced, retried and
-budgeted). :func:`load_backend` builds one from a :class:`~cogumi_tasks.core.config.ModelRef`.
+(llama.cpp in process, GGUF LoRAs applied together with their scales) and ``EndpointBackend`` (any
+OpenAI-compatible endpoint through :class:`~cogumi_tasks.llm.client.LLMClient`, so calls are cached, priced,
+retried and budgeted). :func:`load_backend` builds one from a :class:`~cogumi_tasks.core.config.ModelRef`.
 Heavy libraries are imported inside the functions that need them.
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol
@@ -139,17 +139,47 @@ class HFBackend:
 class GGUFBackend:
     """llama.cpp in process (``llama_cpp.Llama``), one conversation at a time, temperature 0.
 
-    ``adapter`` is a LoRA GGUF (``convert_lora_to_gguf.py``) applied with ``Llama(lora_path=...)``.
+    ``adapters``: GGUF LoRAs (``convert_lora_to_gguf.py``) applied together, each with its scale, e.g. Phase 2's
+    recovery LoRA at 1.0 and a Phase 3 modifier at its ``adapter_scale`` (a bare path: that one at 1.0). Each file
+    is loaded once
+    (``llama_adapter_lora_init``); :meth:`set_adapters` switches the set on the same context
+    (``llama_set_adapters_lora``) and drops the cached prompt state, which belongs to the previous set.
     A prompt that does not fit ``n_ctx`` gives an empty answer with ``error`` set.
     """
 
-    def __init__(self, path: str | Path, adapter: str | Path | None = None, *, n_ctx: int = 4096,
-                 n_threads: int = 2, name: str | None = None):
+    def __init__(self, path: str | Path, adapters: Sequence[tuple[str | Path, float]] | str | Path | None = None, *,
+                 n_ctx: int = 4096, n_threads: int = 2, name: str | None = None):
         from llama_cpp import Llama
 
         self.name = name or f"gguf:{Path(path).name}"
         self.llm = Llama(model_path=str(path), n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads,
-                         lora_path=str(adapter) if adapter else None, seed=0, verbose=False)
+                         seed=0, verbose=False)
+        self._loaded: dict[str, object] = {}  # resolved path -> llama_adapter_lora pointer
+        self.adapters: list[tuple[str, float]] = []
+        if isinstance(adapters, str | Path):
+            adapters = [(adapters, 1.0)]
+        if adapters:
+            self.set_adapters(adapters)
+
+    def set_adapters(self, adapters: Sequence[tuple[str | Path, float]]) -> None:
+        """Apply exactly these (GGUF LoRA path, scale) pairs from the next answer on; an empty list is the base."""
+        import ctypes
+
+        import llama_cpp
+
+        pairs = [(str(Path(p).resolve()), float(s)) for p, s in adapters]
+        for p, _ in pairs:
+            if p not in self._loaded:
+                ptr = llama_cpp.llama_adapter_lora_init(self.llm.model, p.encode())
+                if not ptr:
+                    raise RuntimeError(f"llama.cpp could not load the LoRA adapter {p} on {self.name}")
+                self._loaded[p] = ptr
+        arr = (llama_cpp.llama_adapter_lora_p_ctypes * len(pairs))(*[self._loaded[p] for p, _ in pairs])
+        scales = (ctypes.c_float * len(pairs))(*[s for _, s in pairs])
+        if llama_cpp.llama_set_adapters_lora(self.llm.ctx, arr, len(pairs), scales):
+            raise RuntimeError(f"llama_set_adapters_lora failed for {[p for p, _ in pairs]} on {self.name}")
+        self.llm.reset()  # the prefix cache holds states computed under the previous adapters
+        self.adapters = pairs
 
     def generate(self, conversations: list[list[dict]], max_tokens: int) -> list[Generation]:
         out = []
@@ -174,6 +204,12 @@ class GGUFBackend:
     def close(self) -> None:
         llm, self.llm = getattr(self, "llm", None), None
         if llm is not None:
+            import llama_cpp
+
+            llama_cpp.llama_set_adapters_lora(llm.ctx, None, 0, None)
+            for ptr in self._loaded.values():  # before the model they belong to
+                llama_cpp.llama_adapter_lora_free(ptr)
+            self._loaded = {}
             llm.close()
 
 
@@ -250,8 +286,8 @@ def load_backend(ref: ModelRef, *, endpoints: dict[str, EndpointConfig], llm: LL
         raise ValueError(f"a {ref.kind} model ref needs a path")
     if ref.kind == "gguf":
         path = builtin_gguf(ref.path) if ref.path.startswith("builtin:") else fetch(ref.path)
-        adapter = fetch(ref.adapter) if ref.adapter else None
-        return GGUFBackend(path, adapter, name=f"gguf:{ref.path}")
+        adapters = [(fetch(ref.adapter), 1.0)] if ref.adapter else []
+        return GGUFBackend(path, adapters, name=f"gguf:{ref.path}")
     if ref.kind == "hf":
         def as_dir(uri: str) -> str:
             return uri + "/" if uri.startswith("s3://") and not uri.endswith("/") else uri

@@ -42,6 +42,15 @@ def pct_entry(ours: Sequence[float], ref: Sequence[float], n: int = 1000, seed: 
     return {"pct": point, "ci": [low, high]}
 
 
+def paired_difference(ours: Sequence[float], base: Sequence[float], n: int = 1000, seed: int = 0) -> dict:
+    """``{"points", "ci"}``: mean of ``ours - base`` in points (0/1 scores of two models on the same items, in the
+    same order) with its paired bootstrap interval."""
+    if len(ours) != len(base):
+        raise ValueError(f"paired difference of {len(ours)} and {len(base)} scores: the items must be the same")
+    point, low, high = bootstrap_mean_ci([100 * (a - b) for a, b in zip(ours, base, strict=True)], n=n, seed=seed)
+    return {"points": point, "ci": [low, high]}
+
+
 def table_key(row: dict) -> str:
     """The table row an item counts in: its domain for a world suite, else its suite."""
     suite = str(row.get("suite") or "")
@@ -85,9 +94,7 @@ def before_after(models: dict[str, list[dict]], n: int = 1000, seed: int = 0) ->
         for name in names:
             entry[name] = accuracy(scores[name], n, seed)
         for name in names[1:]:
-            diff = [100 * (a - b) for a, b in zip(scores[name], scores[names[0]], strict=True)]
-            point, low, high = bootstrap_mean_ci(diff, n=n, seed=seed)
-            entry[f"rise_{name}"] = {"points": point, "ci": [low, high]}
+            entry[f"rise_{name}"] = paired_difference(scores[name], scores[names[0]], n=n, seed=seed)
         entry["pct_of_reference"] = {name: pct_entry(scores[name], ref, n, seed) for name in names}
         out[key] = entry
     return out
