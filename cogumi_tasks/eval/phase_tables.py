@@ -19,6 +19,25 @@ def _usd(x: Any) -> str:
     return "-" if x is None else f"${x:.4f}"
 
 
+def _acc(a: Any) -> str:
+    """An accuracy entry ``{"accuracy", "ci"}`` (or a bare share) in % with its interval."""
+    if isinstance(a, dict):
+        ci = a.get("ci") or [None, None]
+        return f"{_pct(a.get('accuracy'))} (CI {_pct(ci[0])}-{_pct(ci[1])})" if ci[0] is not None else _pct(
+            a.get("accuracy"))
+    return _pct(a)
+
+
+def _pct_ref(p: Any) -> str:
+    """A % of reference entry ``{"pct", "ci", "why"}``: the figure with its interval, or why it is undefined."""
+    if not isinstance(p, dict):
+        return "-"
+    if p.get("pct") is None:
+        return p.get("why") or "undefined"
+    ci = p.get("ci") or [None, None]
+    return f"{p['pct']:.1f}%" + (f" (CI {ci[0]:.1f}-{ci[1]:.1f})" if ci[0] is not None else "")
+
+
 def _mb(nbytes: Any) -> str:
     return "-" if not nbytes else f"{nbytes / 1e6:.2f} MB"
 
@@ -47,13 +66,12 @@ def phase3_tables(manifests: list[dict]) -> list[dict]:
                           f"{_pct(saving.get('plan'))})", _usd(c.get("cost_usd"))])
         sizes = m.get("sizes") or {}
         plan = sizes.get("plan") or {}
+        chosen = sizes.get("chosen") or {}
         for v in sizes.get("variants") or []:
             size_rows.append([name, v.get("sparsity") or 0, v.get("rank"), _mb(v.get("gguf_bytes")),
-                              _mb(v.get("safetensors_bytes")), _pct(v.get("accuracy")),
-                              "-" if not isinstance(v.get("pct_of_reference"), dict) else
-                              v["pct_of_reference"].get("why") or f"{v['pct_of_reference'].get('pct', 0):.1f}%",
-                              "yes" if v.get("passed_gate") else "no",
-                              "chosen" if sizes.get("chosen") == v.get("sparsity") else ""])
+                              _mb(v.get("safetensors_bytes")), _acc(v.get("accuracy")),
+                              _pct_ref(v.get("pct_of_reference")), "yes" if v.get("passed_gate") else "no",
+                              "chosen" if chosen.get("rank") == v.get("rank") else ""])
         if plan:
             size_rows.append([name, plan.get("sparsity"), plan.get("rank"), f"plan: {plan.get('mb')} MB",
                               "-", "-", f"plan: {plan.get('pct')}%", "-", plan.get("note", "")])

@@ -59,11 +59,13 @@ def test_publish_tier_table_saving_sizes_and_bundle(s3_server, config_path):
     solved.reverse()  # publish orders tiers by their tier param, not by input order
     train = _plant(store, "modifiers.train", "tr", {"adapter/adapter_model.safetensors": b"w"},
                    inputs={"solved": solved}, metrics={"training": {"steps": 5}})
-    variants = [{"sparsity": 0, "rank": 16, "gguf_bytes": 2_000_000, "accuracy": 0.6, "passed_gate": True},
-                {"sparsity": 0.5, "rank": 8, "gguf_bytes": 1_000_000, "accuracy": 0.5, "passed_gate": True}]
+    variants = [{"sparsity": 0, "rank": 16, "gguf_bytes": 2_000_000, "passed_gate": True,
+                 "accuracy": {"accuracy": 0.6, "ci": [0.4, 0.8]}, "pct_of_reference": {"pct": 120.0, "ci": [90, 150]}},
+                {"sparsity": 0.5, "rank": 8, "gguf_bytes": 1_000_000, "passed_gate": True,
+                 "accuracy": {"accuracy": 0.5, "ci": [0.3, 0.7]}, "pct_of_reference": {"pct": None, "why": "ref 0"}}]
     comp = _plant(store, "modifiers.compress", "c", {"variants.json": b"[]", "adapter.gguf": b"g"},
                   inputs={"adapter": store.uri("p3", "modifiers.train", "tr", "adapter") + "/"},
-                  metrics={"variants": variants, "chosen": 0.5, "passed_gate": True})
+                  metrics={"variants": variants, "chosen": {"sparsity": 0.5, "rank": 8}, "passed_gate": True})
     summary = _plant(store, "modifiers.evaluate", "e", {"summary.json": json.dumps({"domains": {}}).encode()})
     base = _plant(store, "compress.publish", "b", {"model.gguf": b"m", "recovery.gguf": b"r"})
     assert train
@@ -92,6 +94,9 @@ def test_publish_tier_table_saving_sizes_and_bundle(s3_server, config_path):
     rendered = phase3_tables([{"step": "modifiers.publish", "metrics": table}])
     assert [t["id"] for t in rendered] == ["tier-table", "modifier-sizes"]
     assert len(rendered[0]["rows"]) == 1 + len(TIERS) + 1  # test, the tiers, the total
+    sizes_rows = rendered[1]["rows"]
+    assert sizes_rows[0][5] == "60.0% (CI 40.0%-80.0%)" and sizes_rows[0][6] == "120.0% (CI 90.0-150.0)"
+    assert sizes_rows[1][6] == "ref 0" and sizes_rows[1][8] == "chosen" and sizes_rows[0][8] == ""
 
 
 def test_publish_refuses_a_count_mismatch(s3_server, config_path):
