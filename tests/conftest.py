@@ -94,6 +94,21 @@ def llm_server(tmp_root: Path, strong_server: str) -> str:
     stop(proc)
 
 
+@pytest.fixture(scope="module")
+def fault_proxy(llm_server: str, tmp_root: Path) -> str:
+    """The fault proxy (tests/servers/fault_proxy.py) in front of the llama.cpp server, passing everything: a
+    request counter (``GET /_stats``) that a test can turn into an outage (``POST /_faults``); base URL, no /v1.
+    One per test module."""
+    from cogumi_tasks.stack.services import free_port, stop
+    from tests.servers.fault_proxy import start_fault_proxy
+
+    port = free_port()
+    proc = start_fault_proxy(llm_server.removesuffix("/v1"), port, fault_rate=0.0, seed=0, hang_s=0,
+                             log_path=tmp_root / "logs" / f"fault-proxy-{port}.log")
+    yield f"http://127.0.0.1:{port}"
+    stop(proc)
+
+
 @pytest.fixture
 def store_for(s3_server: S3Server):
     """An ArtifactStore on the test S3 server for a given config, its bucket created."""

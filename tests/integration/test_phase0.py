@@ -38,17 +38,6 @@ GENERAL_ONLY = {"dataset.prompts.world.families": {}}  # the cases that only nee
 
 
 @pytest.fixture(scope="module")
-def counter(llm_server, tmp_root):
-    from cogumi_tasks.stack.services import free_port, stop
-
-    port = free_port()
-    proc = start_fault_proxy(llm_server.removesuffix("/v1"), port, fault_rate=0.0, seed=0, hang_s=0,
-                             log_path=tmp_root / "logs" / "counter.log")
-    yield f"http://127.0.0.1:{port}"
-    stop(proc)
-
-
-@pytest.fixture(scope="module")
 def strong_counter(strong_server, tmp_root):
     """A counting proxy in front of the strong tier that rewrites its first ``Answer: <n>`` answer to n + 1."""
     from cogumi_tasks.stack.services import free_port, stop
@@ -81,23 +70,23 @@ def _run_dag(dagbag, config_path: str):
 
 
 @pytest.fixture(scope="module")
-def baseline(dagbag, s3_server, counter, strong_counter, tmp_path_factory):
+def baseline(dagbag, s3_server, fault_proxy, strong_counter, tmp_path_factory):
     """One uninterrupted Phase 0 run through Airflow (pipeline ``p0-base``)."""
     import yaml
 
     from cogumi_tasks.core.config import apply_overrides, resolve_config_path
 
-    os.environ["COGUMI_LLM_URL"] = counter + "/v1"
+    os.environ["COGUMI_LLM_URL"] = fault_proxy + "/v1"
     os.environ["COGUMI_STRONG_URL"] = strong_counter + "/v1"
     data = apply_overrides(yaml.safe_load(resolve_config_path("tiny").read_text()), {**SMALL, "name": "p0-base"}, "t")
     path = tmp_path_factory.mktemp("cfg") / "p0-base.yaml"
     path.write_text(yaml.safe_dump(data))
     store = ArtifactStore(load_config(str(path)).storage, s3_server.credentials())
     store.ensure_bucket()
-    before = chat_calls(counter, strong_counter)
+    before = chat_calls(fault_proxy, strong_counter)
     started = time.monotonic()
     run = _run_dag(dagbag, str(path))
-    return {"run": run, "path": str(path), "store": store, "calls": chat_calls(counter, strong_counter) - before,
+    return {"run": run, "path": str(path), "store": store, "calls": chat_calls(fault_proxy, strong_counter) - before,
             "seconds": time.monotonic() - started, "manifest": _publish_manifest(store, "p0-base"),
             "wrong": proxy_stats(strong_counter)["wrong"]}
 
@@ -164,15 +153,15 @@ def test_verifier_rejects_the_planted_wrong_answer_and_keeps_the_strong_tiers(ba
         + f"; by judge kind: {m['metrics']['scored_per_judge_kind']}; planted: {bad[0]['judge_reason']}")
 
 
-def test_rerun_is_served_from_the_step_cache(baseline, dagbag, counter, strong_counter):
-    before = chat_calls(counter, strong_counter)
+def test_rerun_is_served_from_the_step_cache(baseline, dagbag, fault_proxy, strong_counter):
+    before = chat_calls(fault_proxy, strong_counter)
     run = _run_dag(dagbag, baseline["path"])
     assert run.state == "success"
-    assert chat_calls(counter, strong_counter) == before
+    assert chat_calls(fault_proxy, strong_counter) == before
     assert _publish_manifest(baseline["store"], "p0-base")["prefix"] == baseline["manifest"]["prefix"]
 
 
-def test_killed_generate_resumes_without_rerequesting_and_matches(baseline, dagbag, counter, strong_counter,
+def test_killed_generate_resumes_without_rerequesting_and_matches(baseline, dagbag, fault_proxy, strong_counter,
                                                                   write_config):
     """SIGKILL `cogumi run-step data.generate` mid-shard, run it again, then the whole DAG."""
     path = write_config("p0-kill", SMALL)
@@ -182,22 +171,22 @@ def test_killed_generate_resumes_without_rerequesting_and_matches(baseline, dagb
     shard_rows = len(store.get_bytes(shards[0]).decode().splitlines())
     cmd = [sys.executable, "-m", "cogumi_tasks.cli", "run-step", "data.generate", "--config", path,
            "--input", f"shard={shards[0]}", "--run-id", "kill-test"]
-    before = chat_calls(counter, strong_counter)
+    before = chat_calls(fault_proxy, strong_counter)
     proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
-    while chat_calls(counter, strong_counter) - before < 2 and time.monotonic() < deadline:
+    while chat_calls(fault_proxy, strong_counter) - before < 2 and time.monotonic() < deadline:
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    done_before_kill = chat_calls(counter, strong_counter) - before
+    done_before_kill = chat_calls(fault_proxy, strong_counter) - before
     assert 2 <= done_before_kill < shard_rows, "the kill must land mid-shard"
     # a request in flight at the kill still runs on the server: let it end, or it would share the server's
     # batch with the next request and change that one's greedy answer
     deadline = time.monotonic() + 120
-    while proxy_stats(counter)["in_flight"] and time.monotonic() < deadline:
+    while proxy_stats(fault_proxy)["in_flight"] and time.monotonic() < deadline:
         time.sleep(0.1)
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    resumed = chat_calls(counter, strong_counter) - before
+    resumed = chat_calls(fault_proxy, strong_counter) - before
     generated = [store.get_json(u) for u in store.list(store.uri("p0-kill", "data.generate") + "/")
                  if u.endswith("_manifest.json")]
     assert len(generated) == 1

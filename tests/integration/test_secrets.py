@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.servers.fault_proxy import proxy_stats, start_fault_proxy
+from tests.servers.fault_proxy import proxy_stats
 
 pytestmark = pytest.mark.stack
 
@@ -31,18 +31,8 @@ def _sha(value: str) -> str:
     return hashlib.sha256(value.encode()).hexdigest()
 
 
-@pytest.fixture
-def proxy(llm_server, tmp_root):
-    from cogumi_tasks.stack.services import free_port, stop
-
-    port = free_port()
-    proc = start_fault_proxy(llm_server.removesuffix("/v1"), port, fault_rate=0.0, seed=0, hang_s=0,
-                             log_path=tmp_root / "logs" / "secrets-proxy.log")
-    yield f"http://127.0.0.1:{port}"
-    stop(proc)
-
-
-def test_markers_reach_no_artifact_log_or_xcom(dagbag, s3_server, proxy, write_config, monkeypatch, capfd, caplog):
+def test_markers_reach_no_artifact_log_or_xcom(dagbag, s3_server, fault_proxy, write_config, monkeypatch, capfd,
+                                               caplog):
     from airflow.models.xcom import XComModel
     from airflow.utils.session import create_session
     from sqlalchemy import select
@@ -60,7 +50,7 @@ def test_markers_reach_no_artifact_log_or_xcom(dagbag, s3_server, proxy, write_c
         "conn_type": "http", "host": "127.0.0.1", "login": markers["conn_login"],
         "password": markers["conn_password"], "extra": {"organization": markers["conn_extra"]}}))
     name = f"p0-secrets-{uuid.uuid4().hex[:8]}"
-    url = proxy + "/v1"
+    url = fault_proxy + "/v1"
     path = write_config(name, {
         "dataset.prompts.limit": 4, "dataset.prompts.shards": 2, "dataset.generate.max_tokens": 24,
         "dataset.score.max_tokens": 32, "llm.backoff_base_s": 0.05,
@@ -75,7 +65,7 @@ def test_markers_reach_no_artifact_log_or_xcom(dagbag, s3_server, proxy, write_c
     assert run.state == "success"
 
     # the keys were used: the server received the teacher's key and the connection's password as Bearer tokens
-    bearers = proxy_stats(proxy)["bearers"]
+    bearers = proxy_stats(fault_proxy)["bearers"]
     assert bearers.get(_sha(markers["teacher_key"]), 0) >= 1, "teacher-a did not send its api_key_env key"
     assert bearers.get(_sha(markers["conn_password"]), 0) >= 1, "the judge did not send its connection's password"
 

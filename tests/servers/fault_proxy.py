@@ -6,11 +6,14 @@ upstream's answer, one of: 429 (Retry-After: 0), 500, a hang longer than the cli
 request body and how many times that body was seen before, so which calls fail is the same whatever
 order concurrent calls arrive in. A ``plan`` (fault kinds) fails the first calls to arrive with those
 faults, in that order, before any draw: the totals are then exact whatever the timing. At 0% and no
-plan it is a request counter. ``wrong_answers`` plants wrong answers: the first that many forwarded answers
-(non-streamed) whose content ends in a line ``Answer: <integer>`` get that integer plus one, and ``wrong`` in
-the stats lists each one's last user message and the answer it got. ``GET /_stats`` returns the counts (and,
-under ``bearers``, how many requests carried each Bearer token, by the token's sha256: never the token),
-``POST /_reset`` zeroes them.
+plan it is a request counter. ``POST /_faults`` with ``{"only": "500", "after": n}`` (any fault kind) lets the next
+``n`` chat requests through (default 0), then answers every one with that fault until ``{"only": null}``: a teacher
+that goes down, then comes back. ``wrong_answers`` plants wrong
+answers: the first that many forwarded answers (non-streamed) whose content ends in a line ``Answer: <integer>`` get
+that integer plus one, and ``wrong`` in the stats lists each one's last user message and the answer it got.
+``GET /_stats`` returns the counts (and, under ``bearers``, how many requests carried each Bearer token, by the
+token's sha256: never the token; under ``statuses``, per chat request body (its canonical sha256) what each sending
+of it got, in order: the upstream's HTTP status, or the injected fault's kind), ``POST /_reset`` zeroes them.
 
     python -m tests.servers.fault_proxy --upstream http://127.0.0.1:8080 --port 9000 --fault-rate 0.2
 """
@@ -73,7 +76,8 @@ def build_app(upstream: str, fault_rate: float, seed: int, hang_s: float, plan: 
         raise ValueError(f"unknown fault kinds in the plan: {sorted(unknown)}; known: {FAULTS}")
     seen: dict[str, int] = {}
     stats: dict = {"requests": 0, "forwarded": 0, "in_flight": 0, "faults": {k: 0 for k in FAULTS}, "bearers": {},
-                   "wrong": []}
+                   "wrong": [], "statuses": {}}
+    mode: dict = {"only": None, "after": 0}
     client = httpx.AsyncClient(base_url=upstream, timeout=600)
 
     async def get_stats(request: Request) -> Response:
@@ -82,8 +86,16 @@ def build_app(upstream: str, fault_rate: float, seed: int, hang_s: float, plan: 
     async def reset(request: Request) -> Response:
         seen.clear()
         stats.update({"requests": 0, "forwarded": 0, "in_flight": 0, "faults": {k: 0 for k in FAULTS}, "bearers": {},
-                      "wrong": []})
+                      "wrong": [], "statuses": {}})
         return JSONResponse(stats)
+
+    async def set_faults(request: Request) -> Response:
+        body = await request.json()
+        only = body.get("only")
+        if only is not None and only not in FAULTS:
+            return JSONResponse({"error": {"message": f"unknown fault kind {only!r}; known: {FAULTS}"}}, 400)
+        mode.update(only=only, after=int(body.get("after") or 0))
+        return JSONResponse(mode)
 
     async def proxy(request: Request) -> Response:
         path = request.url.path
@@ -92,15 +104,22 @@ def build_app(upstream: str, fault_rate: float, seed: int, hang_s: float, plan: 
         if scheme.lower() == "bearer" and token:
             digest = hashlib.sha256(token.encode()).hexdigest()
             stats["bearers"][digest] = stats["bearers"].get(digest, 0) + 1
-        if path.endswith("/chat/completions"):
+        chat = path.endswith("/chat/completions")
+        if chat:
             stats["requests"] += 1
             digest = hashlib.sha256(_canonical(body)).hexdigest()
             seen[digest] = attempt = seen.get(digest, 0) + 1
+            sent = stats["statuses"].setdefault(digest, [])
             rng = random.Random(f"{seed}:{digest}:{attempt}")
-            kind = (plan[stats["requests"] - 1] if stats["requests"] <= len(plan)
-                    else rng.choice(FAULTS) if rng.random() < fault_rate else None)
+            if mode["only"] and mode["after"] > 0:
+                mode["after"] -= 1
+                kind = None
+            else:
+                kind = mode["only"] or (plan[stats["requests"] - 1] if stats["requests"] <= len(plan)
+                                        else rng.choice(FAULTS) if rng.random() < fault_rate else None)
             if kind:
                 stats["faults"][kind] += 1
+                sent.append(kind)
                 if kind == "429":
                     return JSONResponse({"error": {"message": "rate limited"}}, 429, headers={"Retry-After": "0"})
                 if kind == "500":
@@ -117,6 +136,8 @@ def build_app(upstream: str, fault_rate: float, seed: int, hang_s: float, plan: 
                                                  params=request.query_params)
         finally:
             stats["in_flight"] -= 1
+        if chat:
+            sent.append(upstream_resp.status_code)
         drop = ("content-length", "transfer-encoding", "content-encoding", "connection")
         content = upstream_resp.content
         if path.endswith("/chat/completions") and upstream_resp.status_code == 200 and \
@@ -129,6 +150,7 @@ def build_app(upstream: str, fault_rate: float, seed: int, hang_s: float, plan: 
     return Starlette(routes=[
         Route("/_stats", get_stats, methods=["GET"]),
         Route("/_reset", reset, methods=["POST"]),
+        Route("/_faults", set_faults, methods=["POST"]),
         Route("/{path:path}", proxy, methods=["GET", "POST", "PUT", "DELETE"]),
     ])
 
