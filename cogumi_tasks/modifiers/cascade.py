@@ -145,8 +145,8 @@ def tier(ctx: StepContext) -> StepOutput:
     source = ctx.input("remaining")
     rows = list(iter_jsonl_dicts(ctx.fetch(source)))
     take, passed_on = (rows[: cfg.max_items], rows[cfg.max_items:]) if cfg.max_items else (rows, [])
-    log.info("modifiers.tier %s: %d tasks in, %d for this tier, %d best-of-%d at temperature %g", where, len(rows),
-             len(take), len(take), cfg.samples, cfg.temperature)
+    log.info("modifiers.tier %s: %d tasks in, %d for this tier (best-of-%d at temperature %g), %d passed on", where,
+             len(rows), len(take), cfg.samples, cfg.temperature, len(passed_on))
     ledger = make_ledger(ctx)
     reasons = {r["id"]: r.get("reason") for r in take}
     solved: dict[str, dict] = {}
