@@ -203,3 +203,29 @@ def test_a_failed_tier_is_backfilled_without_paying_twice(fault_proxy, tmp_path,
     statuses = proxy_stats(fault_proxy)["statuses"]
     assert all(200 not in seq[:-1] for seq in statuses.values()), statuses
     assert sum(seq.count(200) for seq in statuses.values()) == m["calls"]
+
+
+def test_a_refused_task_stays_in_remaining(s3_server, strong_server, tmp_path):
+    """The strong tier refuses a prompt outside its families (HTTP 400): counted as refused, not a failure, and the
+    task goes on in ``remaining`` with the refusal as its reason, beside the family task it solved."""
+    config = _config(tmp_path, f"refusal-{uuid.uuid4().hex[:8]}", "http://127.0.0.1:9/v1")  # teacher-a: not asked
+    store = ArtifactStore(config.storage, s3_server.credentials())
+    store.ensure_bucket()
+    inst = world.generate("tool_call", 1, 5, part="train")[0]
+    general = "Write a haiku about the sea."
+    rows = [{"id": inst.id, "domain": inst.domain, "prompt": inst.prompt, "task": inst.to_dict(),
+             "messages": [{"role": "user", "content": inst.prompt}], "reason": "base failed"},
+            {"id": "general-1", "domain": "automation", "prompt": general,
+             "messages": [{"role": "user", "content": general}], "reason": "base failed"}]
+    given = tmp_path / "remaining.jsonl"
+    given.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    uri = store.uri(config.name, "inputs", "remaining.jsonl")
+    store.upload(given, uri)
+    done = run_step("modifiers.tier", config, {"remaining": uri}, params={"modifier": "automation", "tier": 3},
+                    store=store)
+    m = done.metrics
+    assert (m["attempted"], m["solved"], m["refused"], m["remaining"], m["calls"]) == (2, 1, 1, 1, 2)
+    left = _rows(store, done.outputs["remaining"])
+    assert [r["id"] for r in left] == ["general-1"] and left[0]["reason"].startswith("refused by teacher-b: ")
+    assert "HTTP 400" in left[0]["reason"]
+    assert [r["id"] for r in _rows(store, done.outputs["solved"])] == [inst.id]
