@@ -165,10 +165,11 @@ def word_pool(tokenizer: Any) -> list[str]:
 
 
 def train_student(texts: list[str], labels: list[int], soft_logits: torch.Tensor, vocab_texts: list[str],
-                  val: list[Example], cfg: EscalationConfig) -> StudentResult:
+                  val: list[Example], val_logits: torch.Tensor, cfg: EscalationConfig) -> StudentResult:
     """Distil: loss = soft_weight * T^2 * KL(teacher_T || student_T) + (1 - soft_weight) * CE(student, label)
     (a text labelled -1, an augmented one, has the soft term only); ``student_epochs`` epochs, the epoch with the
-    best validation accuracy kept (the first one on ties). The vocabulary comes from ``vocab_texts``."""
+    lowest loss on the validation split (its teacher logits ``val_logits`` and labels) kept. The vocabulary
+    comes from ``vocab_texts``."""
     import copy
 
     import torch
@@ -184,27 +185,33 @@ def train_student(texts: list[str], labels: list[int], soft_logits: torch.Tensor
     labels_t = torch.tensor(labels)
     t = cfg.temperature
     soft = F.softmax(soft_logits / t, dim=-1)
+
+    def distil_loss(logits: torch.Tensor, soft_t: torch.Tensor, hard_labels: torch.Tensor) -> torch.Tensor:
+        kd = F.kl_div(F.log_softmax(logits / t, dim=-1), soft_t, reduction="batchmean") * t * t
+        hard = F.cross_entropy(logits, hard_labels, ignore_index=-1, reduction="sum") / len(logits)
+        return cfg.soft_weight * kd + (1 - cfg.soft_weight) * hard
+
     val_ids, val_lengths = encode([e.text for e in val], index, cfg.max_words)
     val_labels = torch.tensor([e.label for e in val])
-    best = (-1.0, 0, None)
+    val_soft = F.softmax(val_logits / t, dim=-1)
+    best = (float("inf"), 0, None, 0.0)
     for epoch in range(1, cfg.student_epochs + 1):
         model.train()
         for batch in torch.randperm(len(texts), generator=gen).split(cfg.student_batch):
-            logits = model(ids[batch], lengths[batch])
-            kd = F.kl_div(F.log_softmax(logits / t, dim=-1), soft[batch], reduction="batchmean") * t * t
-            hard = F.cross_entropy(logits, labels_t[batch], ignore_index=-1, reduction="sum") / len(batch)
-            loss = cfg.soft_weight * kd + (1 - cfg.soft_weight) * hard
+            loss = distil_loss(model(ids[batch], lengths[batch]), soft[batch], labels_t[batch])
             opt.zero_grad()
             loss.backward()
             opt.step()
         model.eval()
         with torch.no_grad():
-            acc = float((model(val_ids, val_lengths).argmax(-1) == val_labels).float().mean())
-        if acc > best[0]:
-            best = (acc, epoch, copy.deepcopy(model.state_dict()))
+            logits = model(val_ids, val_lengths)
+            val_loss = float(distil_loss(logits, val_soft, val_labels))
+            acc = float((logits.argmax(-1) == val_labels).float().mean())
+        if val_loss < best[0]:
+            best = (val_loss, epoch, copy.deepcopy(model.state_dict()), acc)
     model.load_state_dict(best[2])
     model.eval()
-    return StudentResult(model, vocab, best[1], best[0])
+    return StudentResult(model, vocab, best[1], best[3])
 
 
 def save_student(result: StudentResult, cfg: EscalationConfig, out_dir: Path) -> list[Path]:
@@ -308,14 +315,16 @@ def fit(examples: list[Example], cfg: EscalationConfig, student_dir: Path, teach
         wall, cpu = time.perf_counter(), time.process_time()
         model, tokenizer = train_teacher(split["train"], cfg)
         teacher_time = {"wall_s": round(time.perf_counter() - wall, 2), "cpu_s": round(time.process_time() - cpu, 2)}
+        teacher_pred = teacher_logits(model, tokenizer, test_texts, cfg.max_length).argmax(-1).tolist()
+        val_logits = teacher_logits(model, tokenizer, [e.text for e in split["val"]], cfg.max_length)
+        teacher_val = val_logits.argmax(-1)
+        wall, cpu = time.perf_counter(), time.process_time()  # distillation: the teacher labels, the student learns
         train_texts = [e.text for e in split["train"]]
         extra = augment(train_texts, cfg.augment, word_pool(tokenizer), cfg.seed)
         soft = teacher_logits(model, tokenizer, train_texts + extra, cfg.max_length)
-        teacher_pred = teacher_logits(model, tokenizer, test_texts, cfg.max_length).argmax(-1).tolist()
-        teacher_val = teacher_logits(model, tokenizer, [e.text for e in split["val"]], cfg.max_length).argmax(-1)
-        wall, cpu = time.perf_counter(), time.process_time()
         labels = [e.label for e in split["train"]] + [-1] * len(extra)
-        student = train_student(train_texts + extra, labels, soft, train_texts, split["val"], cfg)
+        torch.set_num_threads(1)  # a small LSTM only loses to thread synchronisation
+        student = train_student(train_texts + extra, labels, soft, train_texts, split["val"], val_logits, cfg)
         student_time = {"wall_s": round(time.perf_counter() - wall, 2), "cpu_s": round(time.process_time() - cpu, 2)}
     finally:
         torch.set_num_threads(threads)

@@ -69,7 +69,8 @@ def _student(examples: list[Example], cfg: EscalationConfig):
     val = [e for e in examples if e.split == "val"]
     soft = torch.tensor([[2.0, -2.0] if e.label == 0 else [-2.0, 2.0] for e in train])  # a stand-in teacher
     texts = [e.text for e in train]
-    return train_student(texts, [e.label for e in train], soft, texts, val, cfg)
+    val_soft = torch.tensor([[2.0, -2.0] if e.label == 0 else [-2.0, 2.0] for e in val])
+    return train_student(texts, [e.label for e in train], soft, texts, val, val_soft, cfg)
 
 
 def test_student_is_deterministic_and_reloads_identically(tmp_path):
