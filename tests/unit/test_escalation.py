@@ -115,3 +115,22 @@ def test_quick_teacher_and_student_on_generated_data(tmp_path):
     assert (tmp_path / "teacher" / "model.safetensors").stat().st_size == t["weights_bytes"]
     assert s["latency"]["n"] == 20 and 0 < s["latency"]["p50_ms"] <= s["latency"]["p99_ms"]
     assert t["train"]["wall_s"] > 0 and s["train"]["wall_s"] > 0
+
+
+def test_step_publishes_a_student_that_loads_and_is_cached(s3_server, store_for, tmp_path):
+    from cogumi_tasks.core.config import load_config
+    from cogumi_tasks.core.steps import run_step
+
+    cfg = load_config("tiny", {"name": "t-escalation-step", "routing.escalation.generated": 60,
+                               "routing.escalation.teacher_epochs": 1, "routing.escalation.augment": 1,
+                               "routing.escalation.student_epochs": 2, "routing.escalation.latency_messages": 10})
+    store = store_for(cfg)
+    first = run_step("routing.escalation", cfg, store=store, run_id="r1")
+    assert not first.skipped and sorted(first.outputs) == ["metrics", "student"]  # no teacher unless save_teacher
+    assert first.metrics["data"].startswith("generated")
+    metrics = json.loads(store.get_bytes(first.outputs["metrics"]))
+    assert metrics["student"]["bytes"] == first.metrics["student"]["bytes"]
+    bundle = store.fetch_prefix(first.outputs["student"], tmp_path / "bundle")
+    detector = EscalationDetector(bundle)
+    assert 0.0 <= detector.predict("that is not what I asked") <= 1.0
+    assert run_step("routing.escalation", cfg, store=store, run_id="r2").skipped
