@@ -59,6 +59,26 @@ def test_cpu_heavy_tasks_take_turns_in_the_tiny_pool(dagbag):
     assert dagbag.dags["phase0_dataset"].get_task("generate").pool == "default_pool"
 
 
+def test_phase3_has_a_task_group_per_modifier_and_a_task_per_tier(dagbag):
+    from cogumi_tasks.core.config import load_config
+
+    dag = dagbag.dags["phase3_modifiers"]
+    mods = load_config("tiny").modifiers
+    assert [a.name for a in dag.timetable.asset_condition.objects] == ["cogumi_phase2"]
+    assert [o.name for o in dag.get_task("publish").outlets] == ["cogumi_phase3"]
+    for m in mods:
+        chain = ["test", *(f"tier_{k}" for k in range(1, len(m.tiers) + 1)), "train", "compress"]
+        for before, after in zip(chain, chain[1:], strict=False):
+            assert f"{m.name}.{before}" in dag.get_task(f"{m.name}.{after}").upstream_task_ids
+        tier2 = dag.get_task(f"{m.name}.tier_2")
+        assert tier2.step == "modifiers.tier" and tier2.step_params == {"modifier": m.name, "tier": 2}
+        assert dag.get_task(f"{m.name}.train").pool == "cogumi_cpu"
+        assert set(dag.get_task(f"{m.name}.train").upstream_task_ids) == {
+            f"{m.name}.tier_{k}" for k in range(1, len(m.tiers) + 1)}  # every tier's solved rows
+    assert dag.get_task("evaluate").upstream_task_ids == {f"{m.name}.compress" for m in mods}
+    assert dag.get_task("code.test").asset_inputs["lora"] == "cogumi_phase2:lora_gguf?"
+
+
 def test_every_step_task_is_wired_to_declared_inputs_and_outputs(dagbag, monkeypatch):
     from cogumi_provider.wiring import asset_wiring_errors, step_arguments, wiring_errors
 
