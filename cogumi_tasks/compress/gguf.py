@@ -40,8 +40,10 @@ def load_gguf(path: Path, n_ctx: int = 1024, lora: Path | None = None):
     """A llama.cpp model with every position's logits kept (for teacher-forced scoring)."""
     from llama_cpp import Llama
 
+    from cogumi_tasks.models.packaged import gguf_threads
+
     return Llama(model_path=str(path), n_ctx=n_ctx, logits_all=True, verbose=False, seed=0,
-                 n_threads=os.cpu_count(), lora_path=str(lora) if lora else None)
+                 n_threads=gguf_threads(), lora_path=str(lora) if lora else None)
 
 
 def gguf_nll_stats(path: Path, hf_tokenizer_dir: Path, texts: list[str], max_len: int = 256) -> NLLStats:

@@ -19,7 +19,7 @@ from typing import Literal, Protocol
 
 from cogumi_tasks.core.config import EndpointConfig, LLMConfig, ModelRef
 from cogumi_tasks.core.ledger import BudgetExceeded, CostLedger, ResponseCache
-from cogumi_tasks.models.packaged import builtin_gguf
+from cogumi_tasks.models.packaged import builtin_gguf, gguf_threads
 
 log = logging.getLogger("cogumi.eval")
 
@@ -148,9 +148,10 @@ class GGUFBackend:
     """
 
     def __init__(self, path: str | Path, adapters: Sequence[tuple[str | Path, float]] | str | Path | None = None, *,
-                 n_ctx: int = 4096, n_threads: int = 2, name: str | None = None):
+                 n_ctx: int = 4096, n_threads: int | None = None, name: str | None = None):
         from llama_cpp import Llama
 
+        n_threads = n_threads or gguf_threads()
         self.name = name or f"gguf:{Path(path).name}"
         self.llm = Llama(model_path=str(path), n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads,
                          seed=0, verbose=False)

@@ -41,3 +41,16 @@ def builtin_gguf(path: str) -> Path:
     if name not in MODELS:
         raise ValueError(f"unknown builtin model {path!r}; known: {sorted('builtin:' + m for m in MODELS)}")
     return Path(MODELS[name]())
+
+
+def gguf_threads() -> int:
+    """Threads for llama.cpp in a task's own process: ``COGUMI_GGUF_THREADS``, else every core but one. The core
+    left over serves the rest of the stack (the llama.cpp teacher server, Airflow, S3): llama.cpp's threads wait by
+    spinning, so when they outnumber the free cores decoding slows by 10-40x (measured on 2 cores: 6 answers took
+    28 s with one thread, and were unfinished after 9 minutes with two, while other work ran)."""
+    import os
+
+    env = os.environ.get("COGUMI_GGUF_THREADS")
+    if env:
+        return max(1, int(env))
+    return max(1, (os.cpu_count() or 2) - 1)
