@@ -30,7 +30,7 @@ FAMILY_KEYS = {
     "judge.model": ("other-judge", {"data.score", "eval.run", "train.failure_analysis", "train.distill",
                                     "modifiers.test", "modifiers.tier"}),
     "dataset.dedup.threshold": (0.7, {"data.dedup"}),
-    "train.sft.lr": (1e-4, {"train.sft", "train.distill", "compress.recover"}),
+    "train.sft.lr": (1e-4, {"train.sft", "train.distill", "compress.recover", "modifiers.train"}),
     "compress.gguf.quant_type": ("Q4_K_M", {"compress.export_gguf"}),
     "compress.prune.ppl_rows": (5, {"compress.prune", "compress.quantize_awq", "compress.export_gguf"}),
 }
