@@ -20,6 +20,7 @@ from typing import Any
 
 from cogumi_tasks.core.records import iter_jsonl_dicts, write_jsonl
 from cogumi_tasks.core.steps import StepContext, StepFailed, StepOutput, step
+from cogumi_tasks.modifiers import step_modifier
 
 log = logging.getLogger("cogumi")
 
@@ -27,14 +28,6 @@ WORLD_CODE = ("cogumi_tasks.world", "cogumi_tasks.world.answers", "cogumi_tasks.
               "cogumi_tasks.world.base", "cogumi_tasks.world.code", "cogumi_tasks.world.judge",
               "cogumi_tasks.world.reasoning", "cogumi_tasks.world.sandbox")
 CARRIED = ("id", "domain", "prompt", "messages", "task")  # what a remaining row keeps of its task
-
-
-def _modifier(ctx: StepContext) -> Any:
-    name = ctx.params.get("modifier")
-    try:
-        return ctx.config.modifier(str(name))
-    except KeyError as exc:
-        raise StepFailed(f"{ctx.spec.name}: params.modifier: {exc.args[0]}") from None
 
 
 def task_rows(ctx: StepContext, mod: Any) -> list[dict]:
@@ -72,7 +65,8 @@ def judged_by_id(ctx: StepContext, rows: list[dict], source: str) -> tuple[dict[
 
 @step("modifiers.test", version=1, reads=("modifiers", "judge", "llm", "dataset.score", "eval.max_tokens"),
       inputs=("gguf", "lora"), outputs=("items", "remaining"),
-      code=("cogumi_tasks.eval.backends", "cogumi_tasks.eval.suites", "cogumi_tasks.llm.step_calls", *WORLD_CODE))
+      code=("cogumi_tasks.modifiers", "cogumi_tasks.eval.backends", "cogumi_tasks.eval.suites",
+            "cogumi_tasks.llm.step_calls", *WORLD_CODE))
 def test_base(ctx: StepContext) -> StepOutput:
     """The compressed base on the modifier's tasks (params ``modifier``): answered greedily in llama.cpp, judged
     through the one judge interface; the failures are the cascade's input.
@@ -83,7 +77,7 @@ def test_base(ctx: StepContext) -> StepOutput:
     """
     from cogumi_tasks.eval.backends import GGUFBackend
 
-    mod = _modifier(ctx)
+    mod = step_modifier(ctx)
     if ctx.config.eval is None:
         raise StepFailed(f"{ctx.spec.name}: config {ctx.config.name} has no eval section (eval.max_tokens: the "
                          "length of the base's answers)")
@@ -118,7 +112,8 @@ def test_base(ctx: StepContext) -> StepOutput:
 
 @step("modifiers.tier", version=1, reads=("modifiers", "teachers", "judge", "llm", "dataset.score"),
       inputs=("remaining",), outputs=("solved", "remaining"),
-      code=("cogumi_tasks.llm.client", "cogumi_tasks.llm.step_calls", "cogumi_tasks.train.distill_tasks",
+      code=("cogumi_tasks.modifiers", "cogumi_tasks.llm.client", "cogumi_tasks.llm.step_calls",
+            "cogumi_tasks.train.distill_tasks",
             *WORLD_CODE))
 def tier(ctx: StepContext) -> StepOutput:
     """Tier K of a modifier's cascade (params ``modifier``, ``tier``: K, from 1): its teacher answers the first
@@ -135,7 +130,7 @@ def tier(ctx: StepContext) -> StepOutput:
     from cogumi_tasks.llm.step_calls import ask, make_client, make_ledger
     from cogumi_tasks.train.distill_tasks import _add_costs
 
-    mod = _modifier(ctx)
+    mod = step_modifier(ctx)
     k = ctx.params.get("tier")
     if not isinstance(k, int) or not 1 <= k <= len(mod.tiers):
         raise StepFailed(f"modifiers.tier: params.tier {k!r}: modifier {mod.name} has tiers 1 to {len(mod.tiers)}")

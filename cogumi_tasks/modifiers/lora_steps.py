@@ -19,6 +19,7 @@ from typing import Any
 
 from cogumi_tasks.core.records import iter_jsonl_dicts, write_jsonl
 from cogumi_tasks.core.steps import StepContext, StepFailed, StepOutput, step
+from cogumi_tasks.modifiers import step_modifier
 
 log = logging.getLogger("cogumi")
 
@@ -28,14 +29,6 @@ EVAL_CODE = ("cogumi_tasks.eval.backends", "cogumi_tasks.eval.suites", "cogumi_t
              "cogumi_tasks.world.code", "cogumi_tasks.world.judge", "cogumi_tasks.world.reasoning",
              "cogumi_tasks.world.sandbox")
 EVAL_READS = ("eval.reference", "eval.max_tokens", "eval.sandbox", "eval.bootstrap", "eval.seed", "llm")
-
-
-def _modifier(ctx: StepContext) -> Any:
-    name = ctx.params.get("modifier")
-    try:
-        return ctx.config.modifier(str(name))
-    except KeyError as exc:
-        raise StepFailed(f"{ctx.spec.name}: params.modifier: {exc.args[0]}") from None
 
 
 def _eval_cfg(ctx: StepContext) -> Any:
@@ -48,7 +41,8 @@ def _eval_cfg(ctx: StepContext) -> Any:
 # ---------------------------------------------------------------- train
 @step("modifiers.train", version=1, reads=("modifiers", "train.sft"), inputs=("model", "solved", "dataset"),
       outputs=("adapter", "lora_gguf", "mix", "metrics"),
-      code=("cogumi_tasks.train.lora", "cogumi_tasks.train.sft", "cogumi_tasks.models.convert",
+      code=("cogumi_tasks.modifiers", "cogumi_tasks.train.lora", "cogumi_tasks.train.sft",
+            "cogumi_tasks.models.convert",
             "cogumi_tasks.models.step_io"))
 def train(ctx: StepContext) -> StepOutput:
     """A modifier's LoRA (params ``modifier``) on what its cascade solved, with a replay share of Phase 0 rows.
@@ -66,7 +60,7 @@ def train(ctx: StepContext) -> StepOutput:
     from cogumi_tasks.models.step_io import dataset_rows
     from cogumi_tasks.train.lora import train_lora
 
-    mod = _modifier(ctx)
+    mod = step_modifier(ctx)
     solved, by_tier = [], {}
     for uri in ctx.input_list("solved"):
         for i, r in enumerate(iter_jsonl_dicts(ctx.fetch(uri)), 1):
@@ -182,7 +176,7 @@ def choose(variants: list[dict]) -> tuple[dict, bool]:
 
 @step("modifiers.compress", version=1, reads=("modifiers", *EVAL_READS),
       inputs=("adapter", "adapter_gguf", "gguf", "lora"), outputs=("variants", "lora_gguf", "items"),
-      code=("cogumi_tasks.modifiers.shrink", "cogumi_tasks.core.verdict", *EVAL_CODE))
+      code=("cogumi_tasks.modifiers", "cogumi_tasks.modifiers.shrink", "cogumi_tasks.core.verdict", *EVAL_CODE))
 def compress(ctx: StepContext) -> StepOutput:
     """Each sparsity level of a modifier (params ``modifier``) as a reduced rank, measured and gated.
 
@@ -203,7 +197,7 @@ def compress(ctx: StepContext) -> StepOutput:
     from cogumi_tasks.eval.backends import GGUFBackend
     from cogumi_tasks.modifiers.shrink import PEFT_CONFIG, PEFT_WEIGHTS, reduce_gguf_lora, reduce_peft, reduced_rank
 
-    mod = _modifier(ctx)
+    mod = step_modifier(ctx)
     adapter_dir = ctx.fetch_dir(ctx.input("adapter"))
     rank = int(json.loads((adapter_dir / PEFT_CONFIG).read_text())["r"])
     levels = [(0.0, rank)] + [(s, reduced_rank(rank, s)) for s in mod.sparsity]
