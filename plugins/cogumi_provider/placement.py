@@ -52,6 +52,11 @@ def placement(step: str) -> dict[str, str]:
     return {**where, "pool": pool} if pool else where
 
 
+def retry_delay_s() -> float:
+    """Seconds between a failed task's tries: ``COGUMI_RETRY_DELAY_S`` (a deployment setting), default 30."""
+    return float(os.environ.get("COGUMI_RETRY_DELAY_S", "30"))
+
+
 def phase_asset(phase: str) -> Asset:
     """The Asset a phase publishes and the next phase is scheduled on."""
     return Asset(name=f"cogumi_{phase}", uri=f"cogumi://pipeline/{phase}")
@@ -87,7 +92,7 @@ def cogumi_dag(dag_id: str, description: str, *, params: dict[str, Param], overr
         render_template_as_native_obj=True,
         tags=["cogumi", *tags],
         params=params,
-        default_args={"retries": retries, "retry_delay": timedelta(seconds=30), "overrides": overrides},
+        default_args={"retries": retries, "retry_delay": timedelta(seconds=retry_delay_s()), "overrides": overrides},
     ) as dag:
         yield dag
     check_wiring(dag)

@@ -75,7 +75,8 @@ def p3(tmp_path_factory, hf_dir):
     base = pick_base_port((20, 21, 22), 20000, 22000)
     settings = local.Settings.from_env({}, home=root / "home", s3_port=base, llm_port=base + 20,
                                        airflow_port=base + 21, strong_port=base + 22, dags_folder=dags,
-                                       config_dir=configs, extra_env={"COGUMI_CONFIG": "p3"})
+                                       config_dir=configs,
+                                       extra_env={"COGUMI_CONFIG": "p3", "COGUMI_RETRY_DELAY_S": "1"})
     ports = [free_port() for _ in range(3)]
     proxies = [f"http://127.0.0.1:{p}" for p in ports]
     (configs / "p3.yaml").write_text(yaml.safe_dump(_config(*proxies), sort_keys=False))
