@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 CONVERT := $(VENV)/share/llama-convert
 LLAMA_SDIST := $(WHEELS)/llama_cpp_python-0.3.36.tar.gz
 PYTEST_ARGS ?=
-APT_PACKAGES := docker-compose bubblewrap
+APT_PACKAGES := docker-compose bubblewrap chromium chromium-driver prometheus
 
 .PHONY: install demo test stop status lint bench clean
 
@@ -19,8 +19,9 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml requirements.lock
 	@# Debian packages: docker-compose validates docker-compose.yaml (no engine needed); bubblewrap is
-	@# the sandbox that runs model-written code in the evaluation harness
-	@{ command -v docker-compose && command -v bwrap; } >/dev/null || { [ "$$(id -u)" = 0 ] && \
+	@# the sandbox that runs model-written code in the evaluation harness; chromium is the real browser of the
+	@# UI tests; prometheus scrapes the serving gateway (promtool checks its config and rules)
+	@{ command -v docker-compose && command -v bwrap && command -v chromium && command -v promtool; } >/dev/null || { [ "$$(id -u)" = 0 ] && \
 	  { apt-get install -y -qq $(APT_PACKAGES) || { apt-get update -qq && apt-get install -y -qq $(APT_PACKAGES); }; } \
 	  >/dev/null; } || echo "note: install the Debian packages $(APT_PACKAGES); tests that need them will fail"
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
