@@ -220,3 +220,47 @@ def test_every_panel_query_is_valid_promql(tmp_path):
     rules.append({"record": "cogumi:panel_query:broken", "expr": "sum(rate(cogumi_requests_total[5m])"})
     path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
     assert promtool("check", "rules", str(path)).returncode != 0
+
+
+# ------------------------------------------------------------------- what the gateway exports
+def exposition() -> str:
+    """The gateway's /metrics text after one answered, one refused and one of each event."""
+    from cogumi_tasks.serve.metrics import Metrics
+
+    m = Metrics(release="rel-test")
+    m.answered("cogumi-auto", "code", 200, seconds=1.5, ttft=0.25, tokens=41, decode_s=0.8, cost_usd=0.002)
+    m.refused("cogumi-auto", 401, "auth")
+    m.routes.labels(route="code", reason="router").inc()
+    m.escalations.labels(from_route="base", to_route="reasoning").inc()
+    m.feedback.labels(route="code", value="up").inc()
+    body, content_type = m.render()
+    assert content_type.startswith("text/plain")
+    return body.decode()
+
+
+def test_gateway_exports_the_contract_metrics():
+    from prometheus_client.parser import text_string_to_metric_families
+
+    exported = {}
+    for family in text_string_to_metric_families(exposition()):
+        name = family.name + "_total" if family.type == "counter" else family.name
+        labels = set().union(*(s.labels for s in family.samples)) - {"le"}
+        exported[name] = (family.type, labels)
+    for name, (kind, labels) in CONTRACT.items():
+        assert name in exported, f"{name} is not exported"
+        assert exported[name] == (kind, labels), name
+
+
+@needs_promtool
+def test_gateway_exposition_passes_promtool():
+    res = subprocess.run([PROMTOOL, "check", "metrics"], input=exposition(), capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stdout + res.stderr
+    # and promtool does flag a bad exposition
+    bad = subprocess.run(
+        [PROMTOOL, "check", "metrics"],
+        input="# TYPE cogumi_x counter\ncogumi_x 1\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert bad.returncode != 0
