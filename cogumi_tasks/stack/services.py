@@ -158,6 +158,50 @@ def start_strong_tier(port: int, log_path: Path) -> subprocess.Popen:
     return proc
 
 
+# ---------------------------------------------------------------- Prometheus
+MONITORING_DIR = Path(__file__).resolve().parents[2] / "monitoring"
+
+
+def prometheus_run_dir(run_dir: Path, targets: dict[str, list[str]]) -> Path:
+    """monitoring/prometheus.yml and its rules copied into ``run_dir``, with one file_sd targets file per job
+    (``{"gateway": ["127.0.0.1:8000"], "prometheus": [...]}`` -> targets/gateway.yml); returns the config path."""
+    import fnmatch
+
+    import yaml
+
+    conf = yaml.safe_load((MONITORING_DIR / "prometheus.yml").read_text())
+    globs = [f for job in conf["scrape_configs"] for sd in job.get("file_sd_configs", []) for f in sd["files"]]
+    unknown = [job for job in targets if not any(fnmatch.fnmatch(f"targets/{job}.yml", g) for g in globs)]
+    if unknown:
+        raise ServiceError(f"no scrape job reads targets for {unknown} in {MONITORING_DIR / 'prometheus.yml'}: {globs}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copy(MONITORING_DIR / "prometheus.yml", run_dir / "prometheus.yml")
+    shutil.copytree(MONITORING_DIR / "rules", run_dir / "rules", dirs_exist_ok=True)
+    (run_dir / "targets").mkdir(exist_ok=True)
+    for job, addresses in targets.items():
+        lines = [f'  - "{a}"' for a in addresses]
+        text = "\n".join(["- targets:", *lines, "  labels: {stack: local}"]) + "\n"
+        (run_dir / "targets" / f"{job}.yml").write_text(text)
+    return run_dir / "prometheus.yml"
+
+
+def start_prometheus(config_path: Path, port: int, data_dir: Path, log_path: Path) -> subprocess.Popen:
+    """Prometheus (Debian's package) on 127.0.0.1:port with its TSDB in ``data_dir`` (throwaway, 1 day kept)."""
+    binary = shutil.which("prometheus")
+    if not binary:
+        raise ServiceError("prometheus not found; install Debian's prometheus package (make install)")
+    if not port_is_free(port):
+        raise ServiceError(f"port {port} for Prometheus is in use")
+    data_dir.mkdir(parents=True, exist_ok=True)
+    cmd = [
+        binary, f"--config.file={config_path}", f"--web.listen-address={HOST}:{port}",
+        f"--storage.tsdb.path={data_dir}", "--storage.tsdb.retention.time=1d",
+    ]
+    proc = spawn(cmd, log_path, cwd=data_dir)
+    wait_http(f"http://{HOST}:{port}/-/ready", timeout_s=60, proc=proc)
+    return proc
+
+
 def stop(proc_or_pid: subprocess.Popen | int, timeout_s: float = 15) -> None:
     """Terminate a process group started by :func:`spawn`, then kill it if it lingers."""
     import signal
