@@ -13,7 +13,10 @@ LLAMA_SDIST := $(WHEELS)/llama_cpp_python-0.3.36.tar.gz
 PYTEST_ARGS ?=
 APT_PACKAGES := docker-compose bubblewrap chromium chromium-driver prometheus
 
-.PHONY: install demo test stop status lint bench clean
+# The production stack (docker-compose.yaml) for hosts with Docker: `docker compose` v2, else docker-compose.
+COMPOSE ?= $(shell docker compose version >/dev/null 2>&1 && echo "docker compose" || echo docker-compose)
+
+.PHONY: install demo test stop status lint bench clean up down
 
 install: $(STAMP)
 
@@ -48,6 +51,13 @@ demo: install
 
 stop:
 	@test -x $(VENV)/bin/cogumi && $(VENV)/bin/cogumi stack down || echo "nothing to stop"
+
+up:
+	@test -f .env || { echo "no .env: cp docker/.env.example .env, then fill every CHANGE_ME (see docker-compose.yaml)"; exit 1; }
+	$(COMPOSE) up -d
+
+down:
+	$(COMPOSE) down
 
 status:
 	$(VENV)/bin/cogumi stack status

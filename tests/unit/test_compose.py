@@ -22,8 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yaml"
 DOCKER = ROOT / "docker"
 ENV_EXAMPLE = DOCKER / ".env.example"
-DASHBOARD = DOCKER / "grafana" / "dashboards" / "cogumi.json"
-PROMETHEUS = DOCKER / "prometheus" / "prometheus.yml"
+MONITORING = ROOT / "monitoring"
 
 # Dummy values for every variable the compose file requires (${VAR:?...}).
 REQUIRED = {
@@ -34,6 +33,8 @@ REQUIRED = {
     "AWS_ACCESS_KEY_ID": "cogumi-test",
     "AWS_SECRET_ACCESS_KEY": "s" * 64,
     "GRAFANA_ADMIN_PASSWORD": "g" * 64,
+    "COGUMI_API_KEYS": "a" * 64 + "," + "b" * 64,
+    "COGUMI_CHAT_API_KEY": "a" * 64,
 }
 AIRFLOW_SERVICES = {
     "airflow-init",
@@ -43,13 +44,9 @@ AIRFLOW_SERVICES = {
     "airflow-triggerer",
     "gpu-worker",
 }
-PUBLISHED = {"airflow-apiserver": 8080, "grafana": 3000, "minio": 9001}
-METRICS = (
-    "cogumi_requests_total",
-    "cogumi_request_seconds_bucket",
-    "cogumi_escalations_total",
-    "cogumi_teacher_cost_usd_total",
-)
+PUBLISHED = {"airflow-apiserver": 8080, "grafana": 3000, "minio": 9001, "serve": 8400, "chat": 7860}
+ONE_SHOT = {"minio-init", "airflow-init"}  # jobs that exit; waited for with service_completed_successfully
+PROMTOOL = shutil.which("promtool")
 COMPOSE_BIN = shutil.which("docker-compose")
 needs_compose = pytest.mark.skipif(
     COMPOSE_BIN is None,
@@ -195,8 +192,8 @@ def test_resolved_ports_bind_loopback_by_default(tmp_path):
 def test_no_version_field_and_expected_services():
     doc = load_compose()
     assert "version" not in doc, "the Compose Specification (no version) is what 1.29 validates GPUs with"
-    expected = AIRFLOW_SERVICES | {"postgres", "minio", "minio-init", "prometheus", "grafana"}
-    assert expected <= set(doc["services"])
+    expected = AIRFLOW_SERVICES | {"postgres", "minio", "minio-init", "statsd-exporter", "prometheus", "grafana"}
+    assert expected | {"serve", "chat"} == set(doc["services"])
 
 
 def test_airflow_services_share_one_common_block():
@@ -293,8 +290,19 @@ def test_published_ports_default_to_loopback():
 
 def test_healthchecks_and_start_order():
     svcs = services()
-    for name in ("postgres", "minio", "airflow-apiserver", "airflow-scheduler", "prometheus", "grafana"):
-        assert "test" in svcs[name].get("healthcheck", {}), name
+    for name, svc in svcs.items():
+        if name in ONE_SHOT:
+            assert svc["restart"] == "no" and "healthcheck" not in svc, name
+            continue
+        check = svc.get("healthcheck", {})
+        assert check.get("test") and not check.get("disable"), f"{name} has no healthcheck"
+        assert check["test"][0] in ("CMD", "CMD-SHELL"), name
+    for name, svc in svcs.items():  # a one-shot job is waited for until it exits successfully
+        for dep, cond in svc.get("depends_on", {}).items():
+            wanted = "service_completed_successfully" if dep in ONE_SHOT else "service_healthy"
+            assert cond["condition"] == wanted, (name, dep)
+    assert "http://localhost:8400/healthz" in svcs["serve"]["healthcheck"]["test"]
+    assert svcs["chat"]["depends_on"]["serve"]["condition"] == "service_healthy"
     assert svcs["minio-init"]["depends_on"]["minio"]["condition"] == "service_healthy"
     assert "mc mb" in command_of(svcs["minio-init"]) and "COGUMI_BUCKET" in command_of(svcs["minio-init"])
     assert interpolate(svcs["minio-init"]["environment"]["COGUMI_BUCKET"], {}) == "cogumi"
@@ -329,41 +337,78 @@ def test_env_example_lists_every_variable():
 
 
 # ------------------------------------------------------------------------- monitoring provisioning
-def test_prometheus_scrapes_cogumi_api():
-    conf = yaml.safe_load(PROMETHEUS.read_text())
-    jobs = {job["job_name"]: job for job in conf["scrape_configs"]}
-    api = jobs["cogumi-api"]
-    assert api.get("metrics_path", "/metrics") == "/metrics"
-    assert "cogumi-api:8000" in api["static_configs"][0]["targets"]
-    assert "Phase 5" in PROMETHEUS.read_text()
-    svc = services()["prometheus"]
-    assert any(str(v).startswith("./docker/prometheus/prometheus.yml:") for v in svc["volumes"])
+def test_serve_and_chat_share_the_cogumi_environment():
+    svcs = services()
+    common = env_of(svcs["airflow-scheduler"])
+    for name in ("serve", "chat"):
+        env = env_of(svcs[name])
+        for key in ("COGUMI_S3_ENDPOINT", "COGUMI_CONFIG", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            assert env[key] == common[key], (name, key)
+        assert svcs[name]["entrypoint"] == ["/usr/bin/dumb-init", "--"], name  # not the image's `airflow ...`
+    assert command_of(svcs["serve"]).startswith("cogumi serve ")
+    assert command_of(svcs["chat"]).startswith("cogumi chat ")
+    assert "http://serve:8400/v1" in command_of(svcs["chat"])
+    assert env_of(svcs["serve"])["COGUMI_API_KEYS"].startswith("${COGUMI_API_KEYS:?")
+    assert svcs["serve"]["build"]["args"]["COGUMI_EXTRAS"] == "serve"
+    assert svcs["chat"]["build"] == svcs["serve"]["build"] and svcs["chat"]["image"] == svcs["serve"]["image"]
+
+
+def monitoring_mounts(name: str) -> dict[str, Path]:
+    """container path -> host path of a service's ./monitoring bind mounts."""
+    mounts = {}
+    for vol in services()[name]["volumes"]:
+        parts = str(vol).split(":")
+        if parts[0].startswith("./"):
+            assert parts[0].startswith("./monitoring/"), vol
+            assert parts[-1] == "ro", vol
+            mounts[parts[1]] = ROOT / parts[0]
+    return mounts
+
+
+@pytest.mark.skipif(PROMTOOL is None, reason="promtool not installed (apt-get install -y prometheus)")
+def test_prometheus_mounts_form_a_valid_config(tmp_path):
+    """The files compose mounts into /etc/prometheus, laid out the same way, pass `promtool check config`."""
+    mounts = monitoring_mounts("prometheus")
+    for target, source in mounts.items():
+        assert target.startswith("/etc/prometheus/"), target
+        dest = tmp_path / target.removeprefix("/etc/prometheus/")
+        if source.is_dir():
+            shutil.copytree(source, dest)
+        else:
+            shutil.copy(source, dest)
+    assert "--config.file=/etc/prometheus/prometheus.yml" in services()["prometheus"]["command"]
+    res = subprocess.run(
+        [PROMTOOL, "check", "config", str(tmp_path / "prometheus.yml")], capture_output=True, text=True, timeout=60
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "WARNING" not in res.stdout + res.stderr, res.stdout + res.stderr  # every targets file is there
+    assert "SUCCESS: 1 rule files found" in res.stdout
+    # the gateway target is the serve service on the port it listens on
+    assert yaml.safe_load((tmp_path / "targets" / "gateway.yml").read_text())[0]["targets"] == ["serve:8400"]
+    assert "--port 8400" in command_of(services()["serve"])
 
 
 def test_grafana_datasource_and_dashboard():
-    ds_files = list((DOCKER / "grafana" / "provisioning" / "datasources").glob("*.y*ml"))
-    assert ds_files
-    datasources = [d for f in ds_files for d in yaml.safe_load(f.read_text())["datasources"]]
+    mounts = monitoring_mounts("grafana")
+    provisioning = mounts["/etc/grafana/provisioning"]
+    datasources = [
+        d for f in (provisioning / "datasources").glob("*.y*ml") for d in yaml.safe_load(f.read_text())["datasources"]
+    ]
     prom = [d for d in datasources if d["type"] == "prometheus"]
-    assert prom and prom[0]["url"] == "http://prometheus:9090"
+    assert len(prom) == 1 and prom[0]["url"] == "http://prometheus:9090"
 
     providers = [
         p
-        for f in (DOCKER / "grafana" / "provisioning" / "dashboards").glob("*.y*ml")
+        for f in (provisioning / "dashboards").glob("*.y*ml")
         for p in yaml.safe_load(f.read_text())["providers"]
     ]
-    assert any(p["options"]["path"] == "/var/lib/grafana/dashboards" for p in providers)
-
-    dash = json.loads(DASHBOARD.read_text())
-    assert "Phase 5" in dash["description"]
-    exprs = [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
-    blob = "\n".join(exprs)
-    for metric in METRICS:
-        assert metric in blob, metric
-    assert "by (adapter)" in blob
-    assert "histogram_quantile(0.50" in blob and "histogram_quantile(0.95" in blob
+    paths = {p["options"]["path"] for p in providers}
+    assert paths == {"/var/lib/grafana/dashboards"} and paths <= set(mounts)
+    dashboards = list(mounts["/var/lib/grafana/dashboards"].glob("*.json"))
+    assert [d.name for d in dashboards] == ["cogumi.json"]
+    dash = json.loads(dashboards[0].read_text())
     uids = {p["datasource"]["uid"] for p in dash["panels"] if "datasource" in p}
-    assert uids == {prom[0]["uid"]}
+    assert uids == {prom[0]["uid"]}  # the panels (tests/unit/test_monitoring.py) use the provisioned datasource
 
 
 # ----------------------------------------------------------------------------------- images

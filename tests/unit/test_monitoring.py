@@ -96,7 +96,7 @@ def test_prometheus_config_with_compose_targets(tmp_path):
     jobs = {j["job_name"] for j in yaml.safe_load(PROMETHEUS.read_text())["scrape_configs"]}
     assert jobs == {"cogumi-gateway", "airflow", "prometheus"}
     gateway = yaml.safe_load((tmp_path / "targets" / "gateway.yml").read_text())
-    assert gateway[0]["targets"] == ["serve:8000"]
+    assert gateway[0]["targets"] == ["serve:8400"]
 
 
 @needs_promtool
