@@ -353,6 +353,19 @@ def test_serve_and_chat_share_the_cogumi_environment():
     assert svcs["chat"]["build"] == svcs["serve"]["build"] and svcs["chat"]["image"] == svcs["serve"]["image"]
 
 
+@pytest.mark.parametrize(("name", "port"), [("serve", 8400), ("chat", 7860)])
+def test_serve_and_chat_commands_parse_with_the_cli(name, port):
+    """The compose commands are valid `cogumi` command lines, listening on all addresses of the container."""
+    from cogumi_tasks.cli import build_parser
+
+    cmd = [interpolate(str(word), REQUIRED) for word in services()[name]["command"]]
+    assert cmd[:2] == ["cogumi", name]
+    args = build_parser().parse_args(cmd[1:])
+    assert (args.host, args.port) == ("0.0.0.0", port)
+    if name == "serve":
+        assert args.config == "production"
+
+
 def monitoring_mounts(name: str) -> dict[str, Path]:
     """container path -> host path of a service's ./monitoring bind mounts."""
     mounts = {}
