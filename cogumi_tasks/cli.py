@@ -183,6 +183,21 @@ def cmd_backfill(args: argparse.Namespace, rest: list[str]) -> int:
     return cli_backfill(rest)
 
 
+def cmd_chat(args: argparse.Namespace) -> int:
+    import os
+
+    key = os.environ.get(args.api_key_env)
+    if not key:
+        print(f"cogumi chat: no API key: set {args.api_key_env} (one of the gateway's keys) or name another "
+              f"variable with --api-key-env", file=sys.stderr)
+        return 2
+    from cogumi_tasks.serve.chat import launch_chat
+
+    print(f"chat UI: http://{args.host}:{args.port}/ (gateway {args.api})")
+    launch_chat(args.api, key, host=args.host, port=args.port)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cogumi", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -223,6 +238,13 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("stack", help="the local stack on 127.0.0.1")
     st.add_argument("action", choices=["up", "down", "status"])
     st.set_defaults(fn=cmd_stack)
+
+    ch = sub.add_parser("chat", help="the Gradio chat UI in front of a running gateway")
+    ch.add_argument("--api", default="http://127.0.0.1:8400/v1", help="the gateway's OpenAI-compatible base URL")
+    ch.add_argument("--api-key-env", default="COGUMI_API_KEY", help="the environment variable holding an API key")
+    ch.add_argument("--host", default="127.0.0.1", help="the UI's address (loopback unless exposed on purpose)")
+    ch.add_argument("--port", type=int, default=7860)
+    ch.set_defaults(fn=cmd_chat)
 
     sub.add_parser("demo", help="start the local stack and run the pipeline through Airflow", add_help=False)
     sub.add_parser("backfill", help="re-run a failed Phase 3 tier through Airflow (phase3 --modifier M --tier K)",
