@@ -198,6 +198,12 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from cogumi_tasks.serve.run import serve
+
+    return serve(load_config(args.config, parse_set_flags(args.set)), args.release, args.host, args.port)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cogumi", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -245,6 +251,15 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("--host", default="127.0.0.1", help="the UI's address (loopback unless exposed on purpose)")
     ch.add_argument("--port", type=int, default=7860)
     ch.set_defaults(fn=cmd_chat)
+
+    sv = sub.add_parser("serve", help="the routed OpenAI-compatible API (engine + gateway) of a release")
+    sv.add_argument("--release", default="current", help="a release directory, its s3:// prefix, or `current` "
+                    "(the registry's releases/current.json)")
+    sv.add_argument("--config", default="tiny")
+    sv.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    sv.add_argument("--host", help="default: serve.host (127.0.0.1)")
+    sv.add_argument("--port", type=int, help="default: serve.port")
+    sv.set_defaults(fn=cmd_serve)
 
     sub.add_parser("demo", help="start the local stack and run the pipeline through Airflow", add_help=False)
     sub.add_parser("backfill", help="re-run a failed Phase 3 tier through Airflow (phase3 --modifier M --tier K)",

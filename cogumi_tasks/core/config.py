@@ -545,6 +545,29 @@ class RoutingConfig(Strict):
     router: RouterConfig = Field(default_factory=RouterConfig)
 
 
+# ---------------------------------------------------------------- phase 5: serving
+class ServeConfig(Strict):
+    """The serving gateway (``cogumi serve``): addresses, request limits, the engine, query logs and cost."""
+
+    host: str = Field("127.0.0.1", description="the gateway's address (loopback unless exposed on purpose)")
+    port: int = Field(8400, ge=1, le=65535)
+    api_keys_file: str | None = Field(None, description="a file of API keys, one a line (# comments); keys also "
+                                      "come from env COGUMI_API_KEYS (comma separated); stored hashed")
+    max_body_bytes: int = Field(65536, ge=1024, description="larger request bodies get 413")
+    max_tokens: int = Field(512, ge=1, description="the largest max_tokens a request may ask for (400 above)")
+    default_max_tokens: int = Field(256, ge=1, description="max_tokens when a request gives none")
+    rate_per_minute: float = Field(60.0, gt=0, description="requests per minute per API key (token bucket refill)")
+    rate_burst: int = Field(10, ge=1, description="requests a key may send at once before the rate applies")
+    parallel: int = Field(2, ge=1, description="engine slots: requests decoded at once")
+    context: int = Field(2048, ge=256, description="engine context per slot, tokens")
+    threads: int | None = Field(None, ge=1, description="engine threads; empty: models.packaged.gguf_threads()")
+    state_dir: str = Field("~/.cache/cogumi/serve", description="session memory (SQLite) and fetched releases")
+    query_log_flush_s: float = Field(10.0, gt=0, description="the query log is written to S3 this often")
+    query_log_batch: int = Field(200, ge=1, description="... or once this many lines wait")
+    usd_per_1k_tokens: float = Field(0.0002, ge=0, description="estimated cost of 1K generated tokens on the base; a "
+                                     "modifier's is this times its relative cost in the release")
+
+
 # ---------------------------------------------------------------- the whole pipeline
 class PipelineConfig(Strict):
     """Everything one pipeline run reads. ``name`` is the S3 prefix of its artifacts."""
@@ -561,6 +584,7 @@ class PipelineConfig(Strict):
     compress: CompressConfig | None = None
     modifiers: list[ModifierConfig] = Field(default_factory=list, description="Phase 3: the domain modifiers")
     routing: RoutingConfig | None = None
+    serve: ServeConfig = Field(default_factory=ServeConfig, description="Phase 5: the serving gateway")
 
     @model_validator(mode="after")
     def _check(self) -> PipelineConfig:
