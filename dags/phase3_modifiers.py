@@ -76,6 +76,7 @@ with cogumi_dag(
     publish = CogumiStepOperator(
         task_id="publish", step="modifiers.publish",
         inputs={"variants": [c.output["variants"] for c in chosen], "summary": evaluate.output["summary"],
+                "items": evaluate.output["items"],
                 "modifiers": [c.output["lora_gguf"] for c in chosen], "gguf": gguf, "lora": lora},
         outlets=[phase_asset("phase3")], **from_phase2("gguf", "lora"), **placement("modifiers.publish"),
     )

@@ -539,11 +539,21 @@ class RouterConfig(Strict):
         return self
 
 
+class LabelsConfig(Strict):
+    """The router's verdict table: Phase 3's held-out answers plus general prompts answered and judged here."""
+
+    general: int = Field(20, ge=0, description="general prompts (no checker) the base and each modifier answer, "
+                         "judged by the LLM judge")
+    source: ConfigFile = Field("builtin:tiny_prompts", description="prompt JSONL whose `domain: general` rows "
+                               "(the last `general` of them) are the general queries")
+    max_tokens: int | None = Field(None, ge=1, description="answer length; empty: eval.max_tokens")
+
+
 class RoutingConfig(Strict):
+    labels: LabelsConfig = Field(default_factory=LabelsConfig)
     memory: MemoryConfig = Field(default_factory=MemoryConfig)
     escalation: EscalationConfig = Field(default_factory=EscalationConfig)
     router: RouterConfig = Field(default_factory=RouterConfig)
-
 
 # ---------------------------------------------------------------- phase 5: serving
 class ServeConfig(Strict):

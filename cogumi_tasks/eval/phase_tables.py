@@ -90,3 +90,68 @@ def phase3_tables(manifests: list[dict]) -> list[dict]:
             "headers": ["modifier", "sparsity", "rank", "GGUF", "safetensors", "domain accuracy", "% of reference",
                         "passes gate", ""], "rows": size_rows}]
     return out
+
+
+PHASE4 = "Phase 4: routing"
+
+
+def _ms(x: Any) -> str:
+    return "-" if x is None else f"{x:.2f} ms"
+
+
+def _judged(v: Any) -> str:
+    return (v or {}).get("verdict", "-") if isinstance(v, dict) else "-"
+
+
+def phase4_tables(manifests: list[dict]) -> list[dict]:
+    """The policies, the threshold sweep, the route mix against the plan and the escalation detector, from
+    ``routing.publish``'s table."""
+    table = _latest(manifests, "routing.publish").get("metrics") or {}
+    if not table:
+        return []
+    router, labels = table.get("router") or {}, table.get("labels") or {}
+    models = list((router.get("label_mix") or {}).keys())
+    policy_rows = [[name, _acc({"accuracy": p.get("quality"), "ci": p.get("quality_ci")}), f"{p.get('cost'):.3f}",
+                    _acc({"accuracy": p.get("accuracy"), "ci": p.get("accuracy_ci")}), _pct(p.get("gain_recovered")),
+                    " / ".join(f"{m} {_pct(s)}" for m, s in zip(models, p.get("route_mix") or [], strict=False))]
+                   for name, p in (table.get("policies") or {}).items()]
+    th = table.get("thresholds") or {}
+    chosen = (th.get("chosen") or {}).get("threshold")
+    sweep_rows = [[s["threshold"], _pct(s.get("quality")), f"{s.get('cost'):.3f}", _pct(s.get("gain_recovered")),
+                   " / ".join(f"{m} {_pct(x)}" for m, x in zip(models, s.get("route_mix") or [], strict=False)),
+                   "chosen" if s["threshold"] == chosen else ("plan's expected" if s["threshold"] ==
+                                                             th.get("plan_expected") else "")]
+                  for s in th.get("sweep") or []]
+    mix_rows = [[m, _pct(v.get("share")), f"{_pct(v['plan'][0])}-{_pct(v['plan'][1])}" if v.get("plan") else "-",
+                 v.get("verdict", "-")] for m, v in (table.get("route_mix") or {}).items()]
+    esc = table.get("escalation") or {}
+    lat = router.get("latency") or {}
+    esc_rows = []
+    for who in ("teacher", "student"):
+        e = esc.get(who) or {}
+        esc_rows.append([who, _acc({"accuracy": e.get("accuracy"), "ci": e.get("ci")}), e.get("n"),
+                         _mb(e.get("bytes")), _ms(e.get("p50_ms")), _ms(e.get("p99_ms"))])
+    esc_rows.append(["plan (student)", "94%", "-", "3 MB", "-", "< 3 ms"])
+    return [
+        {"phase": PHASE4, "id": "routing-policies", "title": "Routing policies on the holdout",
+         "note": f"routing.labels: {labels.get('queries')} queries ({labels.get('general_queries')} general, judged by "
+                 f"the LLM judge; the rest Phase 3's held-out answers, checked); confidence costs "
+                 f"{_ms(labels.get('confidence_ms'))} per query. Router accuracy {_acc(router)} on {router.get('n')} "
+                 f"holdout queries vs the plan's 97%: {_judged(router)}. Decision latency p99: MLP "
+                 f"{_ms((lat.get('mlp') or {}).get('p99_ms'))}, with the query embedding "
+                 f"{_ms((lat.get('with_embedding') or {}).get('p99_ms'))} (plan < 5 ms: "
+                 f"{_judged(router.get('latency_verdict'))}). APGR {_pct(table.get('apgr'))}.",
+         "headers": ["policy", "quality", "cost/query", "accuracy", "gain recovered", "route mix"],
+         "rows": policy_rows},
+        {"phase": PHASE4, "id": "threshold-sweep", "title": "Confidence threshold sweep",
+         "note": "The base answers when its calibrated confidence >= t, else the router's choice; chosen by "
+                 f"{(th.get('chosen') or {}).get('objective', '-')} (plan: 0.75 / 0.80 / 0.85 tried, 0.80 expected).",
+         "headers": ["threshold", "quality", "cost/query", "gain recovered", "route mix", ""], "rows": sweep_rows},
+        {"phase": PHASE4, "id": "route-mix", "title": "Route mix at the chosen threshold vs the plan",
+         "note": "Shares of the holdout queries; the tiny world's query mix is set by its held-out suites, not "
+                 "by traffic.", "headers": ["model", "share", "plan", "verdict"], "rows": mix_rows},
+        {"phase": PHASE4, "id": "escalation", "title": "Escalation detector: teacher and distilled LSTM",
+         "note": f"{esc.get('data', '-')}; student accuracy vs 94%: {_judged(esc.get('accuracy_verdict'))}, size vs "
+                 f"3 MB: {_judged(esc.get('bytes_verdict'))}, p99 vs 3 ms: {_judged(esc.get('latency_verdict'))}.",
+         "headers": ["model", "accuracy", "test n", "size", "p50", "p99"], "rows": esc_rows},
+    ]

@@ -26,7 +26,7 @@ import yaml
 from cogumi_tasks.core.artifacts import MANIFEST, ArtifactStore, join_uri, parent_uri
 from cogumi_tasks.core.steps import safe_name, used_manifests
 from cogumi_tasks.core.verdict import OPS, UNDEFINED, VERDICTS, judge
-from cogumi_tasks.eval.phase_tables import phase3_tables
+from cogumi_tasks.eval.phase_tables import phase3_tables, phase4_tables
 
 PHASES = {"data": "Phase 0: dataset", "train": "Phase 1: training", "compress": "Phase 2: compression",
           "modifiers": "Phase 3: modifiers", "routing": "Phase 4: routing", "serve": "Phase 5: serving",
@@ -489,7 +489,7 @@ def build_report(run: dict, targets: dict) -> tuple[str, dict]:
                "wall_seconds": round(max(finished) - min(started), 3) if started and finished else None,
                "ledger": run.get("ledger", {})}
     before_after, before_after_table = before_after_rows(run["manifests"])
-    tables = phase3_tables(run["manifests"])
+    tables = phase3_tables(run["manifests"]) + phase4_tables(run["manifests"])
     data = {"pipeline": run["pipeline"], "run_id": run_id, "generated_at": time.time(), "summary": summary,
             "targets": target_rows, "steps": steps, "before_after": before_after, "tables": tables,
             "plots": [{k: v for k, v in p.items() if k != "png"} for p in plots]}

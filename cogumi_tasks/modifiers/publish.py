@@ -103,18 +103,19 @@ def size_rows(compress: dict, domain: str, modules: list[str]) -> dict:
     return out
 
 
-@step("modifiers.publish", version=1, reads=("modifiers", "train.sft.target_modules"),
-      inputs=("variants", "summary", "modifiers", "gguf", "lora"), outputs=("table", "bundle"),
+@step("modifiers.publish", version=2, reads=("modifiers", "train.sft.target_modules"),
+      inputs=("variants", "summary", "items", "modifiers", "gguf", "lora"),
+      outputs=("table", "bundle", "items", "modifiers", "gguf", "lora_gguf?"),
       code=("cogumi_tasks.core.verdict",))
 def publish(ctx: StepContext) -> StepOutput:
     """The Phase 3 table and the modifier bundle.
 
     Inputs: ``variants`` (each modifier's compress output, in the config's modifier order), ``summary``
-    (modifiers.evaluate's), ``modifiers`` (each modifier's chosen GGUF LoRA, same order), ``gguf`` and ``lora``
-    (Phase 2's base GGUF and recovery LoRA, passed on). Outputs: ``table`` (JSON: per modifier the tier table,
-    sizes per sparsity level beside the plan's with the 8B arithmetic, scores by domain from the evaluation, and
-    the cascade's total saving), ``bundle`` (JSON: base, recovery LoRA, and per modifier its domain, GGUF LoRA and
-    scale: what Phase 4 and serving load).
+    and ``items`` (modifiers.evaluate's), ``modifiers`` (each modifier's chosen GGUF LoRA, same order), ``gguf`` and
+    ``lora`` (Phase 2's base GGUF and recovery LoRA). Outputs: ``table`` (JSON: per modifier the tier table, sizes
+    per sparsity level beside the plan's with the 8B arithmetic, scores by domain from the evaluation, and the
+    cascade's total saving), ``bundle`` (JSON: base, recovery LoRA, and per modifier its domain, GGUF LoRA and
+    scale: what Phase 4 and serving load); ``items``, ``modifiers``, ``gguf``, ``lora_gguf`` passed on for Phase 4.
     """
     mods = ctx.config.modifiers
     variants, chosen = _as_list(ctx.inputs["variants"]), _as_list(ctx.inputs["modifiers"])
@@ -154,4 +155,8 @@ def publish(ctx: StepContext) -> StepOutput:
                             for m, uri in zip(mods, chosen, strict=True)]}
     ctx.out("table.json").write_text(json.dumps(table, indent=1))
     ctx.out("bundle.json").write_text(json.dumps(bundle, indent=1))
-    return StepOutput(files={"table": "table.json", "bundle": "bundle.json"}, metrics=table)
+    files: dict[str, str | list[str]] = {"table": "table.json", "bundle": "bundle.json", "items": ctx.input("items"),
+                                         "modifiers": chosen, "gguf": ctx.input("gguf")}
+    if ctx.inputs.get("lora"):
+        files["lora_gguf"] = ctx.input("lora")
+    return StepOutput(files=files, metrics=table)

@@ -4,7 +4,8 @@ A policy is an (n, models) matrix ``R`` of route probabilities per query (one-ho
 With ``V`` the verdicts (1 correct), ``c`` the costs and ``y`` the labels:
 
 - quality = mean_i sum_m R_im V_im (share answered correctly), cost = mean_i R_i . c (per query);
-- accuracy = mean_i R_{i,y_i} (agreement with the label); confusion[a][b] = sum_i [y_i = a] R_ib (rows: label);
+- accuracy = mean_i R_{i,y_i} (agreement with the label, with a bootstrap interval);
+  confusion[a][b] = sum_i [y_i = a] R_ib (rows: label);
 - gain recovered = (quality - quality(always-base)) / (quality(oracle) - quality(always-base)): 1 for the oracle,
   0 for always-base, undefined (None) when the oracle gains nothing.
 
@@ -79,10 +80,11 @@ def evaluate(routes: np.ndarray, verdicts: np.ndarray, labels: np.ndarray, costs
     per_item = (routes * verdicts).sum(axis=1)
     confusion = np.zeros((routes.shape[1], routes.shape[1]))
     np.add.at(confusion, labels, routes)
-    return {"quality": float(per_item.mean()), "cost": float((routes @ costs).mean()),
-            "accuracy": float(routes[np.arange(len(labels)), labels].mean()),
+    hits = routes[np.arange(len(labels)), labels]
+    return {"quality": float(per_item.mean()), "cost": float((routes @ costs).mean()), "accuracy": float(hits.mean()),
             "route_mix": [float(v) for v in routes.mean(axis=0)],
-            "confusion": [[round(float(v), 4) for v in row] for row in confusion], "_per_item": per_item}
+            "confusion": [[round(float(v), 4) for v in row] for row in confusion], "_per_item": per_item,
+            "_hits": hits}
 
 
 def gain_recovered(quality: float, base: float, oracle: float) -> float | None:
@@ -140,6 +142,7 @@ def evaluate_policies(*, models: Sequence[str], costs: Mapping[str, float], verd
     for name, row in table.items():
         point, low, high = bootstrap_mean_ci(row["_per_item"], n=bootstrap, seed=seed)
         row["quality_ci"] = [low, high]
+        row["accuracy_ci"] = list(bootstrap_mean_ci(row.pop("_hits"), n=bootstrap, seed=seed)[1:])
         row["gain_recovered"] = gain_recovered(row["quality"], q_base, q_oracle)
         if name != "router":
             diff = table["router"]["_per_item"] - row["_per_item"]
@@ -149,7 +152,7 @@ def evaluate_policies(*, models: Sequence[str], costs: Mapping[str, float], verd
     def point(t: float | None) -> dict:
         r = router if t is None else onehot(threshold_routes(router_routes, conf, t), k)
         row = evaluate(r, v, labels, c)
-        row.pop("_per_item")
+        row.pop("_per_item"), row.pop("_hits")
         return {"threshold": t, **row, "gain_recovered": gain_recovered(row["quality"], q_base, q_oracle)}
 
     curve = [point(i / CURVE_STEPS) for i in range(CURVE_STEPS + 1)] + [point(None)]

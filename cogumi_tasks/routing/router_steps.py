@@ -100,7 +100,7 @@ def train_router(ctx: StepContext) -> StepOutput:
              pol["router"]["cost"], evaluation["chosen"]["threshold"])
     metrics = {"rows": len(rows), "split": evaluation["split"], "apgr": evaluation["apgr"],
                "chosen": evaluation["chosen"], "best_modifier": evaluation["best_modifier"],
-               "policies": {name: {k: p[k] for k in ("quality", "quality_ci", "cost", "accuracy", "gain_recovered",
-                                                     "route_mix")} for name, p in pol.items()},
+               "policies": {name: {k: p[k] for k in ("quality", "quality_ci", "cost", "accuracy", "accuracy_ci",
+                                                     "gain_recovered", "route_mix")} for name, p in pol.items()},
                "differences": evaluation["differences"], "training": router.info["training"]}
     return StepOutput(files={"router": "router/", "evaluation": "evaluation.json"}, metrics=metrics)

@@ -271,10 +271,10 @@ def print_report(manifest: dict, title: str) -> None:
 
 # ---------------------------------------------------------------- the demo
 # The pipeline so far, in order: the dataset, the evaluation of the base student and its gates, then
-# Phase 1 on the dataset, Phase 2 on Phase 1's model and Phase 3 on Phase 2's (the runs their upstream Assets
-# triggered).
+# Phase 1 on the dataset, Phase 2 on Phase 1's model, Phase 3 on Phase 2's and Phase 4 on Phase 3's modifiers
+# (the runs their upstream Assets triggered).
 DEMO_DAGS = ("phase0_dataset:publish", "evaluate:eval_run", "phase1_base:publish", "phase2_compression:publish",
-             "phase3_modifiers:publish")
+             "phase3_modifiers:publish", "phase4_routing:publish")
 GATES_FAILED = 3  # the run finished its work; a check after it (a quality gate) failed
 
 def _wait_asset_run(api: AirflowREST, dag_id: str, since: float, timeout_s: float = 60) -> str | None:

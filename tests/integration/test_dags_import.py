@@ -79,6 +79,18 @@ def test_phase3_has_a_task_group_per_modifier_and_a_task_per_tier(dagbag):
     assert dag.get_task("code.test").asset_inputs["lora"] == "cogumi_phase2:lora_gguf?"
 
 
+def test_phase4_is_scheduled_on_phase3_and_reads_phase2_and_phase3(dagbag):
+    dag = dagbag.dags["phase4_routing"]
+    assert set(dag.task_ids) == {"labels", "train_router", "escalation", "publish"}
+    assert [a.name for a in dag.timetable.asset_condition.objects] == ["cogumi_phase3"]
+    assert [o.name for o in dag.get_task("publish").outlets] == ["cogumi_phase4"]
+    assert dag.get_task("publish").upstream_task_ids == {"labels", "train_router", "escalation"}
+    labels = dag.get_task("labels")
+    assert labels.asset_inputs["items"] == "cogumi_phase3:items"
+    assert labels.asset_inputs["calibrator"] == "cogumi_phase2:calibrator"
+    assert {t.task_id for t in dag.tasks if t.pool == "cogumi_cpu"} == {"labels", "train_router", "escalation"}
+
+
 def test_every_step_task_is_wired_to_declared_inputs_and_outputs(dagbag, monkeypatch):
     from cogumi_provider.wiring import asset_wiring_errors, step_arguments, wiring_errors
 

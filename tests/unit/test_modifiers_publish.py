@@ -66,13 +66,14 @@ def test_publish_tier_table_saving_sizes_and_bundle(s3_server, config_path):
     comp = _plant(store, "modifiers.compress", "c", {"variants.json": b"[]", "adapter.gguf": b"g"},
                   inputs={"adapter": store.uri("p3", "modifiers.train", "tr", "adapter") + "/"},
                   metrics={"variants": variants, "chosen": {"sparsity": 0.5, "rank": 8}, "passed_gate": True})
-    summary = _plant(store, "modifiers.evaluate", "e", {"summary.json": json.dumps({"domains": {}}).encode()})
+    summary = _plant(store, "modifiers.evaluate", "e", {"summary.json": json.dumps({"domains": {}}).encode(),
+                                                        "items.jsonl": b"{}\n"})
     base = _plant(store, "compress.publish", "b", {"model.gguf": b"m", "recovery.gguf": b"r"})
     assert train
 
     result = run_step("modifiers.publish", config, {
-        "variants": [comp["variants.json"]], "summary": summary["summary.json"], "modifiers": [comp["adapter.gguf"]],
-        "gguf": base["model.gguf"], "lora": base["recovery.gguf"]}, store=store)
+        "variants": [comp["variants.json"]], "summary": summary["summary.json"], "items": summary["items.jsonl"],
+        "modifiers": [comp["adapter.gguf"]], "gguf": base["model.gguf"], "lora": base["recovery.gguf"]}, store=store)
     table = result.metrics
     cascade = table["modifiers"]["code"]["cascade"]
     assert [t["tier"] for t in cascade["tiers"]] == [1, 2, 3]
@@ -91,6 +92,9 @@ def test_publish_tier_table_saving_sizes_and_bundle(s3_server, config_path):
     assert bundle["base_gguf"] == base["model.gguf"] and bundle["recovery_lora"] == base["recovery.gguf"]
     assert bundle["modifiers"] == [{"name": "code", "domain": "code", "lora_gguf": comp["adapter.gguf"],
                                     "scale": 1.0}]
+    # what Phase 4 reads from the cogumi_phase3 Asset, passed on unchanged
+    assert result.outputs["items"] == summary["items.jsonl"] and result.outputs["modifiers"] == [comp["adapter.gguf"]]
+    assert result.outputs["gguf"] == base["model.gguf"] and result.outputs["lora_gguf"] == base["recovery.gguf"]
     rendered = phase3_tables([{"step": "modifiers.publish", "metrics": table}])
     assert [t["id"] for t in rendered] == ["tier-table", "modifier-sizes"]
     assert len(rendered[0]["rows"]) == 1 + len(TIERS) + 1  # test, the tiers, the total
@@ -107,7 +111,8 @@ def test_publish_refuses_a_count_mismatch(s3_server, config_path):
     store.ensure_bucket()
     f = _plant(store, "x.y", "z", {"a.json": b"{}"})["a.json"]
     with pytest.raises(StepFailed, match="2 variants and 1 adapters for 1 configured modifiers"):
-        run_step("modifiers.publish", config, {"variants": [f, f], "summary": f, "modifiers": [f], "gguf": f},
+        run_step("modifiers.publish", config, {"variants": [f, f], "summary": f, "items": f, "modifiers": [f],
+                                               "gguf": f},
                  store=store)
 
 

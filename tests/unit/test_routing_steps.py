@@ -1,0 +1,96 @@
+"""Phase 4's labelling helpers and ``routing.publish``: the verdict table from Phase 3's answers, and the routing
+table and bundle from the router's evaluation and the escalation detector's figures."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cogumi_tasks.core.config import load_config
+from cogumi_tasks.eval.phase_tables import phase4_tables
+from cogumi_tasks.routing.labels import domain_rows, general_prompts, summary
+from cogumi_tasks.routing.planted import planted_verdicts
+
+MODELS = ["base", "code", "reasoning", "automation"]
+
+
+def _item(id_: str, model: str, score: float, domain: str = "code") -> dict:
+    return {"id": id_, "model": model, "domain": domain, "prompt": f"query {id_}", "answer": f"{model} says",
+            "score": score}
+
+
+def test_domain_rows_take_every_models_verdict_and_the_bases_answer():
+    items = [_item("a", m, s) for m, s in zip(MODELS, [0, 1, 0, 0], strict=True)]
+    items += [_item("a", "code/alone", 1.0)]  # not a model the router chooses between
+    items += [_item("b", m, s, "reasoning") for m, s in zip(MODELS, [1, 0, 1, 0], strict=True)]
+    rows = domain_rows(items, MODELS)
+    assert [r["id"] for r in rows] == ["a", "b"]
+    assert rows[0]["verdicts"] == {"base": False, "code": True, "reasoning": False, "automation": False}
+    assert rows[0]["answer"] == "base says" and rows[1]["domain"] == "reasoning"
+    stats = summary([{**r, "domain": r["domain"]} for r in rows], MODELS, {m: 1.0 + (m != "base") for m in MODELS})
+    assert stats["all"]["labels"] == {"base": 1, "code": 1, "reasoning": 0, "automation": 0}
+    assert stats["code"]["correct"]["code"] == 1.0 and stats["reasoning"]["correct"]["base"] == 1.0
+    with pytest.raises(ValueError, match=r"item 'c' has no verdict of \['automation'\]"):
+        domain_rows([_item("c", m, 1) for m in MODELS[:3]], MODELS)
+
+
+def test_general_prompts_are_the_last_general_rows(tmp_path):
+    path = tmp_path / "p.jsonl"
+    rows = [{"id": f"g{i}", "prompt": f"p{i}", "domain": "general" if i % 2 else "code"} for i in range(10)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert [p["id"] for p in general_prompts(path, 2)] == ["g7", "g9"]
+    assert general_prompts(path, 0) == []
+    with pytest.raises(ValueError, match="5 general prompts, routing.labels.general asks for 6"):
+        general_prompts(path, 6)
+
+
+def test_publish_compares_router_thresholds_mix_and_escalation_with_the_plan(s3_server, store_for, tmp_path):
+    from cogumi_tasks.core.steps import run_step
+
+    verdicts = tmp_path / "verdicts.jsonl"
+    verdicts.write_text("".join(json.dumps(r) + "\n" for r in planted_verdicts(per_domain=20, general=30, seed=1)))
+    cfg = load_config("tiny", {"name": "t-routing-publish"})
+    store = store_for(cfg)
+    trained = run_step("routing.train_router", cfg, {"verdicts": str(verdicts)}, store=store)
+    evaluation = json.loads(store.get_bytes(trained.outputs["evaluation"]).decode())
+    stats = tmp_path / "stats.json"
+    stats.write_text(json.dumps({"queries": 90, "domain_queries": 60, "general_queries": 30, "confidence_ms": 12.5,
+                                 "per_domain": {}, "sessions": "none"}))
+    esc = tmp_path / "escalation.json"
+    student = {"accuracy": 0.9, "ci": [0.86, 0.93], "n": 100, "bytes": 2_500_000, "parameters": 10,
+               "latency": {"p50_ms": 1.0, "p99_ms": 4.0}}
+    teacher = {"accuracy": 0.95, "ci": [0.9, 0.99], "n": 100, "bytes": 90_000_000, "parameters": 22,
+               "latency": {"p50_ms": 9.0, "p99_ms": 20.0}}
+    esc.write_text(json.dumps({"data": "generated", "examples": {"test": 100}, "student": student,
+                               "teacher": teacher, "size_ratio": 36.0}))
+    (tmp_path / "student").mkdir()
+    (tmp_path / "student" / "vocab.json").write_text("[]")
+    calibrator = tmp_path / "calibrator.json"
+    calibrator.write_text(json.dumps({"method": "temperature", "t": 1.5}))
+    res = run_step("routing.publish", cfg, {
+        "router": trained.outputs["router"], "evaluation": trained.outputs["evaluation"], "verdicts": str(verdicts),
+        "stats": str(stats), "escalation": str(tmp_path / "student"), "escalation_metrics": str(esc),
+        "calibrator": str(calibrator)}, store=store)
+    table = res.metrics
+    router = evaluation["policies"]["router"]
+    assert table["router"]["accuracy"] == router["accuracy"] and table["router"]["accuracy_ci"] == router["accuracy_ci"]
+    assert table["router"]["verdict"] in ("met", "not met", "inconclusive")
+    assert set(table["router"]["latency"]) == {"mlp", "with_embedding"}
+    chosen = evaluation["chosen"]["threshold"]
+    row = next(s for s in evaluation["sweep"] if s["threshold"] == chosen)
+    assert [table["route_mix"][m]["share"] for m in MODELS] == row["route_mix"]
+    for m in MODELS:  # a share is judged against the plan's range directly (no interval)
+        lo, hi = table["route_mix"][m]["plan"]
+        assert table["route_mix"][m]["verdict"] == ("met" if lo <= row["route_mix"][MODELS.index(m)] <= hi
+                                                   else "not met")
+    e = table["escalation"]
+    assert e["accuracy_verdict"]["verdict"] == "not met"  # the whole interval 0.86-0.93 is below 0.94
+    assert e["bytes_verdict"]["verdict"] == "met" and e["latency_verdict"]["verdict"] == "not met"
+    bundle = json.loads(store.get_bytes(res.outputs["bundle"]).decode())
+    assert bundle["threshold"] == chosen and bundle["router"] == trained.outputs["router"]
+    assert bundle["models"] == MODELS
+    rendered = phase4_tables([{"step": "routing.publish", "metrics": table}])
+    assert [t["id"] for t in rendered] == ["routing-policies", "threshold-sweep", "route-mix", "escalation"]
+    assert len(rendered[1]["rows"]) == len(cfg.routing.router.thresholds)
+    assert sum(r[-1] == "chosen" for r in rendered[1]["rows"]) == 1
