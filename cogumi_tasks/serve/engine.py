@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import weakref
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,7 +88,7 @@ class XllamacppEngine(Engine):
         self.key = secrets.token_urlsafe(24)
         self.url = ""
         self._server: Any = None
-        self._client: Any = None
+        self._clients: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def start(self) -> None:
         import xllamacpp
@@ -133,12 +134,19 @@ class XllamacppEngine(Engine):
         return body
 
     def _http(self) -> Any:
+        """The HTTP client of the running event loop (an async client is bound to the loop that made it; one
+        engine may serve gateways on several loops: tests, a bench)."""
+        import asyncio
+
         import httpx
 
-        if self._client is None:
-            self._client = httpx.AsyncClient(base_url=self.url, timeout=httpx.Timeout(600.0, connect=10.0),
-                                             headers={"Authorization": f"Bearer {self.key}"})
-        return self._client
+        loop = asyncio.get_running_loop()
+        client = self._clients.get(loop)
+        if client is None:
+            client = self._clients[loop] = httpx.AsyncClient(
+                base_url=self.url, timeout=httpx.Timeout(600.0, connect=10.0),
+                headers={"Authorization": f"Bearer {self.key}"})
+        return client
 
     async def chat(self, messages: Sequence[Mapping[str, Any]], adapter_scales: Mapping[str, float], max_tokens: int,
                    stream: bool = False, temperature: float = 0.0, seed: int | None = None,
@@ -177,6 +185,9 @@ class XllamacppEngine(Engine):
                         yield Delta(text, _logprobs(choice), choice.get("finish_reason"))
 
     async def aclose(self) -> None:
-        if self._client is not None:
-            await self._client.aclose()
-            self._client = None
+        """Close the running loop's HTTP client."""
+        import asyncio
+
+        client = self._clients.pop(asyncio.get_running_loop(), None)
+        if client is not None:
+            await client.aclose()

@@ -5,9 +5,10 @@ Endpoints: ``GET /v1/models``, ``POST /v1/chat/completions`` (SSE streaming or n
 Every refusal is a top-level OpenAI-style body ``{"error": {"message", "type", "code", "param"}}``; a refused
 request never stops the gateway. The route, confidence, release and request id go in ``X-Cogumi-*`` headers and
 in a ``cogumi`` object (non-streaming: top level; streaming: a last chunk with ``choices: []`` before ``[DONE]``).
-"""
 
-from __future__ import annotations
+No ``from __future__ import annotations`` here: FastAPI reads the endpoints' annotations (``Request``, imported
+inside :func:`create_app`) from the live signatures.
+"""
 
 import asyncio
 import contextlib
@@ -99,8 +100,8 @@ def _check_messages(messages: Any) -> list[dict]:
 class Gateway:
     """The app's state: release, engine, brain, session memory, keys, limits, metrics and query log."""
 
-    def __init__(self, release: Release, config: ServeConfig, engine: Engine, keys: ApiKeys, memory: Any,
-                 memory_config: MemoryConfig, querylog: QueryLog, embedder: Any = None,
+    def __init__(self, release: "Release", config: "ServeConfig", engine: "Engine", keys: "ApiKeys", memory: Any,
+                 memory_config: "MemoryConfig", querylog: "QueryLog", embedder: Any = None,
                  threshold: float | None = None) -> None:
         from cogumi_tasks.serve.access import RateLimiter
         from cogumi_tasks.serve.metrics import Metrics
@@ -216,10 +217,10 @@ class Gateway:
                 "X-Cogumi-Request-Id": turn.request_id, "X-Cogumi-Escalated": str(d.reason == "escalation").lower()}
 
 
-def create_app(release: Release, config: ServeConfig, engine: Engine, *, store: Any = None,
+def create_app(release: "Release", config: "ServeConfig", engine: "Engine", *, store: Any = None,
                log_prefix: str | None = None, keys: list[str] | None = None, memory_path: str | None = None,
-               memory_config: MemoryConfig | None = None, embedder: Any = None,
-               threshold: float | None = None) -> FastAPI:
+               memory_config: "MemoryConfig | None" = None, embedder: Any = None,
+               threshold: float | None = None) -> "FastAPI":
     """The gateway app over a started ``engine``. ``keys``: accepted API keys (default: env and
     ``config.api_keys_file``); ``store`` and ``log_prefix`` (``s3://<bucket>/<config name>/query-logs``): where the
     query log goes (none: not written); ``threshold``: overrides the release's."""
