@@ -99,11 +99,11 @@ class _GatewayErrors:
 
 
 def _message(body: object) -> str:
-    """The message of an OpenAI-style error body ``{"error": {"message": ...}}``, else ``""``."""
+    """The message of an OpenAI-style error body ``{"error": {"message": ...}}`` (or a ``detail``), else ``""``."""
     if isinstance(body, dict):
         error = body.get("error", body)
-        if isinstance(error, dict) and error.get("message"):
-            return str(error["message"])
+        if isinstance(error, dict) and (error.get("message") or error.get("detail")):
+            return str(error.get("message") or error["detail"])[:500]
     return ""
 
 
@@ -130,7 +130,7 @@ def turns_as_messages(turns: list[dict[str, Any]]) -> list[dict[str, str]]:
 
 
 def _number(value: object) -> str:
-    return "–" if value is None else f"{float(value):.2f}"
+    return "–" if value is None else f"{float(value):.3g}"  # 3 significant digits: a calibrated 0.0045 stays 0.0045
 
 
 def routes_table(answers: list[dict[str, Any]]) -> str:
