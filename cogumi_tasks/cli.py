@@ -242,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp.set_defaults(fn=cmd_report)
 
     st = sub.add_parser("stack", help="the local stack on 127.0.0.1")
-    st.add_argument("action", choices=["up", "down", "status"])
+    st.add_argument("action", choices=["up", "down", "status", "serve"])
     st.set_defaults(fn=cmd_stack)
 
     ch = sub.add_parser("chat", help="the Gradio chat UI in front of a running gateway")

@@ -4,6 +4,7 @@ and print where the results are (dataset URI, metrics, UI address, logs)."""
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from typing import Any
 from urllib.parse import quote
@@ -271,10 +272,11 @@ def print_report(manifest: dict, title: str) -> None:
 
 # ---------------------------------------------------------------- the demo
 # The pipeline so far, in order: the dataset, the evaluation of the base student and its gates, then
-# Phase 1 on the dataset, Phase 2 on Phase 1's model, Phase 3 on Phase 2's and Phase 4 on Phase 3's modifiers
-# (the runs their upstream Assets triggered).
+# Phase 1 on the dataset, Phase 2 on Phase 1's model, Phase 3 on Phase 2's, Phase 4 on Phase 3's modifiers and
+# Phase 5 on Phase 4's router (the runs their upstream Assets triggered). Phase 5's final task is validate: a
+# promote refused by the gates is reported as a failed check, and the last promoted release (if any) is served.
 DEMO_DAGS = ("phase0_dataset:publish", "evaluate:eval_run", "phase1_base:publish", "phase2_compression:publish",
-             "phase3_modifiers:publish", "phase4_routing:publish")
+             "phase3_modifiers:publish", "phase4_routing:publish", "phase5_deploy:validate")
 GATES_FAILED = 3  # the run finished its work; a check after it (a quality gate) failed
 
 def _wait_asset_run(api: AirflowREST, dag_id: str, since: float, timeout_s: float = 60) -> str | None:
@@ -397,4 +399,25 @@ def cli_demo(argv: list[str] | None = None) -> int:
             return rc
     if rc == GATES_FAILED:
         print("the pipeline ran; its quality gates failed (figures above and in the report)")
+    if args.dag is None or any(d.startswith("phase5_deploy") for d in args.dag):
+        return start_serving(args.config)
+    return 0
+
+
+def start_serving(config: str, log=print) -> int:
+    """Serve the registry's current release (the gateway, the chat UI, Prometheus) and print how to use it."""
+    from cogumi_tasks.stack.serving import ServingPorts, serve_up, usage
+
+    s = local.Settings.from_env()
+    pointer = _store(s).uri(load_config(config).name, "releases", "current.json")
+    if not _store(s).exists(pointer):
+        log(f"no release is current ({pointer} does not exist): nothing to serve")
+        return 0
+    try:
+        ports = serve_up(s, config, ServingPorts.from_env(dict(os.environ)), log=log)
+    except local.ServiceError as exc:
+        log(f"error: serving did not start: {exc} (logs in {s.logs_dir})")
+        return 1
+    for line in usage(s, ports):
+        log(line)
     return 0

@@ -472,16 +472,21 @@ def status(settings: Settings | None = None, log=print) -> list[dict]:
 
 
 def cli_stack(action: str) -> int:
-    """``cogumi stack up|down|status``."""
+    """``cogumi stack up|down|status|serve`` (serve: the gateway, chat UI and Prometheus on the current release)."""
     try:
         if action == "up":
             up()
+        elif action == "serve":
+            from cogumi_tasks.stack.demo import start_serving
+
+            up()
+            return start_serving(env().get("COGUMI_CONFIG", "tiny"))
         elif action == "down":
             down()
         elif action == "status":
             return 0 if all(r["healthy"] for r in status()) else 1
         else:
-            print(f"unknown action {action!r}: use up, down or status", file=sys.stderr)
+            print(f"unknown action {action!r}: use up, down, status or serve", file=sys.stderr)
             return 2
     except ServiceError as exc:
         print(f"error: {exc}", file=sys.stderr)

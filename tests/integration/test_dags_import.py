@@ -91,6 +91,16 @@ def test_phase4_is_scheduled_on_phase3_and_reads_phase2_and_phase3(dagbag):
     assert {t.task_id for t in dag.tasks if t.pool == "cogumi_cpu"} == {"labels", "train_router", "escalation"}
 
 
+def test_phase5_validates_before_it_promotes(dagbag):
+    dag = dagbag.dags["phase5_deploy"]
+    assert [a.name for a in dag.timetable.asset_condition.objects] == ["cogumi_phase4"]
+    assert dag.get_task("validate").upstream_task_ids == {"release"}
+    assert dag.get_task("promote").upstream_task_ids == {"release", "validate"}
+    assert [o.name for o in dag.get_task("promote").outlets] == ["cogumi_phase5"]
+    assert dag.get_task("release").asset_inputs == {"routing": "cogumi_phase4:bundle",
+                                                    "modifiers": "cogumi_phase3:bundle"}
+
+
 def test_every_step_task_is_wired_to_declared_inputs_and_outputs(dagbag, monkeypatch):
     from cogumi_provider.wiring import asset_wiring_errors, step_arguments, wiring_errors
 
