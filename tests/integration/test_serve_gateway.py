@@ -1,0 +1,236 @@
+"""The gateway on loopback over the embedded llama.cpp engine with a real small release (tests/serve_release.py):
+the openai client streaming, routing by the trained router, adapters that never mix under concurrency, auth and
+limits refused OpenAI-style while serving goes on, escalation on a follow-up, /metrics and the S3 query log."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+KEY = "test-key-" + uuid.uuid4().hex
+# a held-out instance of the tiny world's code family (the router learned the planted code queries' family)
+CODE_PROMPT = ("Write a Python function `max_doubles_ltm1(xs)` that returns the largest of the doubles of the numbers "
+               "less than -1 in xs, or 0 if there are none.")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, s3_server):
+    import torch
+
+    from cogumi_tasks.core.artifacts import ArtifactStore
+    from cogumi_tasks.core.config import ServeConfig, StorageConfig
+    from cogumi_tasks.serve.engine import XllamacppEngine
+    from cogumi_tasks.serve.release import load_release
+    from cogumi_tasks.train.failures import load_embedder
+    from tests.serve_release import build_small_release
+
+    torch.set_num_threads(1)  # the router, LSTM and MiniLM are tiny; contending threads only slow a shared box
+    tmp = tmp_path_factory.mktemp("serve")
+    embedder = load_embedder("builtin:all-minilm-l6-v2")
+    release = load_release(build_small_release(tmp, embedder))
+    engine = XllamacppEngine(release.base, {"recovery": release.recovery, **release.modifiers},
+                             fixed={"recovery": 1.0}, parallel=2, context=1024, threads=1)
+    engine.start()
+    store = ArtifactStore(StorageConfig(bucket="serve-test"), s3_server.credentials())
+    store.ensure_bucket()
+    config = ServeConfig(max_body_bytes=4096, max_tokens=64, rate_per_minute=6000, rate_burst=100,
+                         query_log_flush_s=3600, state_dir=str(tmp / "state"))
+    yield {"release": release, "engine": engine, "store": store, "config": config, "embedder": embedder, "tmp": tmp}
+    engine.stop()
+
+
+def _serve(world, name: str, **kw):
+    """The app on a free port in a uvicorn thread; returns (base URL, gateway state, a function that stops it)."""
+    import uvicorn
+
+    from cogumi_tasks.serve.gateway import create_app
+    from cogumi_tasks.stack.services import free_port
+
+    prefix = world["store"].uri(name, "query-logs")
+    app = create_app(world["release"], world["config"], world["engine"], store=world["store"], log_prefix=prefix,
+                     keys=[KEY], memory_path=str(world["tmp"] / f"{name}.sqlite"), embedder=world["embedder"], **kw)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline, "gateway did not start"
+        time.sleep(0.05)
+
+    def stop() -> None:  # uvicorn's shutdown runs the app's: the query log's last flush, while S3 still runs
+        server.should_exit = True
+        thread.join(timeout=60)
+
+    return f"http://127.0.0.1:{port}", app.state.gateway, stop
+
+
+@pytest.fixture(scope="module")
+def gateway(world):
+    url, gw, stop = _serve(world, f"gw-{uuid.uuid4().hex[:6]}")
+    yield url, gw
+    stop()
+
+
+def _post(url: str, body: dict | bytes, key: str | None = KEY, headers: dict | None = None):
+    import httpx
+
+    h = {"Authorization": f"Bearer {key}"} if key else {}
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return httpx.post(f"{url}/v1/chat/completions", content=content, timeout=300,
+                      headers={"Content-Type": "application/json", **h, **(headers or {})})
+
+
+def _ask(model: str, prompt: str, max_tokens: int = 12, **extra) -> dict:
+    return {"model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+            "temperature": 0, **extra}
+
+
+def test_openai_client_streams_and_matches_the_whole_answer(gateway):
+    from openai import OpenAI
+
+    url, _ = gateway
+    client = OpenAI(base_url=f"{url}/v1", api_key=KEY)
+    assert [m.id for m in client.models.list()] == ["cogumi-auto", "cogumi-base", "cogumi-code",
+                                                    "cogumi-reasoning", "cogumi-automation"]
+    msgs = [{"role": "user", "content": CODE_PROMPT}]
+    pieces, meta = [], None
+    for chunk in client.chat.completions.create(model="cogumi-code", messages=msgs, max_tokens=12, temperature=0,
+                                                stream=True):
+        if chunk.choices:
+            pieces.append(chunk.choices[0].delta.content or "")
+        else:
+            meta = chunk.model_extra["cogumi"]
+    assert len([p for p in pieces if p]) >= 2  # streamed in pieces
+    assert meta["route"] == "code" and meta["reason"] == "override" and meta["release"] == "test-release"
+    raw = client.chat.completions.with_raw_response.create(model="cogumi-code", messages=msgs, max_tokens=12,
+                                                           temperature=0)
+    whole = raw.parse()
+    assert whole.choices[0].message.content == "".join(pieces)
+    assert raw.headers["X-Cogumi-Route"] == "code" and raw.headers["X-Cogumi-Release"] == "test-release"
+    assert whole.model_extra["cogumi"]["request_id"] == raw.headers["X-Cogumi-Request-Id"]
+
+
+def test_auto_routes_code_to_code_and_general_to_base(gateway, world):
+    from cogumi_tasks.routing.planted import general_prompts
+
+    url, gw = gateway
+    general = general_prompts()[0]
+    for prompt, want in ((CODE_PROMPT, "code"), (general, "base")):
+        r = _post(url, _ask("cogumi-auto", prompt))
+        assert r.status_code == 200, r.text
+        meta = r.json()["cogumi"]
+        assert r.headers["X-Cogumi-Route"] == want, (prompt, meta)
+        assert meta["reason"] == "router" and meta["confidence"] < gw.brain.threshold
+        assert float(r.headers["X-Cogumi-Confidence"]) == pytest.approx(meta["confidence"], abs=1e-4)
+    # the same release with a threshold every answer meets: the base's own answer stands
+    url2, _, stop = _serve(world, f"confident-{uuid.uuid4().hex[:6]}", threshold=0.0)
+    try:
+        r = _post(url2, _ask("cogumi-auto", CODE_PROMPT))
+        assert r.headers["X-Cogumi-Route"] == "base" and r.json()["cogumi"]["reason"] == "confident"
+        assert r.json()["choices"][0]["message"]["content"] == _post(url, _ask("cogumi-base", CODE_PROMPT)).json()[
+            "choices"][0]["message"]["content"]
+    finally:
+        stop()
+
+
+def test_concurrent_requests_with_different_adapters_never_mix(gateway):
+    url, _ = gateway
+    models = ["cogumi-base", "cogumi-code", "cogumi-reasoning", "cogumi-automation"] * 2
+    prompt = "List three colours."
+
+    def text(model: str) -> str:
+        r = _post(url, _ask(model, prompt, max_tokens=10))
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["message"]["content"]
+
+    alone = {m: text(m) for m in models[:4]}
+    assert len(set(alone.values())) >= 3, alone  # the adapters do change the answer
+    with ThreadPoolExecutor(len(models)) as pool:
+        together = list(pool.map(text, models))
+    assert together == [alone[m] for m in models]
+
+
+def test_auth_and_limits_are_refused_openai_style_and_serving_goes_on(gateway):
+    url, gw = gateway
+    before = gw.metrics.sample("cogumi_errors_total", {"kind": "auth"})
+    for key in (None, "wrong-key"):
+        r = _post(url, _ask("cogumi-base", "hi"), key=key)
+        assert r.status_code == 401
+        assert set(r.json()) == {"error"} and r.json()["error"]["code"] == "invalid_api_key"
+        assert r.json()["error"]["type"] == "invalid_request_error"
+    assert gw.metrics.sample("cogumi_errors_total", {"kind": "auth"}) == before + 2
+    big = _post(url, _ask("cogumi-base", "x" * 5000))
+    assert big.status_code == 413 and "exceeds the limit of 4096 bytes" in big.json()["error"]["message"]
+    many = _post(url, _ask("cogumi-base", "hi", max_tokens=10000))
+    assert many.status_code == 400 and "max_tokens 10000 exceeds this server's limit of 64" in many.json()[
+        "error"]["message"]
+    bad = _post(url, b"{not json")
+    assert bad.status_code == 400 and "not valid JSON" in bad.json()["error"]["message"]
+    unknown = _post(url, _ask("cogumi-nope", "hi"))
+    assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "model_not_found"
+    ok = _post(url, _ask("cogumi-base", "hi", max_tokens=4))
+    assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["content"]
+
+
+def test_dissatisfied_follow_up_escalates_and_is_recorded(gateway):
+    import httpx
+
+    from cogumi_tasks.routing.escalation_data import generate
+
+    url, gw = gateway
+    unhappy = max((e.text for e in generate(200, (0.5, 1 / 3, 1 / 6), seed=0) if e.label == 1),
+                  key=gw.brain.detector.predict)
+    assert gw.brain.escalates(unhappy)
+    session = f"s-{uuid.uuid4().hex[:8]}"
+    first = _post(url, _ask("cogumi-auto", CODE_PROMPT), headers={"X-Cogumi-Session": session})
+    first_route = first.headers["X-Cogumi-Route"]
+    def escalations() -> float:
+        return sum(gw.metrics.sample("cogumi_escalations_total", {"from_route": first_route, "to_route": m}) or 0
+                   for m in ("code", "reasoning", "automation"))
+
+    before = escalations()
+    second = _post(url, _ask("cogumi-auto", unhappy, user=session))
+    meta = second.json()["cogumi"]
+    assert meta["reason"] == "escalation" and meta["escalated"] and second.headers["X-Cogumi-Escalated"] == "true"
+    assert meta["route"] != "base" and meta["route"] != first_route  # the stronger choice, never the same model
+    turns = httpx.get(f"{url}/v1/sessions/{session}", headers={"Authorization": f"Bearer {KEY}"}).json()["turns"]
+    assert [t["outcome"] for t in turns] == ["pending", "escalated"]  # newest first
+    assert [t["route"] for t in turns] == [meta["route"], first_route]
+    assert escalations() == before + 1
+
+
+def test_metrics_and_query_log_in_s3(gateway, world):
+    import httpx
+
+    url, gw = gateway
+    labels = {"model": "cogumi-reasoning", "route": "reasoning", "status": "200"}
+    before = gw.metrics.sample("cogumi_requests_total", labels) or 0
+    r = _post(url, _ask("cogumi-reasoning", "What is 2 + 3?", max_tokens=6, stream=True))
+    rid = r.headers["X-Cogumi-Request-Id"]
+    assert r.text.rstrip().endswith("data: [DONE]")
+    fb = httpx.post(f"{url}/v1/feedback", json={"request_id": rid, "value": "up"},
+                    headers={"Authorization": f"Bearer {KEY}"})
+    assert fb.status_code == 200
+    text = httpx.get(f"{url}/metrics").text
+    for series in ("cogumi_requests_total", "cogumi_request_seconds_bucket", "cogumi_ttft_seconds_bucket",
+                   "cogumi_completion_tokens_total", "cogumi_decode_tokens_per_second_bucket", "cogumi_routes_total",
+                   "cogumi_escalations_total", "cogumi_cost_usd_total", "cogumi_errors_total",
+                   "cogumi_feedback_total", 'cogumi_release_info{release="test-release"} 1.0'):
+        assert series in text, series
+    assert gw.metrics.sample("cogumi_feedback_total", {"route": "reasoning", "value": "up"}) == 1
+    assert gw.metrics.sample("cogumi_requests_total", labels) == before + 1
+    written = gw.querylog.flush()
+    assert written and all("/query-logs/dt=" in u and "/hour=" in u and u.endswith(".jsonl") for u in written)
+    lines = [json.loads(x) for u in written for x in world["store"].get_bytes(u).decode().splitlines()]
+    answer = next(x for x in lines if x.get("request_id") == rid and "route" in x)
+    assert answer["route"] == "reasoning" and answer["reason"] == "override" and answer["completion_tokens"] >= 1
+    assert answer["query"] == "What is 2 + 3?" and answer["key_id"] == gw.keys.hashes.copy().pop()[:12]
+    assert {"request_id": rid, "feedback": "up"}.items() <= next(x for x in lines if "feedback" in x and
+                                                                  x.get("route") is None).items()
+    assert all(KEY not in json.dumps(x) for x in lines)
