@@ -201,7 +201,12 @@ def cmd_chat(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from cogumi_tasks.serve.run import serve
 
-    return serve(load_config(args.config, parse_set_flags(args.set)), args.release, args.host, args.port)
+    config = load_config(args.config, parse_set_flags(args.set))
+    try:
+        return serve(config, args.release, args.host, args.port)
+    except ValueError as exc:  # a release that does not verify, no API keys: the message names what is wrong
+        print(f"cogumi serve: {one_line(exc)}", file=sys.stderr)
+        return 2
 
 
 def build_parser() -> argparse.ArgumentParser:

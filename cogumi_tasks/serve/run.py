@@ -24,7 +24,7 @@ def serve(config: PipelineConfig, release_spec: str, host: str | None = None, po
     cfg = config.serve
     keys = read_keys(cfg.api_keys_file)
     if not keys:
-        raise ValueError("cogumi serve: no API keys: set COGUMI_API_KEYS (comma separated) or serve.api_keys_file")
+        raise ValueError("no API keys: set COGUMI_API_KEYS (comma separated) or serve.api_keys_file")
     state = Path(cfg.state_dir).expanduser()
     remote = release_spec.startswith("s3://") or release_spec == "current"
     store = ArtifactStore(config.storage)
