@@ -9,18 +9,16 @@ task runs again, and no request that once got a 200 is sent again.
 from __future__ import annotations
 
 import json
-import shutil
 import time
 
 import httpx
 import pytest
 import yaml
 
-from cogumi_tasks.stack import local
-from cogumi_tasks.stack.demo import AirflowREST, follow
+from cogumi_tasks.stack.demo import follow
 from tests.conftest import REPO
 from tests.servers.fault_proxy import proxy_stats
-from tests.servers.procs import pick_base_port
+from tests.servers.stack import throwaway_stack
 
 pytestmark = [pytest.mark.stack, pytest.mark.e2e, pytest.mark.timeout(2400)]
 DAG = "phase3_modifiers"
@@ -59,36 +57,12 @@ def _resent_after_200(proxy: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def p3(tmp_path_factory, hf_dir):
-    from cogumi_tasks.core.artifacts import ArtifactStore
-    from cogumi_tasks.core.config import StorageConfig
     from cogumi_tasks.models.packaged import smollm2_gguf
-    from cogumi_tasks.stack.services import free_port, stop
-    from tests.servers.fault_proxy import start_fault_proxy
 
-    root = tmp_path_factory.mktemp("p3")
-    dags, configs = root / "dags", root / "configs"
-    dags.mkdir()
-    configs.mkdir()
-    (dags / f"{DAG}.py").symlink_to(REPO / "dags" / f"{DAG}.py")
-    shutil.copy(REPO / "configs" / "prices.yaml", configs / "prices.yaml")
-    # a placeholder config for the stack's first parse; rewritten with the proxies' ports below
-    base = pick_base_port((20, 21, 22), 20000, 22000)
-    settings = local.Settings.from_env({}, home=root / "home", s3_port=base, llm_port=base + 20,
-                                       airflow_port=base + 21, strong_port=base + 22, dags_folder=dags,
-                                       config_dir=configs,
-                                       extra_env={"COGUMI_CONFIG": "p3", "COGUMI_RETRY_DELAY_S": "1"})
-    ports = [free_port() for _ in range(3)]
-    proxies = [f"http://127.0.0.1:{p}" for p in ports]
-    (configs / "p3.yaml").write_text(yaml.safe_dump(_config(*proxies), sort_keys=False))
-    procs = []
-    try:
-        local.up(settings)
-        for port, upstream in zip(ports, (settings.llm_url, settings.llm_url, settings.strong_url), strict=True):
-            procs.append(start_fault_proxy(upstream.removesuffix("/v1"), port, fault_rate=0.0, seed=0, hang_s=0,
-                                           log_path=root / f"proxy-{port}.log"))
-        store = ArtifactStore(StorageConfig(bucket=local.BUCKET, endpoint_url=settings.s3_endpoint),
-                              local.s3_credentials(settings))
-        store.ensure_bucket()
+    proxied = {"llm": "llm", "tier2": "llm", "strong": "strong"}
+    with throwaway_stack(tmp_path_factory.mktemp("p3"), (DAG,), proxied,
+                         lambda p: _config(p["llm"], p["tier2"], p["strong"])) as stack:
+        store = stack.store
         gguf = store.uri("inputs", "base.gguf")
         store.upload(smollm2_gguf(), gguf)
         for f in sorted(hf_dir.iterdir()):
@@ -97,17 +71,10 @@ def p3(tmp_path_factory, hf_dir):
                 for i in range(10)]
         dataset = store.uri("inputs", "dataset.jsonl")
         store.put_bytes(dataset, "".join(json.dumps(r) + "\n" for r in rows).encode())
-        password = local.load_secrets(settings)["COGUMI_AIRFLOW_PASSWORD"]
-        api = AirflowREST(settings.airflow_url, "admin", password)
-        api.wait_for_dag(DAG, timeout_s=180)
-        api.unpause(DAG)
-        yield {"api": api, "settings": settings, "store": store, "password": password, "proxies": proxies,
+        yield {"api": stack.api, "settings": stack.settings, "store": store, "password": stack.password,
+               "proxies": list(stack.proxies.values()),
                "conf": {"config": "p3", "gguf": gguf, "model": store.uri("inputs", "pruned") + "/",
                         "dataset": dataset}}
-    finally:
-        for proc in procs:
-            stop(proc)
-        local.down(settings)
 
 
 def test_failed_tier_is_backfilled_alone_and_pays_nothing_twice(p3, monkeypatch):
