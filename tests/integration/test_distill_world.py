@@ -20,7 +20,7 @@ PER_PATTERN = 4
 
 
 @pytest.fixture(scope="module")
-def distilled(s3_server, llm_server, strong_server, tmp_path_factory):
+def distilled(s3_server, llm_server, strong_server, hf_dir, tmp_path_factory):
     import yaml
 
     from cogumi_tasks.core.config import apply_overrides, resolve_config_path
@@ -51,8 +51,8 @@ def distilled(s3_server, llm_server, strong_server, tmp_path_factory):
     for name, f in files.items():
         uris[name] = store.uri("distill-world", "inputs", f.name)
         store.upload(f, uris[name])
-    model = run_step("train.base_model", config, store=store).outputs["model"]
-    result = run_step("train.distill", config, {"model": model, **uris}, store=store)
+    # the session's converted SmolLM2: what train.base_model makes of tiny.yaml's GGUF
+    result = run_step("train.distill", config, {"model": str(hf_dir), **uris}, store=store)
     return {"result": result, "store": store, "teacher": config.teachers[-1].name,
             "general_teacher": config.teachers[0].name}
 
