@@ -1,0 +1,94 @@
+"""Phase 5's release steps on a real small release: serve.release builds it from the Phase 3/4 bundles,
+serve.validate serves it with the real engine and gateway on loopback and scores the held-out items against the
+reference, serve.promote moves the registry's current pointer only when validation passed."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from cogumi_tasks.core.config import load_config
+from cogumi_tasks.core.steps import StepFailed, run_step
+from tests.conftest import REPO
+from tests.serve_release import LOW_CALIBRATOR, MODIFIERS, noise_lora, small_escalation, small_router
+
+pytestmark = pytest.mark.stack
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory):
+    """The two bundles serve.release reads, naming local parts (a GGUF, LoRAs, a router, a detector)."""
+    from cogumi_tasks.models.packaged import smollm2_gguf
+    from cogumi_tasks.train.failures import load_embedder
+
+    tmp = tmp_path_factory.mktemp("deploy")
+    (tmp / "calibrator.json").write_text(json.dumps(LOW_CALIBRATOR))
+    routing = {"router": str(small_router(tmp / "router", load_embedder("builtin:all-minilm-l6-v2"))),
+               "escalation": str(small_escalation(tmp / "escalation")), "calibrator": str(tmp / "calibrator.json"),
+               "threshold": 0.8, "models": ["base", *MODIFIERS],
+               "costs": {"base": 1.0, **dict.fromkeys(MODIFIERS, 1.2)}}
+    domains = {"code": "code", "reasoning": "reasoning", "automation": "automation"}
+    mods = {"base_gguf": str(smollm2_gguf()), "recovery_lora": str(noise_lora(tmp / "recovery.gguf", 99, 0.01)),
+            "modifiers": [{"name": n, "domain": domains[n], "lora_gguf": str(noise_lora(tmp / f"{n}.gguf", i + 1)),
+                           "scale": 1.0} for i, n in enumerate(MODIFIERS)]}
+    (tmp / "routing.json").write_text(json.dumps(routing))
+    (tmp / "modifiers.json").write_text(json.dumps(mods))
+    return tmp
+
+
+def _config(tmp_path, gates: dict) -> str:
+    data = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
+    data["name"] = "t-deploy"
+    for m in data["modifiers"]:
+        m["heldout"]["n"] = 1  # one held-out item per domain: 3 requests through the gateway
+    data["eval"].update(max_tokens=12, gates=gates)
+    path = tmp_path / f"deploy-{len(gates)}.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return str(path)
+
+
+def test_release_validate_and_promote_only_when_validation_passed(s3_server, store_for, bundles, tmp_path):
+    from cogumi_tasks.modifiers.lora_steps import heldout
+    from cogumi_tasks.serve.release import resolve_release
+
+    cfg = load_config(_config(tmp_path, {}))
+    store = store_for(cfg)
+    built = run_step("serve.release", cfg, {"routing": str(bundles / "routing.json"),
+                                            "modifiers": str(bundles / "modifiers.json")}, store=store)
+    rid = built.metrics["id"]
+    assert rid.startswith("r-") and built.metrics["models"] == ["base", *MODIFIERS]
+    assert built.metrics["total_bytes"] == sum(built.metrics["bytes"].values())
+    again = run_step("serve.release", cfg, {"routing": str(bundles / "routing.json"),
+                                            "modifiers": str(bundles / "modifiers.json")}, store=store)
+    assert again.metrics["id"] == rid  # a retry builds the same release
+
+    class Ctx:  # heldout() only needs fetch for builtin/world suites
+        fetch = staticmethod(lambda uri: uri)
+
+    ids = [it.id for m in cfg.modifiers for it in heldout(Ctx, m.heldout)]
+    items = tmp_path / "items.jsonl"
+    items.write_text("".join(json.dumps({"id": i, "model": "base", "reference_score": 1.0}) + "\n" for i in ids))
+
+    checked = run_step("serve.validate", cfg, {"release": built.outputs["release"], "items": str(items)}, store=store)
+    v = checked.metrics
+    assert v["release"] == rid and v["n"] == len(ids) == 3 and v["passed"] and v["gates"] == []
+    assert sum(v["route_mix"].values()) == pytest.approx(1.0)
+    assert v["feedback"]["n"] == 0 and v["feedback"]["status"].startswith("not measured")
+    assert set(v["pct_of_reference"]) >= {"code", "reasoning", "automation", "all"}
+    promoted = run_step("serve.promote", cfg, {"release": built.outputs["release"],
+                                               "validation": checked.outputs["validation"]}, store=store)
+    registry = store.uri(cfg.name, "releases")
+    assert store.get_json(f"{registry}/current.json")["id"] == rid == promoted.metrics["id"]
+    assert resolve_release("current", tmp_path / "fetched", store, registry).id == rid
+
+    # a gate no release can pass: validation fails, promote refuses, the pointer stays
+    strict = load_config(_config(tmp_path, {"code": 1000}))
+    failed = run_step("serve.validate", strict, {"release": built.outputs["release"], "items": str(items)},
+                      store=store)
+    assert not failed.metrics["passed"] and failed.metrics["gates"][0]["verdict"] in ("not met", "undefined")
+    with pytest.raises(StepFailed, match=f"not promoted; current stays {rid}"):
+        run_step("serve.promote", strict, {"release": built.outputs["release"],
+                                           "validation": failed.outputs["validation"]}, store=store)
+    assert store.get_json(f"{registry}/current.json")["id"] == rid
