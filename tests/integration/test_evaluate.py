@@ -22,7 +22,7 @@ def evaluated(dagbag, s3_server, llm_server, tmp_path_factory):
 
     from cogumi_tasks.core.config import apply_overrides, resolve_config_path
 
-    overrides = {"name": "eval-tiny", "eval.max_tokens": 96, "eval.bootstrap": 200}
+    overrides = {"name": "eval-tiny", "eval.max_tokens": 48, "eval.bootstrap": 200}
     overrides.update({f"eval.suites.{i}.limit": 2 for i in range(len(SUITES))})
     data = apply_overrides(yaml.safe_load(resolve_config_path("tiny").read_text()), overrides, "test")
     path = tmp_path_factory.mktemp("cfg") / "eval-tiny.yaml"

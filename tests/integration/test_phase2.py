@@ -15,7 +15,6 @@ import pytest
 
 from cogumi_tasks.core.artifacts import ArtifactStore
 from cogumi_tasks.core.config import load_config
-from cogumi_tasks.core.steps import run_step
 
 pytestmark = [pytest.mark.stack, pytest.mark.e2e]
 
@@ -60,13 +59,16 @@ def _manifests(store: ArtifactStore) -> dict[str, list[dict]]:
 
 
 @pytest.fixture(scope="module")
-def phase2(dagbag, s3_server, llm_server, tmp_path_factory):
+def phase2(dagbag, s3_server, llm_server, hf_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("p2")
     path = _config(tmp, "p2-e2e", {})
     config = load_config(path)
     store = ArtifactStore(config.storage, s3_server.credentials())
     store.ensure_bucket()
-    model = run_step("train.base_model", config, store=store).outputs["model"]
+    # the session's converted SmolLM2 (what train.base_model makes of tiny.yaml's GGUF), as an HF directory in S3
+    model = store.uri("p2-e2e", "inputs", "base") + "/"
+    for f in sorted(hf_dir.iterdir()):
+        store.upload(f, model + f.name)
     prompts = [json.loads(x) for x in (REPO / "cogumi_tasks/resources/tiny_prompts.jsonl").read_text().splitlines()]
     dataset = tmp / "dataset.jsonl"
     dataset.write_text("".join(json.dumps({"prompt": p["prompt"], "response": f"Here is a clear answer about "
