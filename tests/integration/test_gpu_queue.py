@@ -52,7 +52,7 @@ def gpu_stack(tmp_path_factory):
     dags.mkdir()
     (dags / "cogumi_gpu_queue_check.py").write_text(textwrap.dedent(GPU_DAG))
     config = _gpu_config(root, f"gpuq-{secrets.token_hex(4)}")
-    base = pick_base_port((20, 21), 22000, 24000)
+    base = pick_base_port((20, 21, 22), 22000, 24000)
     airflow_url = f"http://127.0.0.1:{base + 21}"
     extra = {
         "AIRFLOW__CORE__EXECUTOR": f"LocalExecutor,{EDGE_EXECUTOR}",
@@ -68,7 +68,8 @@ def gpu_stack(tmp_path_factory):
         "COGUMI_CONFIG": config,
     }
     settings = local.Settings.from_env({}, home=root / "home", s3_port=base, llm_port=base + 20,
-                                       airflow_port=base + 21, dags_folder=dags, extra_env=extra)
+                                       airflow_port=base + 21, strong_port=base + 22, dags_folder=dags,
+                                       extra_env=extra)  # every port free: a running make demo holds the defaults
     worker_name = f"cogumi-gpu-{secrets.token_hex(3)}"
     worker_log = settings.logs_dir / "edge-worker.log"
     worker = None
