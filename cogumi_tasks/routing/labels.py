@@ -124,7 +124,8 @@ def summary(rows: list[dict], models: list[str], costs: dict[str, float]) -> dic
 @step("routing.labels", version=1, reads=("routing.labels", "routing.router.costs", "dataset.score", "judge",
                                           "modifiers", "eval.max_tokens"),
       inputs=("items", "gguf", "lora", "modifiers", "calibrator", "tokenizer"), outputs=("verdicts", "stats"),
-      code=("cogumi_tasks.world.judge", "cogumi_tasks.compress.calibration", "cogumi_tasks.routing.features"))
+      code=("cogumi_tasks.world.judge", "cogumi_tasks.compress.calibration", "cogumi_tasks.routing.features",
+            "cogumi_tasks.eval.backends", "cogumi_tasks.modifiers.lora_steps"))
 def labels_step(ctx: StepContext) -> StepOutput:
     """Label every query with every model's verdict and the base's calibrated confidence.
 

@@ -59,7 +59,9 @@ def router_latency(ctx: StepContext, queries: list[str], confidences: list[float
 
 @step("routing.publish", version=1, reads=("routing.router.costs",),
       inputs=("router", "evaluation", "verdicts", "stats", "escalation", "escalation_metrics", "calibrator"),
-      outputs=("table", "bundle"), code=("cogumi_tasks.routing.escalation", "cogumi_tasks.routing.router"))
+      outputs=("table", "bundle"),
+      code=("cogumi_tasks.routing.escalation", "cogumi_tasks.routing.router", "cogumi_tasks.routing.features",
+            "cogumi_tasks.train.failures"))
 def publish(ctx: StepContext) -> StepOutput:
     """The routing table and bundle.
 

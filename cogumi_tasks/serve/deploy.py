@@ -184,7 +184,8 @@ def feedback_tally(ctx: StepContext) -> dict:
 @step("serve.validate", version=1, reads=("serve", "eval", "modifiers", "routing.memory"),
       inputs=("release", "items"), outputs=("validation", "answers"),
       code=("cogumi_tasks.serve.gateway", "cogumi_tasks.serve.decide", "cogumi_tasks.serve.engine",
-            "cogumi_tasks.eval.stats", "cogumi_tasks.eval.suites"))
+            "cogumi_tasks.serve.release", "cogumi_tasks.eval.stats", "cogumi_tasks.eval.suites",
+            "cogumi_tasks.modifiers.lora_steps"))
 def validate_step(ctx: StepContext) -> StepOutput:
     """Serve the release on loopback and check it against the gates.
 
@@ -239,7 +240,8 @@ def validate_step(ctx: StepContext) -> StepOutput:
     return StepOutput(files={"validation": "validation.json", "answers": "answers.jsonl"}, metrics=validation)
 
 
-@step("serve.promote", version=1, inputs=("release", "validation"), outputs=("pointer",))
+@step("serve.promote", version=1, inputs=("release", "validation"), outputs=("pointer",),
+      code=("cogumi_tasks.serve.release",))
 def promote_step(ctx: StepContext) -> StepOutput:
     """Copy the release into the registry and point ``current`` at it, only when its validation passed.
 

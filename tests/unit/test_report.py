@@ -115,7 +115,7 @@ def test_targets_measured_or_not_measured(report):
     assert row and fmt(75.0) in row.group(0) and "CI 61.5-88.2" in row.group(0)
     assert "class='inconclusive'>inconclusive</span>" in row.group(0)
     assert "the interval straddles the target (&gt; 72)" in row.group(0)
-    row = re.search(r"<tr><td>phase4</td><td>97% routing accuracy</td>.*?</tr>", page)
+    row = re.search(r"<tr><td>phase4</td><td>97% routing accuracy on a 5K holdout</td>.*?</tr>", page)
     assert row and NOT_MEASURED in row.group(0)
 
 
