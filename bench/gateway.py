@@ -26,14 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-PROMPTS = [
-    "Explain what a hash table is in two sentences.",
-    "Write a Python function that reverses a string.",
-    "What is the capital of Japan, and what is it known for?",
-    "List three ways to reduce the memory use of a program.",
-    "Why is the sky blue? Answer briefly.",
-    "Give a short recipe for pancakes.",
-]
+from bench.serving import PROMPTS  # noqa: E402 (the Phase 2 serving bench's prompts: one set for both)
 
 
 def timed_stream(url: str, headers: dict, body: dict) -> dict:
