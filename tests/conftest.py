@@ -171,3 +171,31 @@ def hf_dir(tmp_path_factory) -> Path:
     from cogumi_tasks.models.packaged import smollm2_gguf
 
     return hf_dir_from_gguf(smollm2_gguf(), tmp_path_factory.mktemp("smollm2-hf"))
+
+
+@pytest.fixture(scope="session")
+def serve_world(tmp_path_factory, s3_server):
+    """A real small release (tests/serve_release.py) served by a started engine, an S3 store for query logs and a
+    ServeConfig with tight limits: shared by the gateway and chat UI tests, built once."""
+    import torch
+
+    from cogumi_tasks.core.artifacts import ArtifactStore
+    from cogumi_tasks.core.config import ServeConfig, StorageConfig
+    from cogumi_tasks.serve.engine import XllamacppEngine
+    from cogumi_tasks.serve.release import load_release
+    from cogumi_tasks.train.failures import load_embedder
+    from tests.serve_release import build_small_release
+
+    torch.set_num_threads(1)  # the router, LSTM and MiniLM are tiny; contending threads only slow a shared box
+    tmp = tmp_path_factory.mktemp("serve")
+    embedder = load_embedder("builtin:all-minilm-l6-v2")
+    release = load_release(build_small_release(tmp, embedder))
+    engine = XllamacppEngine(release.base, {"recovery": release.recovery, **release.modifiers},
+                             fixed={"recovery": 1.0}, parallel=2, context=1024, threads=1)
+    engine.start()
+    store = ArtifactStore(StorageConfig(bucket="serve-test"), s3_server.credentials())
+    store.ensure_bucket()
+    config = ServeConfig(max_body_bytes=4096, max_tokens=64, rate_per_minute=6000, rate_burst=100,
+                         query_log_flush_s=3600, state_dir=str(tmp / "state"))
+    yield {"release": release, "engine": engine, "store": store, "config": config, "embedder": embedder, "tmp": tmp}
+    engine.stop()

@@ -19,29 +19,10 @@ CODE_PROMPT = ("Write a Python function `max_doubles_ltm1(xs)` that returns the 
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory, s3_server):
-    import torch
-
-    from cogumi_tasks.core.artifacts import ArtifactStore
-    from cogumi_tasks.core.config import ServeConfig, StorageConfig
-    from cogumi_tasks.serve.engine import XllamacppEngine
-    from cogumi_tasks.serve.release import load_release
-    from cogumi_tasks.train.failures import load_embedder
-    from tests.serve_release import build_small_release
-
-    torch.set_num_threads(1)  # the router, LSTM and MiniLM are tiny; contending threads only slow a shared box
-    tmp = tmp_path_factory.mktemp("serve")
-    embedder = load_embedder("builtin:all-minilm-l6-v2")
-    release = load_release(build_small_release(tmp, embedder))
-    engine = XllamacppEngine(release.base, {"recovery": release.recovery, **release.modifiers},
-                             fixed={"recovery": 1.0}, parallel=2, context=1024, threads=1)
-    engine.start()
-    store = ArtifactStore(StorageConfig(bucket="serve-test"), s3_server.credentials())
-    store.ensure_bucket()
-    config = ServeConfig(max_body_bytes=4096, max_tokens=64, rate_per_minute=6000, rate_burst=100,
-                         query_log_flush_s=3600, state_dir=str(tmp / "state"))
-    yield {"release": release, "engine": engine, "store": store, "config": config, "embedder": embedder, "tmp": tmp}
-    engine.stop()
+def world(serve_world):
+    """The session's small release, engine and store (tests/conftest.py: built once for this module and the chat
+    UI's)."""
+    return serve_world
 
 
 def _serve(world, name: str, **kw):
