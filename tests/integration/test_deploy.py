@@ -12,27 +12,25 @@ import yaml
 from cogumi_tasks.core.config import load_config
 from cogumi_tasks.core.steps import StepFailed, run_step
 from tests.conftest import REPO
-from tests.serve_release import LOW_CALIBRATOR, MODIFIERS, noise_lora, small_escalation, small_router
+from tests.serve_release import LOW_CALIBRATOR, MODIFIERS
 
 pytestmark = pytest.mark.stack
 
 
 @pytest.fixture(scope="module")
-def bundles(tmp_path_factory):
-    """The two bundles serve.release reads, naming local parts (a GGUF, LoRAs, a router, a detector)."""
+def bundles(serve_world, tmp_path_factory):
+    """The two bundles serve.release reads, naming the session's small release parts (tests/serve_release.py: the
+    packaged GGUF, seeded LoRAs, a router on planted verdicts, a small escalation student)."""
     from cogumi_tasks.models.packaged import smollm2_gguf
-    from cogumi_tasks.train.failures import load_embedder
 
-    tmp = tmp_path_factory.mktemp("deploy")
+    parts, tmp = serve_world["tmp"], tmp_path_factory.mktemp("deploy")
     (tmp / "calibrator.json").write_text(json.dumps(LOW_CALIBRATOR))
-    routing = {"router": str(small_router(tmp / "router", load_embedder("builtin:all-minilm-l6-v2"))),
-               "escalation": str(small_escalation(tmp / "escalation")), "calibrator": str(tmp / "calibrator.json"),
-               "threshold": 0.8, "models": ["base", *MODIFIERS],
+    routing = {"router": str(parts / "router"), "escalation": str(parts / "escalation"),
+               "calibrator": str(tmp / "calibrator.json"), "threshold": 0.8, "models": ["base", *MODIFIERS],
                "costs": {"base": 1.0, **dict.fromkeys(MODIFIERS, 1.2)}}
-    domains = {"code": "code", "reasoning": "reasoning", "automation": "automation"}
-    mods = {"base_gguf": str(smollm2_gguf()), "recovery_lora": str(noise_lora(tmp / "recovery.gguf", 99, 0.01)),
-            "modifiers": [{"name": n, "domain": domains[n], "lora_gguf": str(noise_lora(tmp / f"{n}.gguf", i + 1)),
-                           "scale": 1.0} for i, n in enumerate(MODIFIERS)]}
+    mods = {"base_gguf": str(smollm2_gguf()), "recovery_lora": str(parts / "recovery.gguf"),
+            "modifiers": [{"name": n, "domain": n, "lora_gguf": str(parts / f"{n}.gguf"), "scale": 1.0}
+                          for n in MODIFIERS]}
     (tmp / "routing.json").write_text(json.dumps(routing))
     (tmp / "modifiers.json").write_text(json.dumps(mods))
     return tmp
