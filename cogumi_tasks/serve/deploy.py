@@ -116,9 +116,7 @@ class LocalGateway:
         from cogumi_tasks.serve.gateway import create_app
 
         rel, cfg = self.release, self.ctx.config.serve
-        adapters = ({"recovery": rel.recovery} if rel.recovery else {}) | rel.modifiers
-        self.engine = XllamacppEngine(rel.base, adapters, fixed={"recovery": 1.0} if rel.recovery else None,
-                                      parallel=cfg.parallel, context=cfg.context, threads=cfg.threads)
+        self.engine = XllamacppEngine.for_release(rel, cfg)
         self.engine.start()
         memory = self.ctx.config.routing.memory if self.ctx.config.routing else None
         app = create_app(rel, cfg, self.engine, keys=[self.key], memory_config=memory,

@@ -90,6 +90,14 @@ class XllamacppEngine(Engine):
         self._server: Any = None
         self._clients: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
+    @classmethod
+    def for_release(cls, release: Any, config: Any) -> XllamacppEngine:
+        """The engine of a release under a ``ServeConfig``: the recovery LoRA (if any) fixed at 1, every modifier
+        loaded at 0 until a request picks it."""
+        adapters = ({"recovery": release.recovery} if release.recovery else {}) | release.modifiers
+        return cls(release.base, adapters, fixed={"recovery": 1.0} if release.recovery else None,
+                   parallel=config.parallel, context=config.context, threads=config.threads)
+
     def start(self) -> None:
         import xllamacpp
 

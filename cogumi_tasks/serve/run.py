@@ -30,9 +30,7 @@ def serve(config: PipelineConfig, release_spec: str, host: str | None = None, po
     store = ArtifactStore(config.storage)
     release = resolve_release(release_spec, state / "releases", store if remote else None,
                               store.uri(config.name, "releases"))
-    adapters = ({"recovery": release.recovery} if release.recovery else {}) | release.modifiers
-    engine = XllamacppEngine(release.base, adapters, fixed={"recovery": 1.0} if release.recovery else None,
-                             parallel=cfg.parallel, context=cfg.context, threads=cfg.threads)
+    engine = XllamacppEngine.for_release(release, cfg)
     engine.start()
     memory = config.routing.memory if config.routing else None
     try:
