@@ -556,6 +556,16 @@ class RoutingConfig(Strict):
     router: RouterConfig = Field(default_factory=RouterConfig)
 
 # ---------------------------------------------------------------- phase 5: serving
+class HubConfig(Strict):
+    """Optional upload of each promoted release to the Hugging Face Hub (token from env HF_TOKEN, never here)."""
+
+    repo_id: str | None = Field(None, pattern=r"^[\w.-]+/[\w.-]+$",
+                                description="<namespace>/<name> of the model repo; empty: no upload")
+    private: bool = Field(True, description="create the repo private (an existing repo keeps its visibility)")
+    endpoint: str | None = Field(None, description="the Hub's address; empty: huggingface_hub's default "
+                                 "(env HF_ENDPOINT, else https://huggingface.co)")
+
+
 class ServeConfig(Strict):
     """The serving gateway (``cogumi serve``): addresses, request limits, the engine, query logs and cost."""
 
@@ -576,6 +586,26 @@ class ServeConfig(Strict):
     query_log_batch: int = Field(200, ge=1, description="... or once this many lines wait")
     usd_per_1k_tokens: float = Field(0.0002, ge=0, description="estimated cost of 1K generated tokens on the base; a "
                                      "modifier's is this times its relative cost in the release")
+    reload_s: float = Field(30.0, ge=0, description="how often `cogumi serve --release current` reads the registry's "
+                            "current pointer and swaps in a newly published calibration release (0: never)")
+    hub: HubConfig = Field(default_factory=HubConfig, description="serve.promote also uploads the release to the "
+                           "Hugging Face Hub when repo_id is set")
+
+
+class RecalibrateConfig(Strict):
+    """DAG ``recalibrate``: refit the confidence calibration and the routing threshold on served traffic, per data
+    interval of a cron schedule; publish a calibration release only when it is no worse than the live one."""
+
+    schedule: str = Field("@daily", description="cron expression or preset of the DAG's runs (read when it is parsed)")
+    start_date: str | None = Field(None, description="ISO date-time of the first interval; empty: none are caught up "
+                                   "(the scheduler runs only the newest complete interval)")
+    sample: int = Field(200, ge=1, description="labelling budget: served queries labelled per interval (every model "
+                        "answers each; the verifier judges what carries a checker, the LLM judge the rest)")
+    min_labelled: int = Field(20, ge=4, description="fewer labelled queries than this: nothing is refitted")
+    max_tokens: int = Field(96, ge=1, description="answer length of the models that did not answer a query when served")
+    ece_margin: float = Field(0.0, ge=0, description="publish only when the new ECE <= the live one + this")
+    quality_margin: float = Field(0.0, ge=0, description="... and the new routing quality >= the live one - this")
+    seed: int = 0
 
 
 # ---------------------------------------------------------------- the whole pipeline
@@ -595,6 +625,7 @@ class PipelineConfig(Strict):
     modifiers: list[ModifierConfig] = Field(default_factory=list, description="Phase 3: the domain modifiers")
     routing: RoutingConfig | None = None
     serve: ServeConfig = Field(default_factory=ServeConfig, description="Phase 5: the serving gateway")
+    recalibrate: RecalibrateConfig | None = Field(None, description="scheduled re-calibration on served traffic")
 
     @model_validator(mode="after")
     def _check(self) -> PipelineConfig:

@@ -42,7 +42,8 @@ STEP_MODULES = ["cogumi_tasks.data.steps", "cogumi_tasks.eval.steps", "cogumi_ta
                 "cogumi_tasks.compress.recover", "cogumi_tasks.modifiers.publish",
                 "cogumi_tasks.modifiers.cascade", "cogumi_tasks.modifiers.lora_steps",
                 "cogumi_tasks.routing.escalation", "cogumi_tasks.routing.labels",
-                "cogumi_tasks.routing.router_steps", "cogumi_tasks.routing.publish", "cogumi_tasks.serve.deploy"]
+                "cogumi_tasks.routing.router_steps", "cogumi_tasks.routing.publish", "cogumi_tasks.serve.deploy",
+                "cogumi_tasks.serve.traffic", "cogumi_tasks.serve.recalibrate"]
 
 
 @dataclass

@@ -10,6 +10,7 @@ Verdict table (JSONL, one query per line; Phase 4's labelling step writes it)::
   reports use it, never the router.
 - ``verdicts``: per model (the keys of ``routing.router.costs``, all of them), whether its answer was correct.
 - ``confidence``: the base model's calibrated confidence in its own answer (Phase 2's calibrator), in [0, 1].
+- ``raw_confidence``: optional, the same before calibration (what scheduled re-calibration refits on).
 - ``session``: optional, the previous turns of the query's session, oldest first: ``route`` (a model) and
   ``outcome`` (one of :data:`OUTCOMES`, session memory's values).
 
@@ -56,6 +57,7 @@ class VerdictRow(BaseModel):
     domain: str | None = None
     verdicts: dict[str, bool]
     confidence: float = Field(ge=0, le=1)
+    raw_confidence: float | None = Field(None, ge=0, le=1)
     session: list[SessionTurn] = Field(default_factory=list)
 
 

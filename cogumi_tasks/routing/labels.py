@@ -156,7 +156,7 @@ def labels_step(ctx: StepContext) -> StepOutput:
     table = [{"id": r["id"], "query": r["query"], "domain": r["domain"], "verdicts": r["verdicts"],
               "confidence": round(min(1.0, max(0.0, c)), 6), "raw_confidence": round(x, 6), "session": []}
              for r, x, c in zip(rows, raw, calibrated, strict=True)]
-    write_jsonl(ctx.out("verdicts.jsonl"), [{k: v for k, v in t.items() if k != "raw_confidence"} for t in table])
+    write_jsonl(ctx.out("verdicts.jsonl"), table)
     stats = {"queries": len(table), "domain_queries": len(table) - len(prompts), "general_queries": len(prompts),
              "per_domain": summary(rows, models, dict(router_cfg.costs)), "confidence_ms": round(ms, 2),
              "general_answer_s": round(general_s, 1), "generations": len(prompts) * len(models),

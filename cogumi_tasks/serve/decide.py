@@ -35,6 +35,7 @@ class Decision:
     raw_confidence: float | None = None
     escalated_from: str | None = None
     probabilities: dict[str, float] | None = None
+    base_answer: str | None = None  # the base's answer when it was generated but another model answers
 
 
 def raw_confidence(logprobs: Sequence[float]) -> float | None:

@@ -69,6 +69,7 @@ class Turn:
     tokens: int = 0
     text: list[str] = field(default_factory=list)
     cost: float = 0.0
+    release: str = ""  # the release that decided (a swap mid-request does not change it)
 
     def meta(self, release: str) -> dict:
         d = self.decision
@@ -108,11 +109,23 @@ class Gateway:
 
         self.release, self.config, self.engine, self.keys = release, config, engine, keys
         self.memory, self.memory_config, self.querylog = memory, memory_config, querylog
+        self.threshold = threshold
         self.brain = Brain(release, embedder, threshold)
         self.metrics = Metrics(release.id)
         self.rate = RateLimiter(config.rate_per_minute, config.rate_burst)
         self.models = [AUTO, *(PREFIX + m for m in release.models)]
         self.recent: OrderedDict[str, tuple[str | None, int | None, str]] = OrderedDict()
+
+    def swap(self, new: "Release") -> bool:
+        """Answer with ``new`` from the next request when it loads the same model files as the running release (a
+        calibration release: calibrator, threshold, router or detector changed); False, nothing changed, otherwise
+        (new models need the engine restarted)."""
+        if new.model_files != self.release.model_files:
+            return False
+        self.brain = Brain(new, self.brain._embedder, self.threshold)
+        self.release = new
+        self.metrics.set_release(new.id)
+        return True
 
     # ------------------------------------------------------------ checks
     def authorize(self, authorization: str | None) -> str:
@@ -164,6 +177,8 @@ class Gateway:
         base = await self.engine.chat(messages, {}, max_tokens, stream=False, temperature=temperature, seed=seed)
         assert isinstance(base, Completion)
         d = await asyncio.to_thread(self.brain.after_base, query, raw_confidence(base.logprobs), turns)
+        if d.route != "base":
+            d.base_answer = base.text  # logged: re-calibration labels the base's answer to its confidence
         return d, (base if d.route == "base" else None), self.cost("base", base.completion_tokens)
 
     async def deltas(self, turn: Turn, ready: Completion | None, messages: list[dict], max_tokens: int,
@@ -205,14 +220,15 @@ class Gateway:
         self.querylog.add({
             "ts": now_iso(), "request_id": turn.request_id, "session": turn.session, "model": turn.model,
             "route": d.route, "reason": d.reason, "confidence": d.confidence, "raw_confidence": d.raw_confidence,
-            "release": self.release.id, "query": turn.query[: self.memory_config.max_query_chars],
-            "answer": "".join(turn.text), "escalated": d.reason == "escalation", "feedback": None,
+            "release": turn.release, "query": turn.query[: self.memory_config.max_query_chars],
+            "answer": "".join(turn.text), "base_answer": d.base_answer, "escalated": d.reason == "escalation",
+            "feedback": None,
             "latency_s": round(seconds, 4), "ttft_s": None if turn.ttft is None else round(turn.ttft, 4),
             "completion_tokens": turn.tokens, "key_id": turn.key_id[:12]})
 
     def headers(self, turn: Turn) -> dict[str, str]:
         d = turn.decision
-        return {"X-Cogumi-Route": d.route, "X-Cogumi-Release": self.release.id,
+        return {"X-Cogumi-Route": d.route, "X-Cogumi-Release": turn.release,
                 "X-Cogumi-Confidence": "" if d.confidence is None else f"{d.confidence:.4f}",
                 "X-Cogumi-Request-Id": turn.request_id, "X-Cogumi-Escalated": str(d.reason == "escalation").lower()}
 
@@ -220,10 +236,12 @@ class Gateway:
 def create_app(release: "Release", config: "ServeConfig", engine: "Engine", *, store: Any = None,
                log_prefix: str | None = None, keys: list[str] | None = None, memory_path: str | None = None,
                memory_config: "MemoryConfig | None" = None, embedder: Any = None,
-               threshold: float | None = None) -> "FastAPI":
+               threshold: float | None = None, registry: str | None = None) -> "FastAPI":
     """The gateway app over a started ``engine``. ``keys``: accepted API keys (default: env and
     ``config.api_keys_file``); ``store`` and ``log_prefix`` (``s3://<bucket>/<config name>/query-logs``): where the
-    query log goes (none: not written); ``threshold``: overrides the release's."""
+    query log goes (none: not written); ``threshold``: overrides the release's; ``registry``
+    (``s3://<bucket>/<config name>/releases``, with ``store``): follow its ``current`` pointer every
+    ``config.reload_s`` seconds (:mod:`cogumi_tasks.serve.watch`)."""
     from pathlib import Path
 
     from fastapi import FastAPI, Request
@@ -240,14 +258,25 @@ def create_app(release: "Release", config: "ServeConfig", engine: "Engine", *, s
     qlog = QueryLog(store, log_prefix or "", config.query_log_flush_s, config.query_log_batch)
     gw = Gateway(release, config, engine, ApiKeys(keys if keys is not None else read_keys(config.api_keys_file)),
                  memory, mcfg, qlog, embedder, threshold)
+    watcher = None
+    if registry and store is not None and config.reload_s > 0:
+        from cogumi_tasks.serve.watch import ReleaseWatcher
+
+        watcher = ReleaseWatcher(gw, store, registry, Path(config.state_dir).expanduser() / "releases",
+                                 config.reload_s)
+
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        if watcher is not None:
+            watcher.start()
         yield
+        if watcher is not None:
+            watcher.stop()
         qlog.close()
         memory.close()
 
     app = FastAPI(title="cogumi gateway", version=release.id, lifespan=lifespan)
-    app.state.gateway = gw
+    app.state.gateway, app.state.watcher = gw, watcher
 
     def refused(exc: Refused, model: str = "") -> JSONResponse:
         gw.metrics.refused(model, exc.status, exc.kind)
@@ -260,7 +289,7 @@ def create_app(release: "Release", config: "ServeConfig", engine: "Engine", *, s
 
     @app.get("/healthz")
     async def healthz() -> dict:
-        return {"status": "ok", "release": release.id, "models": gw.models}
+        return {"status": "ok", "release": gw.release.id, "models": gw.models}
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -348,12 +377,14 @@ def create_app(release: "Release", config: "ServeConfig", engine: "Engine", *, s
         except (TypeError, ValueError) as exc:
             return refused(Refused(400, "bad_request", f"invalid request: {exc}", "invalid_request"), model)
         query = _query_of(messages)
+        answering = gw.release.id  # the release whose brain decides this request
         try:
             decision, ready, base_cost = await gw.decide(model, query, session, messages, max_tokens, temperature,
                                                          seed)
         except EngineError as exc:
             return refused(Refused(502, "engine", str(exc), "engine_error", "server_error"), model)
-        turn = Turn(uuid.uuid4().hex, model, session, query, key_id, decision, t0, cost=base_cost)
+        turn = Turn(uuid.uuid4().hex, model, session, query, key_id, decision, t0, cost=base_cost,
+                    release=answering)
         gen = gw.deltas(turn, ready, messages, max_tokens, stream, temperature, seed)
         created = int(time.time())
         if not stream:
@@ -370,7 +401,7 @@ def create_app(release: "Release", config: "ServeConfig", engine: "Engine", *, s
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(turn.text)},
                              "finish_reason": finish or "stop"}],
                 "usage": {"completion_tokens": turn.tokens, "prompt_tokens": 0, "total_tokens": turn.tokens},
-                "cogumi": turn.meta(release.id)}, headers=gw.headers(turn))
+                "cogumi": turn.meta(turn.release)}, headers=gw.headers(turn))
 
         def chunk(choices: list, **extra: Any) -> str:
             return "data: " + json.dumps({"id": f"chatcmpl-{turn.request_id}", "object": "chat.completion.chunk",
@@ -391,7 +422,7 @@ def create_app(release: "Release", config: "ServeConfig", engine: "Engine", *, s
                 return
             yield chunk([{"index": 0, "delta": {}, "finish_reason": finish or "stop"}])
             gw.finish(turn)
-            yield chunk([], cogumi=turn.meta(release.id))
+            yield chunk([], cogumi=turn.meta(turn.release))
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream", headers=gw.headers(turn))

@@ -42,6 +42,11 @@ class Metrics:
         for kind in ERROR_KINDS:
             self.errors.labels(kind=kind)
 
+    def set_release(self, release: str) -> None:
+        """The gauge names only ``release`` from now on (a calibration release was swapped in)."""
+        self.release.clear()
+        self.release.labels(release=release).set(1)
+
     def render(self) -> tuple[bytes, str]:
         """(the exposition text, its content type) for GET /metrics."""
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest

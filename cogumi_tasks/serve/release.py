@@ -91,6 +91,14 @@ class Release:
     def escalation_dir(self) -> Path:
         return self.root / ESCALATION_DIR
 
+    @property
+    def model_files(self) -> dict[str, str]:
+        """sha256 of the files the engine loads (base, recovery, modifiers) and each model's adapter and scale: two
+        releases with equal ``model_files`` can swap without restarting the engine."""
+        files = self.manifest["files"]
+        out = {rel: sha for rel, sha in files.items() if rel in (BASE, RECOVERY) or rel.startswith(MODIFIERS_DIR + "/")}
+        return out | {f"model:{n}": f"{m.get('adapter')}@{m.get('scale')}" for n, m in self.manifest["models"].items()}
+
     def calibrator(self) -> Calibrator:
         from cogumi_tasks.compress.calibration import Calibrator
 
@@ -204,3 +212,32 @@ def resolve_release(spec: str, dest: Path, store: ArtifactStore | None = None, p
             raise ReleaseError(f"{join_uri(prefix, CURRENT)}: field 'id': missing")
         spec = join_uri(prefix, str(pointer["id"]))
     return load_release(store.fetch_prefix(spec, dest))
+
+
+def publish_release(store: ArtifactStore, root: Path, registry: str, *, expect_current: str | None = None,
+                    extra: Mapping[str, Any] | None = None) -> dict:
+    """Copy the release in ``root`` to ``<registry>/<id>/`` (``release.json`` last; skipped when the registry has
+    it already: a release is never rewritten) and point ``<registry>/current.json`` at it, written last. With
+    ``expect_current``, the pointer is moved only while it still names that release (ReleaseError otherwise).
+    Returns the pointer (``{"id", "uri", "previous", "promoted_at", **extra}``; the existing one when it names
+    this release already)."""
+    import time
+
+    from cogumi_tasks.core.artifacts import join_uri
+
+    release = load_release(root)
+    target, pointer_uri = join_uri(registry, release.id), join_uri(registry, CURRENT)
+    if not store.exists(join_uri(target, MANIFEST)):
+        for path in sorted(p for p in Path(root).rglob("*") if p.is_file() and p.name != MANIFEST):
+            store.upload(path, join_uri(target, path.relative_to(root).as_posix()))
+        store.upload(Path(root) / MANIFEST, join_uri(target, MANIFEST))  # complete once this exists
+    previous = store.get_json(pointer_uri) if store.exists(pointer_uri) else None
+    was = (previous or {}).get("id")
+    if was == release.id:
+        return previous
+    if expect_current is not None and was != expect_current:
+        raise ReleaseError(f"{pointer_uri}: names {was}, not {expect_current}: another release was made current "
+                           "meanwhile; not moved")
+    pointer = {"id": release.id, "uri": target, "previous": was, "promoted_at": time.time(), **(extra or {})}
+    store.put_json(pointer_uri, pointer)
+    return pointer

@@ -35,7 +35,8 @@ def serve(config: PipelineConfig, release_spec: str, host: str | None = None, po
     memory = config.routing.memory if config.routing else None
     try:
         app = create_app(release, cfg, engine, store=store, log_prefix=store.uri(config.name, "query-logs"),
-                         keys=keys, memory_config=memory)
+                         keys=keys, memory_config=memory,
+                         registry=store.uri(config.name, "releases") if release_spec == "current" else None)
         host, port = host or cfg.host, port or cfg.port
         log.info("serving release %s (%s) on http://%s:%d/v1, engine at %s", release.id, ", ".join(release.models),
                  host, port, engine.url)

@@ -33,6 +33,17 @@ def deployment_modifiers() -> list[tuple[str, int]]:
     return [(m.name, len(m.tiers)) for m in _deployment().modifiers]
 
 
+def deployment_recalibration() -> dict:
+    """``cogumi_dag`` kwargs of DAG ``recalibrate`` from the deployment config: its cron ``schedule``, and when
+    ``recalibrate.start_date`` is set, that start with catch-up (every interval since runs)."""
+    cfg = _deployment().recalibrate
+    if cfg is None:
+        return {"schedule": None}
+    if cfg.start_date is None:
+        return {"schedule": cfg.schedule}
+    return {"schedule": cfg.schedule, "start_date": pendulum.parse(cfg.start_date), "catchup": True}
+
+
 def deployment_config() -> str:
     return os.environ.get("COGUMI_CONFIG", "tiny")
 
@@ -75,7 +86,8 @@ def run_params(**extra: Param) -> dict[str, Param]:
 
 @contextmanager
 def cogumi_dag(dag_id: str, description: str, *, params: dict[str, Param], overrides: dict[str, str],
-               tags: list[str], retries: int = 2, schedule=None) -> Iterator[DAG]:
+               tags: list[str], retries: int = 2, schedule=None, start_date=None,
+               catchup: bool = False) -> Iterator[DAG]:
     """``with cogumi_dag(...) as dag:`` a pipeline DAG with the project's defaults: manual or Asset-scheduled,
     one active run, native templates (so params keep their types), retries, and the run params as config
     overrides. When the block ends its wiring is checked against the steps' declared inputs and outputs
@@ -86,8 +98,8 @@ def cogumi_dag(dag_id: str, description: str, *, params: dict[str, Param], overr
         dag_id=dag_id,
         description=description,
         schedule=schedule,
-        start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
-        catchup=False,
+        start_date=start_date or pendulum.datetime(2026, 1, 1, tz="UTC"),
+        catchup=catchup,
         max_active_runs=1,
         render_template_as_native_obj=True,
         tags=["cogumi", *tags],

@@ -101,6 +101,19 @@ def test_phase5_validates_before_it_promotes(dagbag):
                                                     "modifiers": "cogumi_phase3:bundle"}
 
 
+def test_recalibrate_runs_on_the_configs_cron_schedule_and_reads_its_data_interval(dagbag):
+    from cogumi_tasks.core.config import load_config
+
+    dag = dagbag.dags["recalibrate"]
+    assert dag.schedule == load_config("tiny").recalibrate.schedule  # a cron expression, from the config
+    assert dag.catchup is False  # tiny sets no start_date: only the newest complete interval runs
+    assert dag.get_task("refit").upstream_task_ids == {"label"}
+    for task in ("label", "refit"):
+        assert dag.get_task(task).step_params == {"start": "{{ params.start or data_interval_start.isoformat() }}",
+                                                  "end": "{{ params.end or data_interval_end.isoformat() }}"}
+    assert dag.get_task("label").pool == "cogumi_cpu"
+
+
 def test_every_step_task_is_wired_to_declared_inputs_and_outputs(dagbag, monkeypatch):
     from cogumi_provider.wiring import asset_wiring_errors, step_arguments, wiring_errors
 

@@ -28,7 +28,7 @@ from cogumi_tasks.core.view import ConfigView, UndeclaredConfigKey, covers, file
 # one key per step family, with the steps that must re-run when it changes (beside what the declarations say)
 FAMILY_KEYS = {
     "judge.model": ("other-judge", {"data.score", "eval.run", "train.failure_analysis", "train.distill",
-                                    "modifiers.test", "modifiers.tier", "routing.labels"}),
+                                    "modifiers.test", "modifiers.tier", "routing.labels", "recalibrate.label"}),
     "dataset.dedup.threshold": (0.7, {"data.dedup"}),
     "train.sft.lr": (1e-4, {"train.sft", "train.distill", "compress.recover", "modifiers.train"}),
     "compress.gguf.quant_type": ("Q4_K_M", {"compress.export_gguf"}),
