@@ -12,7 +12,8 @@
   (feedback in the query logs so far; "not measured" when there is none).
 - ``serve.promote``: copies the release to the registry (``<name>/releases/<id>/``, ``release.json`` last) and
   writes the ``current`` pointer (``releases/current.json``) last, only when validation passed; otherwise the
-  pointer stays where it was and the task fails saying which gate failed.
+  pointer stays where it was and the task fails saying which gate failed. With ``serve.hub.repo_id`` set it then
+  uploads the release to the Hugging Face Hub (:mod:`cogumi_tasks.serve.hub`; token from env HF_TOKEN).
 """
 
 from __future__ import annotations
@@ -238,15 +239,18 @@ def validate_step(ctx: StepContext) -> StepOutput:
     return StepOutput(files={"validation": "validation.json", "answers": "answers.jsonl"}, metrics=validation)
 
 
-@step("serve.promote", version=1, inputs=("release", "validation"), outputs=("pointer",),
-      code=("cogumi_tasks.serve.release",))
+@step("serve.promote", version=1, reads=("serve.hub",), inputs=("release", "validation"), outputs=("pointer",),
+      code=("cogumi_tasks.serve.release", "cogumi_tasks.serve.hub"))
 def promote_step(ctx: StepContext) -> StepOutput:
     """Copy the release into the registry and point ``current`` at it, only when its validation passed.
 
     Inputs: ``release`` (the directory), ``validation`` (``serve.validate``'s). Outputs: ``pointer`` (JSON: the
-    ``current.json`` written). Raises (the task fails, the pointer untouched) when validation did not pass.
+    ``current.json`` written, plus ``hub``: :func:`~cogumi_tasks.serve.hub.push_release`'s result when
+    ``serve.hub.repo_id`` is set). Raises (the task fails, the pointer untouched) when validation did not pass, or
+    when the Hub upload is configured but HF_TOKEN is empty; a failed upload fails the task after the pointer moved.
     """
     from cogumi_tasks.core.artifacts import join_uri
+    from cogumi_tasks.serve.hub import HubError, hub_token, push_release
     from cogumi_tasks.serve.release import CURRENT, MANIFEST, load_release
 
     validation = json.loads(ctx.fetch(ctx.input("validation")).read_text())
@@ -257,6 +261,11 @@ def promote_step(ctx: StepContext) -> StepOutput:
         failed = [f"{g['domain']}: {g['reason']}" for g in validation.get("gates", []) if not g.get("passed")]
         raise StepFailed(f"release {validation.get('release')} not promoted; current stays "
                          f"{(was or {}).get('id', 'unset')}. Failed gates: " + ("; ".join(failed) or "none configured"))
+    hub = ctx.config.serve.hub
+    try:
+        token = hub_token() if hub.repo_id else None  # checked before anything moves
+    except HubError as exc:
+        raise StepFailed(f"release {validation.get('release')} not promoted: {exc}") from None
     root = ctx.fetch_dir(ctx.input("release"))
     release = load_release(root)
     target = join_uri(registry, release.id)
@@ -267,6 +276,11 @@ def promote_step(ctx: StepContext) -> StepOutput:
     pointer = {"id": release.id, "uri": target, "previous": (previous or {}).get("id"),
                "validation": ctx.input("validation"), "promoted_at": time.time()}
     ctx.store.put_json(pointer_uri, pointer)  # last: serving follows it
+    if hub.repo_id:
+        try:
+            pointer["hub"] = push_release(root, hub.repo_id, token=token, endpoint=hub.endpoint, private=hub.private)
+        except HubError as exc:
+            raise StepFailed(f"release {release.id} is current but not on the Hub: {exc}") from exc
     ctx.out("pointer.json").write_text(json.dumps(pointer, indent=1))
     log.info("release %s is current (was %s)", release.id, pointer["previous"])
     return StepOutput(files={"pointer": "pointer.json"}, metrics=pointer)
