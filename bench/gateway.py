@@ -9,14 +9,16 @@ with the gateway (``create_app``, uvicorn on loopback) in front of it, and the r
 process with ``llama_cpp.Llama`` (the same threads, 2048 tokens of context). Each prompt is sent streamed and greedy
 to the three arms in turn: to the engine directly (the request the gateway would send: every adapter's scale),
 through the gateway as ``cogumi-<model>`` (a manual override: no base pass, no router), and to
-``Llama.create_chat_completion``. ``Llama`` takes one LoRA (``lora_path``, ``lora_scale``): the recovery LoRA at 1
-when the release has one, else the model's modifier at the release's scale; a modifier on top of a recovery (two
-adapters) is not applied there, and the JSON's ``llama_cpp_python`` entry says which LoRA that arm ran. Per request:
-time to the first content chunk (TTFT) and decode tokens/s (content chunks after the first over the time from the
-first to the last). A repeat's figure is the median over its prompts; every figure is the median over ``--repeats``
-repeats with min and max; the ratios (gateway / bare engine, gateway / llama-cpp-python) are of the medians.
-``same_as_bare_engine``: whether an arm streamed the engine's chunk counts and text. Repeated prompts hit both
-llama.cpp's prompt cache and ``Llama``'s (the longest common prefix is kept).
+``Llama.create_chat_completion``; the arm that goes first rotates from one prompt to the next (the engine's prompt
+cache serves the second of the two engine arms a prompt the first just sent). ``Llama`` takes one LoRA
+(``lora_path``, ``lora_scale``): the recovery LoRA at 1 when the release has one, else the model's modifier at the
+release's scale; a modifier on top of a recovery (two adapters) is not applied there, and the JSON's
+``llama_cpp_python`` entry says which LoRA that arm ran. Per request: time to the first content chunk (TTFT) and
+decode tokens/s (content chunks after the first over the time from the first to the last). A repeat's figure is the
+median over its prompts; every figure is the median over ``--repeats`` repeats with min and max; the ratios (gateway
+/ bare engine, gateway / llama-cpp-python) are of the medians. ``same_as_bare_engine``: whether an arm streamed the
+engine's chunk counts and text. Repeated prompts hit both llama.cpp's prompt cache and ``Llama``'s (the longest
+common prefix is kept).
 
 Load (``--load`` concurrency levels, ``--load-requests`` requests at each; ``--load ""`` skips it). At each level,
 non-streamed greedy requests through the gateway from a thread pool of that many threads: once all as
@@ -107,16 +109,18 @@ def summary(values: list[float]) -> dict:
 
 
 def speed(arms: dict[str, Callable[[list], dict]], messages: list[list], repeats: int) -> dict:
-    """Every arm on every prompt, taking turns, ``repeats`` times after one warm-up each (module doc)."""
+    """Every arm on every prompt in turn, ``repeats`` times after one warm-up each (module doc)."""
     for run in arms.values():
         run(messages[0])
     per: dict[str, dict[str, list[float]]] = {a: {"ttft_s": [], "decode_tps": []} for a in arms}
     last: dict[str, list[dict]] = {}
-    for _ in range(repeats):
+    names = list(arms)
+    for rep in range(repeats):
         runs: dict[str, list[dict]] = {a: [] for a in arms}
-        for m in messages:
-            for arm, run in arms.items():
-                runs[arm].append(run(m))
+        for i, m in enumerate(messages):
+            turn = (rep * len(messages) + i) % len(names)  # who goes first rotates (module doc)
+            for arm in names[turn:] + names[:turn]:
+                runs[arm].append(arms[arm](m))
         for arm, rs in runs.items():
             per[arm]["ttft_s"].append(statistics.median(r["ttft_s"] for r in rs))
             per[arm]["decode_tps"].append(statistics.median(r["decode_tps"] for r in rs if r["decode_tps"]))
