@@ -65,7 +65,7 @@ status:
 test: install
 	$(VENV)/bin/ruff check cogumi_tasks plugins dags tests bench
 	$(VENV)/bin/lint-imports
-	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+	$(PY) -m pytest -q -p no:cacheprovider --durations=40 $(PYTEST_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check cogumi_tasks plugins dags tests bench

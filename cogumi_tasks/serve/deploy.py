@@ -24,7 +24,6 @@ import logging
 import statistics
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 from cogumi_tasks.core.steps import StepContext, StepFailed, StepOutput, step
@@ -251,7 +250,7 @@ def promote_step(ctx: StepContext) -> StepOutput:
     """
     from cogumi_tasks.core.artifacts import join_uri
     from cogumi_tasks.serve.hub import HubError, hub_token, push_release
-    from cogumi_tasks.serve.release import CURRENT, MANIFEST, load_release
+    from cogumi_tasks.serve.release import CURRENT, load_release, publish_release
 
     validation = json.loads(ctx.fetch(ctx.input("validation")).read_text())
     registry = ctx.store.uri(ctx.config.name, "releases")
@@ -268,14 +267,9 @@ def promote_step(ctx: StepContext) -> StepOutput:
         raise StepFailed(f"release {validation.get('release')} not promoted: {exc}") from None
     root = ctx.fetch_dir(ctx.input("release"))
     release = load_release(root)
-    target = join_uri(registry, release.id)
-    for path in sorted(p for p in Path(root).rglob("*") if p.is_file() and p.name != MANIFEST):
-        ctx.store.upload(path, join_uri(target, path.relative_to(root).as_posix()))
-    ctx.store.upload(Path(root) / MANIFEST, join_uri(target, MANIFEST))  # the release is complete once this exists
-    previous = ctx.store.get_json(pointer_uri) if ctx.store.exists(pointer_uri) else None
-    pointer = {"id": release.id, "uri": target, "previous": (previous or {}).get("id"),
-               "validation": ctx.input("validation"), "promoted_at": time.time()}
-    ctx.store.put_json(pointer_uri, pointer)  # last: serving follows it
+    # the release's files, release.json after them, then the pointer last (serving follows it); a retry after
+    # the pointer moved finds it naming this release and changes nothing
+    pointer = dict(publish_release(ctx.store, root, registry, extra={"validation": ctx.input("validation")}))
     if hub.repo_id:
         try:
             pointer["hub"] = push_release(root, hub.repo_id, token=token, endpoint=hub.endpoint, private=hub.private)

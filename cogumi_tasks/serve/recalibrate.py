@@ -176,7 +176,7 @@ def refit_step(ctx: StepContext) -> StepOutput:
     """
     from cogumi_tasks.core.artifacts import join_uri
     from cogumi_tasks.core.records import iter_jsonl_dicts
-    from cogumi_tasks.serve.release import CURRENT, ReleaseError, resolve_release
+    from cogumi_tasks.serve.release import CURRENT
 
     cfg = ctx.config.recalibrate
     if cfg is None or ctx.config.routing is None:
@@ -185,27 +185,33 @@ def refit_step(ctx: StepContext) -> StepOutput:
     registry = ctx.store.uri(ctx.config.name, "releases")
     decision: dict[str, Any] = {"interval": [ctx.params.get("start"), ctx.params.get("end")], "labelled": len(labels),
                                 "publish": False, "published": None}
-    try:
-        live = resolve_release("current", ctx.tmp_dir / "live", ctx.store, registry)
-    except ReleaseError as exc:
-        raise StepFailed(f"recalibrate: no live release to compare with: {exc}") from None
-    served = {r["release"] for r in labels}
     if len(labels) < cfg.min_labelled:
         decision["reason"] = f"{len(labels)} labelled queries, fewer than recalibrate.min_labelled {cfg.min_labelled}"
-    elif served != {live.id} and any(
-            _model_files(ctx, registry, rid) != live.model_files for rid in served):
-        decision["reason"] = (f"the interval was served by {sorted(served)}, whose model files differ from the live "
-                              f"release {live.id}: its confidences describe other models")
     else:
-        decision.update(refit(ctx, labels, live))
-        if decision["publish"]:
-            decision["published"] = publish_calibration(ctx, live, decision)
+        decision.update(_compare_and_publish(ctx, labels, registry))
     decision["current"] = (ctx.store.get_json(join_uri(registry, CURRENT)) or {}).get("id")
     ctx.out("decision.json").write_text(json.dumps(decision, indent=1, default=float))
     log.info("recalibrate %s: %s (%s)", decision["interval"], f"published {decision['published']}"
              if decision["published"] else "nothing published", decision["reason"])
     return StepOutput(files={"decision": "decision.json"}, metrics=json.loads(Path(ctx.out("decision.json"))
                                                                               .read_text()))
+
+
+def _compare_and_publish(ctx: StepContext, labels: list[dict], registry: str) -> dict:
+    from cogumi_tasks.serve.release import ReleaseError, resolve_release
+
+    try:
+        live = resolve_release("current", ctx.tmp_dir / "live", ctx.store, registry)
+    except ReleaseError as exc:
+        raise StepFailed(f"recalibrate: no live release to compare with: {exc}") from None
+    served = {r["release"] for r in labels}
+    if served != {live.id} and any(_model_files(ctx, registry, rid) != live.model_files for rid in served):
+        return {"live": live.id, "reason": f"the interval was served by {sorted(served)}, whose model files differ "
+                f"from the live release {live.id}: its confidences describe other models"}
+    decision = refit(ctx, labels, live)
+    if decision["publish"]:
+        decision["published"] = publish_calibration(ctx, live, decision)
+    return decision
 
 
 def _model_files(ctx: StepContext, registry: str, rid: str) -> dict[str, str]:

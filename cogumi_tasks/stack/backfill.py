@@ -1,4 +1,5 @@
-"""``cogumi backfill phase3 --modifier code --tier 2 [--run RUN_ID]``: re-run a failed modifier tier.
+"""``cogumi backfill phase3 --modifier code --tier 2 [--run RUN_ID]``: re-run a failed modifier tier;
+``cogumi backfill recalibrate --from 2026-11-28 --to 2026-11-30``: run missed re-calibration intervals.
 
 Clearing a task through Airflow's REST API is what the UI's "Clear" button does: the tier task and the tasks
 after it (its modifier's train and compress, then evaluate and publish, which never ran) are cleared and the run
@@ -11,9 +12,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import time
 
 from cogumi_tasks.stack import local
-from cogumi_tasks.stack.demo import AirflowREST, DemoError, _q, follow
+from cogumi_tasks.stack.demo import RECALIBRATE_DAG, AirflowREST, DemoError, _q, follow
 
 PHASE3_DAG = "phase3_modifiers"
 
@@ -49,16 +51,48 @@ def clear_tasks(api: AirflowREST, dag_id: str, run_id: str, task_ids: list[str])
     return api.request("POST", f"/dags/{_q(dag_id)}/clearTaskInstances", json=body)["task_instances"]
 
 
+def create_backfill(api: AirflowREST, dag_id: str, from_date: str, to_date: str, tries: int = 10,
+                    wait_s: float = 3.0) -> dict:
+    """Airflow 3's backfill of ``dag_id`` over the logical dates ``from_date`` .. ``to_date`` (inclusive, ISO 8601):
+    one run per interval, one at a time, intervals that already have a run skipped. On SQLite the API answers 503
+    (database locked) while others write; that answer is retried ``tries`` times, ``wait_s`` apart."""
+    body = {"dag_id": dag_id, "from_date": from_date, "to_date": to_date, "max_active_runs": 1,
+            "reprocess_behavior": "none"}
+    for attempt in range(1, tries + 1):
+        try:
+            return api.request("POST", "/backfills", json=body)
+        except DemoError as exc:
+            if "HTTP 503" not in str(exc) or attempt == tries:
+                raise
+            time.sleep(wait_s)
+    raise AssertionError("unreachable")
+
+
 def cli_backfill(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="cogumi backfill", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("phase", choices=["phase3"])
-    p.add_argument("--modifier", required=True, help="a modifier name of the config (code, reasoning, ...)")
-    p.add_argument("--tier", type=int, required=True, help="the cascade tier to re-run, 1-based")
-    p.add_argument("--run", help="the DAG run id (default: the latest run of phase3_modifiers)")
+    p.add_argument("phase", choices=["phase3", "recalibrate"])
+    p.add_argument("--modifier", help="phase3: a modifier name of the config (code, reasoning, ...)")
+    p.add_argument("--tier", type=int, help="phase3: the cascade tier to re-run, 1-based")
+    p.add_argument("--run", help="phase3: the DAG run id (default: the latest run of phase3_modifiers)")
+    p.add_argument("--from", dest="from_date", help="recalibrate: the first missed interval's start (ISO 8601)")
+    p.add_argument("--to", dest="to_date", help="recalibrate: the last missed interval's start (ISO 8601)")
     p.add_argument("--wait", action="store_true", help="follow the run until it ends")
     p.add_argument("--timeout", type=float, default=3600)
     args = p.parse_args(argv)
+    if args.phase == "recalibrate":
+        if not (args.from_date and args.to_date):
+            p.error("recalibrate needs --from and --to")
+        try:
+            made = create_backfill(connect(), RECALIBRATE_DAG, args.from_date, args.to_date)
+        except DemoError as exc:
+            print(f"cogumi backfill: {exc}")
+            return 1
+        print(f"backfill {made.get('id')} of {RECALIBRATE_DAG}: {args.from_date} .. {args.to_date} (its runs are "
+              "named backfill__<logical date>; follow them in the UI's Runs tab)")
+        return 0
+    if args.modifier is None or args.tier is None:
+        p.error("phase3 needs --modifier and --tier")
     try:
         api = connect()
         run_id = args.run or latest_run(api, PHASE3_DAG)

@@ -400,8 +400,34 @@ def cli_demo(argv: list[str] | None = None) -> int:
     if rc == GATES_FAILED:
         print("the pipeline ran; its quality gates failed (figures above and in the report)")
     if args.dag is None or any(d.startswith("phase5_deploy") for d in args.dag):
-        return start_serving(args.config)
+        rc = start_serving(args.config)
+        schedule_recalibration()
+        return rc
     return 0
+
+
+def schedule_recalibration(log=print) -> None:
+    """Unpause DAG ``recalibrate`` (the deployment config's cron schedule) and print when it runs next and where
+    to watch it; a stack without that DAG or a config without its section is reported, not an error."""
+    s = local.Settings.from_env()
+    try:
+        api = AirflowREST(s.airflow_url, "admin", local.load_secrets(s)["COGUMI_AIRFLOW_PASSWORD"])
+        api.wait_for_dag(RECALIBRATE_DAG)
+        api.unpause(RECALIBRATE_DAG)
+        dag = api.dag(RECALIBRATE_DAG) or {}
+    except (local.ServiceError, DemoError) as exc:
+        log(f"re-calibration not scheduled: {exc}")
+        return
+    if not dag.get("timetable_summary") or dag.get("timetable_summary") == "None":
+        log(f"re-calibration: the deployment config has no recalibrate section ({RECALIBRATE_DAG} is manual only)")
+        return
+    log(f"re-calibration: DAG {RECALIBRATE_DAG} runs on {dag['timetable_summary']!r}; next run after "
+        f"{dag.get('next_dagrun_run_after')} for the served traffic of {dag.get('next_dagrun_data_interval_start')} "
+        f".. {dag.get('next_dagrun_data_interval_end')}\n  see it in the UI: {s.airflow_url}/dags/{RECALIBRATE_DAG} "
+        f"(its runs; each refit task's decision says what it measured and whether it published)")
+
+
+RECALIBRATE_DAG = "recalibrate"
 
 
 def start_serving(config: str, log=print) -> int:

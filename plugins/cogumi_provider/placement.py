@@ -34,14 +34,19 @@ def deployment_modifiers() -> list[tuple[str, int]]:
 
 
 def deployment_recalibration() -> dict:
-    """``cogumi_dag`` kwargs of DAG ``recalibrate`` from the deployment config: its cron ``schedule``, and when
-    ``recalibrate.start_date`` is set, that start with catch-up (every interval since runs)."""
+    """``cogumi_dag`` kwargs of DAG ``recalibrate`` from the deployment config: its cron ``schedule`` as data
+    intervals (Airflow 3 makes a plain cron string a trigger timetable, whose runs have an empty interval; each run
+    here reads the logs between one tick and the next), and when ``recalibrate.start_date`` is set, that start with
+    catch-up (every interval since runs)."""
+    from airflow.sdk import CronDataIntervalTimetable
+
     cfg = _deployment().recalibrate
     if cfg is None:
         return {"schedule": None}
+    timetable = CronDataIntervalTimetable(cfg.schedule, timezone="UTC")
     if cfg.start_date is None:
-        return {"schedule": cfg.schedule}
-    return {"schedule": cfg.schedule, "start_date": pendulum.parse(cfg.start_date), "catchup": True}
+        return {"schedule": timetable}
+    return {"schedule": timetable, "start_date": pendulum.parse(cfg.start_date), "catchup": True}
 
 
 def deployment_config() -> str:

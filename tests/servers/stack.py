@@ -34,10 +34,11 @@ class Stack:
 
 @contextmanager
 def throwaway_stack(root: Path, dag_ids: tuple[str, ...], proxied: dict[str, str],
-                    config: Callable[[dict[str, str]], dict]) -> Iterator[Stack]:
+                    config: Callable[[dict[str, str]], dict], paused: tuple[str, ...] = ()) -> Iterator[Stack]:
     """Start a stack under ``root`` running ``dag_ids``. ``proxied`` names each fault proxy and what it fronts
     (``"llm"``: llama.cpp, ``"strong"``: the strong tier); ``config(proxy URLs)`` returns the config's data (its
-    ``name`` is the deployment config), so teachers can point at the proxies."""
+    ``name`` is the deployment config), so teachers can point at the proxies. The DAGs in ``paused`` are parsed but
+    left paused (the test unpauses them when their data is in place)."""
     from cogumi_tasks.core.artifacts import ArtifactStore
     from cogumi_tasks.core.config import StorageConfig
     from cogumi_tasks.stack.demo import AirflowREST
@@ -58,7 +59,10 @@ def throwaway_stack(root: Path, dag_ids: tuple[str, ...], proxied: dict[str, str
     settings = local.Settings.from_env({}, home=root / "home", s3_port=base, llm_port=base + 20,
                                        airflow_port=base + 21, strong_port=base + 22, dags_folder=dags,
                                        config_dir=configs,
-                                       extra_env={"COGUMI_CONFIG": data["name"], "COGUMI_RETRY_DELAY_S": "1"})
+                                       extra_env={"COGUMI_CONFIG": data["name"], "COGUMI_RETRY_DELAY_S": "1",
+                                                  # every DAG paused when parsed; those not in `paused` are
+                                                  # unpaused below (the local stack's default is unpaused)
+                                                  "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": str(bool(paused))})
     procs = []
     try:
         local.up(settings, timeout_s=600)  # a loaded 2-core box took ~6 min to migrate and start
@@ -73,7 +77,8 @@ def throwaway_stack(root: Path, dag_ids: tuple[str, ...], proxied: dict[str, str
         api = AirflowREST(settings.airflow_url, "admin", password, timeout_s=120)  # one API worker on a busy box
         for dag_id in dag_ids:
             api.wait_for_dag(dag_id, timeout_s=180)
-            api.unpause(dag_id)
+            if dag_id not in paused:
+                api.unpause(dag_id)
         yield Stack(settings, store, api, password, proxies)
     finally:
         for proc in procs:
