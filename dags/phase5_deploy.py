@@ -22,18 +22,26 @@ with cogumi_dag(
     params=run_params(
         routing=Param(None, type=["null", "string"], title="Routing bundle",
                       description="s3:// URI of routing.publish's bundle.json; empty: the newest cogumi_phase4 one."),
+        modifiers=Param(None, type=["null", "string"], title="Modifiers bundle",
+                        description="s3:// URI of modifiers.publish's bundle.json; empty: the newest cogumi_phase3 "
+                                    "one."),
+        reference_items=Param(None, type=["null", "string"], title="Reference answers",
+                    description="s3:// URI of modifiers.evaluate's items (the reference's score per held-out item); "
+                                "empty: the newest cogumi_phase3 one."),
     ),
     overrides={"llm.budget_usd": "{{ params.budget_usd }}"},
     tags=["phase5"],
     schedule=[phase_asset("phase4")],
 ) as dag:
     release = CogumiStepOperator(
-        task_id="release", step="serve.release", inputs={"routing": "{{ params.routing }}"},
+        task_id="release", step="serve.release",
+        inputs={"routing": "{{ params.routing }}", "modifiers": "{{ params.modifiers }}"},
         inlets=[phase_asset("phase4"), phase_asset("phase3")],
         asset_inputs={"routing": "cogumi_phase4:bundle", "modifiers": "cogumi_phase3:bundle"},
         **placement("serve.release"))
     validate = CogumiStepOperator(
-        task_id="validate", step="serve.validate", inputs={"release": release.output["release"]},
+        task_id="validate", step="serve.validate",
+        inputs={"release": release.output["release"], "items": "{{ params.reference_items }}"},
         inlets=[phase_asset("phase3")], asset_inputs={"items": "cogumi_phase3:items"},
         **placement("serve.validate"))
     promote = CogumiStepOperator(

@@ -383,7 +383,8 @@ def cli_demo(argv: list[str] | None = None) -> int:
     p.add_argument("--budget", type=float, help="spend cap in USD (conf budget_usd)")
     p.add_argument("--dag", action="append", metavar="DAG_ID:FINAL_TASK",
                    help="run these DAGs in order (default: " + ", ".join(DEMO_DAGS) + ")")
-    p.add_argument("--timeout", type=float, default=3600, help="seconds to follow the run")
+    p.add_argument("--timeout", type=float, default=10800,
+                   help="seconds to follow each DAG run, its time queued behind the CPU pool included (default 3 h)")
     args = p.parse_args(argv)
     conf: dict[str, Any] = {}
     if args.limit is not None:

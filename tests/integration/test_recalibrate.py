@@ -1,8 +1,9 @@
-"""DAG ``recalibrate`` run by the scheduler itself on a throwaway Airflow stack, against query logs the serving API
-wrote on loopback.
+"""Phase 5's ``phase5_deploy`` and the scheduled ``recalibrate`` run by Airflow itself on a throwaway stack, against
+query logs the serving API wrote on loopback.
 
-The live release is the session's small release with an overconfident calibrator (every answer at ~1.0 while the
-tiny world's reasoning answers of an untrained 135M model are wrong): the scheduled run of the interval that holds
+``phase5_deploy`` (triggered with the Phase 3/4 bundles as params) builds, validates and promotes the session's small
+release with an overconfident calibrator (every answer at ~1.0 while the tiny world's reasoning answers of an
+untrained 135M model are wrong). That live release serves traffic; the scheduled run of the interval that holds
 the traffic must refit it, find a lower ECE and publish a calibration release, which the serving gateway then swaps
 in without a restart. The same interval run again changes nothing (every step is a cache hit). A backfill over three
 earlier intervals runs three runs, each reading only its own interval's logs.
@@ -24,7 +25,7 @@ from tests.conftest import REPO
 from tests.servers.stack import throwaway_stack
 
 pytestmark = [pytest.mark.stack, pytest.mark.e2e, pytest.mark.timeout(1800)]
-DAG = "recalibrate"
+DAG, DEPLOY = "recalibrate", "phase5_deploy"
 NAME = "t-recal"
 OVERCONFIDENT = {"method": "platt", "a": 1.0, "b": 8.0}
 SCHEDULED_N, BACKFILL_NS = 8, (1, 2, 3)
@@ -34,6 +35,9 @@ def _config(proxies: dict[str, str]) -> dict:
     data = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
     data["name"] = NAME
     data["serve"].update(threads=1, parallel=1, context=1024)
+    for m in data["modifiers"]:
+        m["heldout"]["n"] = 1  # serve.validate: one held-out item per domain through the gateway
+    data["eval"].update(max_tokens=12, gates={})
     data["recalibrate"] = {"schedule": "@daily", "sample": 20, "min_labelled": 6, "max_tokens": 24,
                            "ece_margin": 0.0, "quality_margin": 1.0}  # the routing comparison is reported, not gated
     return data
@@ -65,9 +69,38 @@ def _decision(api, store, run_id: str) -> tuple[dict, dict]:
     return decision, store.producer_manifest(labels)["metrics"]
 
 
+def _bundles(serve_world, cfg, tmp_path) -> dict[str, str]:
+    """phase5_deploy's params: the Phase 4 and Phase 3 bundles naming the session's small release parts (the
+    packaged GGUF, seeded LoRAs, the planted router, the small escalation student) with the overconfident calibrator,
+    and the reference's score per held-out item."""
+    from cogumi_tasks.models.packaged import smollm2_gguf
+    from cogumi_tasks.modifiers.lora_steps import heldout
+    from tests.serve_release import MODIFIERS
+
+    parts = serve_world["tmp"]
+    (tmp_path / "calibrator.json").write_text(json.dumps(OVERCONFIDENT))
+    routing = {"router": str(parts / "router"), "escalation": str(parts / "escalation"),
+               "calibrator": str(tmp_path / "calibrator.json"), "threshold": 0.8, "models": ["base", *MODIFIERS],
+               "costs": {"base": 1.0, **dict.fromkeys(MODIFIERS, 1.2)}}
+    mods = {"base_gguf": str(smollm2_gguf()), "recovery_lora": str(parts / "recovery.gguf"),
+            "modifiers": [{"name": n, "domain": n, "lora_gguf": str(parts / f"{n}.gguf"), "scale": 1.0}
+                          for n in MODIFIERS]}
+
+    class Ctx:  # heldout() only needs fetch for builtin/world suites
+        fetch = staticmethod(lambda uri: uri)
+
+    ids = [it.id for m in cfg.modifiers for it in heldout(Ctx, m.heldout)]
+    (tmp_path / "items.jsonl").write_text("".join(json.dumps({"id": i, "model": "base", "reference_score": 1.0})
+                                                  + "\n" for i in ids))
+    (tmp_path / "routing.json").write_text(json.dumps(routing))
+    (tmp_path / "modifiers.json").write_text(json.dumps(mods))
+    return {"routing": str(tmp_path / "routing.json"), "modifiers": str(tmp_path / "modifiers.json"),
+            "reference_items": str(tmp_path / "items.jsonl")}
+
+
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
-    with throwaway_stack(tmp_path_factory.mktemp("recal"), (DAG,), {}, _config, paused=(DAG,)) as st:
+    with throwaway_stack(tmp_path_factory.mktemp("recal"), (DAG, DEPLOY), {}, _config, paused=(DAG,)) as st:
         yield st
 
 
@@ -77,20 +110,24 @@ def test_the_scheduler_recalibrates_on_served_logs_and_backfills_missed_interval
 
     from cogumi_tasks.core.config import load_config
     from cogumi_tasks.serve import gateway
-    from cogumi_tasks.serve.release import build_release, load_release, publish_release
+    from cogumi_tasks.serve.release import load_release, resolve_release
     from cogumi_tasks.stack import local
     from cogumi_tasks.stack.backfill import create_backfill
+    from cogumi_tasks.stack.demo import follow
     from cogumi_tasks.world import generate
 
     api, store = stack.api, stack.store
     cfg = load_config(str(stack.settings.config_dir / f"{NAME}.yaml"))
     registry = store.uri(NAME, "releases")
-    small = serve_world["release"]
-    build_release(tmp_path / "live", base=small.base, recovery=small.recovery, modifiers=small.modifiers,
-                  router=small.router_dir, escalation=small.escalation_dir, calibrator=OVERCONFIDENT, threshold=0.8,
-                  release_id="r-overconfident")
-    live = load_release(tmp_path / "live")
-    publish_release(store, live.root, registry)
+
+    # Phase 5 through Airflow: release -> validate -> promote; the promoted release is the live one
+    deploy = api.trigger(DEPLOY, _bundles(serve_world, cfg, tmp_path))
+    state, tis = follow(api, DEPLOY, deploy, timeout_s=900, log=lambda *_: None)
+    assert state == "success", [(t["task_id"], t["state"]) for t in tis]
+    validation = store.get_json(api.xcom(DEPLOY, deploy, "validate", key="validation"))
+    assert validation["passed"] and validation["n"] == 3 and validation["gates"] == []
+    live = resolve_release("current", tmp_path / "live", store, registry)
+    assert live.id == validation["release"] and live.calibrator().b == OVERCONFIDENT["b"]
 
     # the interval the scheduler runs first once unpaused: yesterday (the newest complete day when the DAG was
     # parsed); near midnight, wait for the new day and its re-parse so that it stays the newest until the unpause
