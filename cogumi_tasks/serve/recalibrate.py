@@ -189,7 +189,8 @@ def refit_step(ctx: StepContext) -> StepOutput:
         decision["reason"] = f"{len(labels)} labelled queries, fewer than recalibrate.min_labelled {cfg.min_labelled}"
     else:
         decision.update(_compare_and_publish(ctx, labels, registry))
-    decision["current"] = (ctx.store.get_json(join_uri(registry, CURRENT)) or {}).get("id")
+    pointer = join_uri(registry, CURRENT)
+    decision["current"] = (ctx.store.get_json(pointer) or {}).get("id") if ctx.store.exists(pointer) else None
     ctx.out("decision.json").write_text(json.dumps(decision, indent=1, default=float))
     log.info("recalibrate %s: %s (%s)", decision["interval"], f"published {decision['published']}"
              if decision["published"] else "nothing published", decision["reason"])

@@ -135,3 +135,24 @@ def test_calibration_releases_share_model_files_and_move_the_pointer_once(tmp_pa
     assert watcher.check() is None
     publish_release(store, other, registry)
     assert watcher.check() is None and gw.release.id == "r-one" and watcher.refused == {"r-other"}
+
+
+def test_an_interval_without_traffic_refits_nothing_even_before_any_release_is_current(tmp_path, store_for):
+    """The first scheduled run of a new deployment: no logs, no current release; both steps succeed and say so."""
+    import yaml
+
+    from cogumi_tasks.core.config import load_config
+    from cogumi_tasks.core.steps import run_step
+    from tests.conftest import REPO
+
+    data = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
+    data["name"] = "t-recal-empty"
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    cfg = load_config(str(tmp_path / "c.yaml"))
+    store = store_for(cfg)
+    interval = {"start": "2026-12-01T10:00:00+00:00", "end": "2026-12-01T10:30:00+00:00"}
+    labels = run_step("recalibrate.label", cfg, {}, params=interval, store=store)
+    assert (labels.metrics["requests"], labels.metrics["sampled"], labels.metrics["release"]) == (0, 0, None)
+    refit = run_step("recalibrate.refit", cfg, {"labels": labels.outputs["labels"]}, params=interval, store=store)
+    assert refit.metrics["published"] is None and refit.metrics["current"] is None
+    assert refit.metrics["reason"] == "0 labelled queries, fewer than recalibrate.min_labelled 12"
