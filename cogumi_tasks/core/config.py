@@ -580,6 +580,10 @@ class ServeConfig(Strict):
     rate_burst: int = Field(10, ge=1, description="requests a key may send at once before the rate applies")
     parallel: int = Field(2, ge=1, description="engine slots: requests decoded at once")
     context: int = Field(2048, ge=256, description="engine context per slot, tokens")
+    prompt_cache: bool = Field(False, description="let the engine reuse a slot's KV of a shared prompt prefix: faster "
+                               "prefill of long repeated prefixes, but an answer then depends on the requests before "
+                               "it (greedy answers changed with the order of the same requests); off: every request "
+                               "computes its whole prompt")
     threads: int | None = Field(None, ge=1, description="engine threads; empty: models.packaged.gguf_threads()")
     state_dir: str = Field("~/.cache/cogumi/serve", description="session memory (SQLite) and fetched releases")
     query_log_flush_s: float = Field(10.0, gt=0, description="the query log is written to S3 this often")

@@ -78,13 +78,16 @@ class XllamacppEngine(Engine):
     """llama.cpp's server in this process (``xllamacpp.Server``) on 127.0.0.1, reached over HTTP."""
 
     def __init__(self, base: Path, adapters: Mapping[str, Path], fixed: Mapping[str, float] | None = None,
-                 parallel: int = 2, context: int = 2048, threads: int | None = None, port: int | None = None):
+                 parallel: int = 2, context: int = 2048, threads: int | None = None, port: int | None = None,
+                 prompt_cache: bool = False):
         """``adapters``: name -> GGUF LoRA, in id order; ``fixed``: adapters always applied at this scale (the
-        recovery LoRA at 1), whatever a request asks."""
+        recovery LoRA at 1), whatever a request asks; ``prompt_cache``: reuse a slot's KV of a shared prompt prefix
+        (off: an answer never depends on the requests before it, see ``ServeConfig.prompt_cache``)."""
         self.base, self.paths = Path(base), dict(adapters)
         self.adapters = list(self.paths)
         self.fixed = dict(fixed or {})
         self.parallel, self.context, self.threads, self.port = parallel, context, threads, port
+        self.prompt_cache = prompt_cache
         self.key = secrets.token_urlsafe(24)
         self.url = ""
         self._server: Any = None
@@ -96,7 +99,8 @@ class XllamacppEngine(Engine):
         loaded at 0 until a request picks it."""
         adapters = ({"recovery": release.recovery} if release.recovery else {}) | release.modifiers
         return cls(release.base, adapters, fixed={"recovery": 1.0} if release.recovery else None,
-                   parallel=config.parallel, context=config.context, threads=config.threads)
+                   parallel=config.parallel, context=config.context, threads=config.threads,
+                   prompt_cache=config.prompt_cache)
 
     def start(self) -> None:
         import xllamacpp
@@ -136,7 +140,8 @@ class XllamacppEngine(Engine):
     def _body(self, messages: Sequence[Mapping[str, Any]], adapter_scales: Mapping[str, float], max_tokens: int,
               stream: bool, temperature: float, seed: int | None) -> dict:
         body = {"messages": list(messages), "max_tokens": max_tokens, "temperature": temperature, "stream": stream,
-                "logprobs": True, "top_logprobs": 1, "lora": self.scales(adapter_scales)}
+                "logprobs": True, "top_logprobs": 1, "lora": self.scales(adapter_scales),
+                "cache_prompt": self.prompt_cache}
         if seed is not None:
             body["seed"] = seed
         return body

@@ -137,6 +137,24 @@ def test_concurrent_requests_with_different_adapters_never_mix(gateway):
     assert together == [alone[m] for m in models]
 
 
+def test_an_answer_does_not_depend_on_the_requests_before_it(gateway):
+    """Every (prompt, adapter) pair asked one at a time in one order, then in the reverse order: each answer is the
+    same. With llama.cpp's prompt cache on, a request reuses the KV a slot kept from the previous request's prompt
+    (another adapter's, or a prefix computed in another batch), and greedy answers changed with the order."""
+    url, _ = gateway
+    from bench.serving import PROMPTS
+
+    models = ("cogumi-base", "cogumi-code", "cogumi-reasoning", "cogumi-automation")
+
+    def text(pair: tuple[str, str]) -> str:
+        r = _post(url, _ask(pair[1], pair[0], max_tokens=24))
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["message"]["content"]
+
+    first = {(p, m): text((p, m)) for p in PROMPTS[:3] for m in models}  # prompt by prompt
+    assert {(p, m): text((p, m)) for m in reversed(models) for p in PROMPTS[:3]} == first  # adapter by adapter
+
+
 def test_auth_and_limits_are_refused_openai_style_and_serving_goes_on(gateway):
     url, gw = gateway
     before = gw.metrics.sample("cogumi_errors_total", {"kind": "auth"})
