@@ -85,3 +85,35 @@ def build_small_release(tmp: Path, embedder) -> Path:
                   router=small_router(tmp / "router", embedder), escalation=small_escalation(tmp / "escalation"),
                   calibrator=LOW_CALIBRATOR, lineage=[{"step": "test"}], release_id="test-release")
     return tmp / "release"
+
+
+def phase_bundles(parts: Path, out: Path, calibrator: dict, config=None) -> dict[str, str]:
+    """What Phase 5 reads from Phases 3 and 4, naming the small release parts in ``parts`` (as
+    :func:`build_small_release` leaves them) with ``calibrator``: ``routing`` and ``modifiers`` (the bundles'
+    JSON), and with a pipeline ``config``, ``items``: the reference's score (1.0) per held-out item of its modifiers."""
+    import json
+
+    from cogumi_tasks.models.packaged import smollm2_gguf
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "calibrator.json").write_text(json.dumps(calibrator))
+    routing = {"router": str(parts / "router"), "escalation": str(parts / "escalation"),
+               "calibrator": str(out / "calibrator.json"), "threshold": 0.8, "models": ["base", *MODIFIERS],
+               "costs": {"base": 1.0, **dict.fromkeys(MODIFIERS, 1.2)}}
+    mods = {"base_gguf": str(smollm2_gguf()), "recovery_lora": str(parts / "recovery.gguf"),
+            "modifiers": [{"name": n, "domain": n, "lora_gguf": str(parts / f"{n}.gguf"), "scale": 1.0}
+                          for n in MODIFIERS]}
+    (out / "routing.json").write_text(json.dumps(routing))
+    (out / "modifiers.json").write_text(json.dumps(mods))
+    paths = {"routing": str(out / "routing.json"), "modifiers": str(out / "modifiers.json")}
+    if config is not None:
+        from cogumi_tasks.modifiers.lora_steps import heldout
+
+        class Ctx:  # heldout() only needs fetch for builtin/world suites
+            fetch = staticmethod(lambda uri: uri)
+
+        ids = [it.id for m in config.modifiers for it in heldout(Ctx, m.heldout)]
+        (out / "items.jsonl").write_text("".join(json.dumps({"id": i, "model": "base", "reference_score": 1.0})
+                                                 + "\n" for i in ids))
+        paths["items"] = str(out / "items.jsonl")
+    return paths

@@ -12,28 +12,16 @@ import yaml
 from cogumi_tasks.core.config import load_config
 from cogumi_tasks.core.steps import StepFailed, run_step
 from tests.conftest import REPO
-from tests.serve_release import LOW_CALIBRATOR, MODIFIERS
+from tests.serve_release import LOW_CALIBRATOR, MODIFIERS, phase_bundles
 
 pytestmark = pytest.mark.stack
 
 
 @pytest.fixture(scope="module")
-def bundles(serve_world, tmp_path_factory):
+def bundles(serve_world, tmp_path_factory) -> dict[str, str]:
     """The two bundles serve.release reads, naming the session's small release parts (tests/serve_release.py: the
     packaged GGUF, seeded LoRAs, a router on planted verdicts, a small escalation student)."""
-    from cogumi_tasks.models.packaged import smollm2_gguf
-
-    parts, tmp = serve_world["tmp"], tmp_path_factory.mktemp("deploy")
-    (tmp / "calibrator.json").write_text(json.dumps(LOW_CALIBRATOR))
-    routing = {"router": str(parts / "router"), "escalation": str(parts / "escalation"),
-               "calibrator": str(tmp / "calibrator.json"), "threshold": 0.8, "models": ["base", *MODIFIERS],
-               "costs": {"base": 1.0, **dict.fromkeys(MODIFIERS, 1.2)}}
-    mods = {"base_gguf": str(smollm2_gguf()), "recovery_lora": str(parts / "recovery.gguf"),
-            "modifiers": [{"name": n, "domain": n, "lora_gguf": str(parts / f"{n}.gguf"), "scale": 1.0}
-                          for n in MODIFIERS]}
-    (tmp / "routing.json").write_text(json.dumps(routing))
-    (tmp / "modifiers.json").write_text(json.dumps(mods))
-    return tmp
+    return phase_bundles(serve_world["tmp"], tmp_path_factory.mktemp("deploy"), LOW_CALIBRATOR)
 
 
 def _config(tmp_path, gates: dict) -> str:
@@ -47,27 +35,21 @@ def _config(tmp_path, gates: dict) -> str:
     return str(path)
 
 
-def test_release_validate_and_promote_only_when_validation_passed(s3_server, store_for, bundles, tmp_path):
-    from cogumi_tasks.modifiers.lora_steps import heldout
+def test_release_validate_and_promote_only_when_validation_passed(s3_server, store_for, serve_world, bundles,
+                                                                  tmp_path):
     from cogumi_tasks.serve.release import resolve_release
 
     cfg = load_config(_config(tmp_path, {}))
     store = store_for(cfg)
-    built = run_step("serve.release", cfg, {"routing": str(bundles / "routing.json"),
-                                            "modifiers": str(bundles / "modifiers.json")}, store=store)
+    built = run_step("serve.release", cfg, bundles, store=store)
     rid = built.metrics["id"]
     assert rid.startswith("r-") and built.metrics["models"] == ["base", *MODIFIERS]
     assert built.metrics["total_bytes"] == sum(built.metrics["bytes"].values())
-    again = run_step("serve.release", cfg, {"routing": str(bundles / "routing.json"),
-                                            "modifiers": str(bundles / "modifiers.json")}, store=store)
+    again = run_step("serve.release", cfg, bundles, store=store)
     assert again.metrics["id"] == rid  # a retry builds the same release
 
-    class Ctx:  # heldout() only needs fetch for builtin/world suites
-        fetch = staticmethod(lambda uri: uri)
-
-    ids = [it.id for m in cfg.modifiers for it in heldout(Ctx, m.heldout)]
-    items = tmp_path / "items.jsonl"
-    items.write_text("".join(json.dumps({"id": i, "model": "base", "reference_score": 1.0}) + "\n" for i in ids))
+    items = phase_bundles(serve_world["tmp"], tmp_path / "b", LOW_CALIBRATOR, cfg)["items"]
+    ids = [json.loads(line)["id"] for line in open(items)]
 
     checked = run_step("serve.validate", cfg, {"release": built.outputs["release"], "items": str(items)}, store=store)
     v = checked.metrics

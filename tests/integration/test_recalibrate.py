@@ -69,35 +69,6 @@ def _decision(api, store, run_id: str) -> tuple[dict, dict]:
     return decision, store.producer_manifest(labels)["metrics"]
 
 
-def _bundles(serve_world, cfg, tmp_path) -> dict[str, str]:
-    """phase5_deploy's params: the Phase 4 and Phase 3 bundles naming the session's small release parts (the
-    packaged GGUF, seeded LoRAs, the planted router, the small escalation student) with the overconfident calibrator,
-    and the reference's score per held-out item."""
-    from cogumi_tasks.models.packaged import smollm2_gguf
-    from cogumi_tasks.modifiers.lora_steps import heldout
-    from tests.serve_release import MODIFIERS
-
-    parts = serve_world["tmp"]
-    (tmp_path / "calibrator.json").write_text(json.dumps(OVERCONFIDENT))
-    routing = {"router": str(parts / "router"), "escalation": str(parts / "escalation"),
-               "calibrator": str(tmp_path / "calibrator.json"), "threshold": 0.8, "models": ["base", *MODIFIERS],
-               "costs": {"base": 1.0, **dict.fromkeys(MODIFIERS, 1.2)}}
-    mods = {"base_gguf": str(smollm2_gguf()), "recovery_lora": str(parts / "recovery.gguf"),
-            "modifiers": [{"name": n, "domain": n, "lora_gguf": str(parts / f"{n}.gguf"), "scale": 1.0}
-                          for n in MODIFIERS]}
-
-    class Ctx:  # heldout() only needs fetch for builtin/world suites
-        fetch = staticmethod(lambda uri: uri)
-
-    ids = [it.id for m in cfg.modifiers for it in heldout(Ctx, m.heldout)]
-    (tmp_path / "items.jsonl").write_text("".join(json.dumps({"id": i, "model": "base", "reference_score": 1.0})
-                                                  + "\n" for i in ids))
-    (tmp_path / "routing.json").write_text(json.dumps(routing))
-    (tmp_path / "modifiers.json").write_text(json.dumps(mods))
-    return {"routing": str(tmp_path / "routing.json"), "modifiers": str(tmp_path / "modifiers.json"),
-            "reference_items": str(tmp_path / "items.jsonl")}
-
-
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     with throwaway_stack(tmp_path_factory.mktemp("recal"), (DAG, DEPLOY), {}, _config, paused=(DAG,)) as st:
@@ -115,13 +86,16 @@ def test_the_scheduler_recalibrates_on_served_logs_and_backfills_missed_interval
     from cogumi_tasks.stack.backfill import create_backfill
     from cogumi_tasks.stack.demo import follow
     from cogumi_tasks.world import generate
+    from tests.serve_release import phase_bundles
 
     api, store = stack.api, stack.store
     cfg = load_config(str(stack.settings.config_dir / f"{NAME}.yaml"))
     registry = store.uri(NAME, "releases")
 
     # Phase 5 through Airflow: release -> validate -> promote; the promoted release is the live one
-    deploy = api.trigger(DEPLOY, _bundles(serve_world, cfg, tmp_path))
+    bundles = phase_bundles(serve_world["tmp"], tmp_path / "bundles", OVERCONFIDENT, cfg)
+    deploy = api.trigger(DEPLOY, {"routing": bundles["routing"], "modifiers": bundles["modifiers"],
+                                  "reference_items": bundles["items"]})
     state, tis = follow(api, DEPLOY, deploy, timeout_s=900, log=lambda *_: None)
     assert state == "success", [(t["task_id"], t["state"]) for t in tis]
     validation = store.get_json(api.xcom(DEPLOY, deploy, "validate", key="validation"))
