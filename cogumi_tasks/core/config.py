@@ -609,6 +609,9 @@ class RecalibrateConfig(Strict):
     max_tokens: int = Field(96, ge=1, description="answer length of the models that did not answer a query when served")
     ece_margin: float = Field(0.0, ge=0, description="publish only when the new ECE <= the live one + this")
     quality_margin: float = Field(0.0, ge=0, description="... and the new routing quality >= the live one - this")
+    cost_margin: float | None = Field(None, ge=0, description="... and the new cost per query <= the live one x "
+                                      "(1 + this); empty: cost is no rule (the threshold already keeps "
+                                      "routing.router.cost_budget)")
     seed: int = 0
 
 

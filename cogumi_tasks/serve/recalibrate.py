@@ -13,10 +13,11 @@ with the live release, and publish a calibration release only when it is no wors
   rows with a raw confidence; none when its lineage names no table) plus the sample's other half. On it: ECE of the
   base's verdict under the live and the new calibrator, and routing quality (share answered correctly by the model
   the thresholded policy picks) with the live and the new (calibrator, threshold).
-- Publish when ECE_new <= ECE_live + ``ece_margin`` and quality_new >= quality_live - ``quality_margin`` and
-  something changed: the live release with the new ``calibrator.json`` and threshold becomes release
-  ``r-<sha256(live id, calibrator, threshold)>`` in the registry and ``current`` points at it (the pointer written
-  last, only if it still names the live release). The id is a digest, so re-running an interval publishes the same
+- Publish when ECE_new <= ECE_live + ``ece_margin`` and quality_new >= quality_live - ``quality_margin`` (and,
+  when ``cost_margin`` is set, cost_new <= cost_live x (1 + ``cost_margin``)) and something changed: the live
+  release with the new ``calibrator.json`` and threshold becomes release ``r-<sha256(live id, calibrator,
+  threshold)>`` in the registry and ``current`` points at it (the pointer written last, only if it still names the
+  live release). The id is a digest, so re-running an interval publishes the same
   release, and a run whose refit equals the live release publishes nothing.
 
 Output ``decision`` (JSON, also the metrics): the figures above, ``published`` and ``reason``.
@@ -69,14 +70,18 @@ def routed_quality(router: Any, embeddings: np.ndarray, raw: np.ndarray, verdict
 
 
 def refusals(ece_live: float, ece_new: float, q_live: float, q_new: float, changed: bool, ece_margin: float,
-             quality_margin: float) -> list[str]:
-    """Why the refit is not published (empty: publish): worse ECE or routing quality beyond the margins, or no
-    change from the live release."""
+             quality_margin: float, cost_live: float = 0.0, cost_new: float = 0.0,
+             cost_margin: float | None = None) -> list[str]:
+    """Why the refit is not published (empty: publish): worse ECE or routing quality beyond the margins, a cost per
+    query above the live one by more than ``cost_margin`` (a share; None: cost is no rule), or no change from the
+    live release."""
     why = []
     if not ece_new <= ece_live + ece_margin:  # a NaN ECE (no comparison rows) refuses too
         why.append(f"ECE {ece_new:.4f} > live {ece_live:.4f} + margin {ece_margin}")
     if not q_new >= q_live - quality_margin:
         why.append(f"routing quality {q_new:.4f} < live {q_live:.4f} - margin {quality_margin}")
+    if cost_margin is not None and not cost_new <= cost_live * (1 + cost_margin):
+        why.append(f"cost per query {cost_new:.4f} > live {cost_live:.4f} x (1 + margin {cost_margin})")
     if not changed:
         why.append("the refit equals the live release's calibrator and threshold")
     return why
@@ -118,14 +123,16 @@ def refit(ctx: StepContext, labels: list[dict], live: Any) -> dict:
     q_new, c_new, mix_new = routed_quality(router, e_emb, e_raw, e_v, new_cal, chosen["threshold"])
     ece_live, ece_new = ece(live_cal(e_raw), e_y), ece(new_cal(e_raw), e_y)
     changed = vars(new_cal) != vars(live_cal) or chosen["threshold"] != live.threshold
-    why = refusals(ece_live, ece_new, q_live, q_new, changed, cfg.ece_margin, cfg.quality_margin)
+    why = refusals(ece_live, ece_new, q_live, q_new, changed, cfg.ece_margin, cfg.quality_margin, c_live, c_new,
+                   cfg.cost_margin)
     return {"live": live.id, "labelled": len(labels), "fit_n": len(fit), "compare_n": len(e_y),
             "holdout": {"n": len(hold), "from": hold_from}, "calibration": report,
             "calibrator": {"live": vars(live_cal), "new": vars(new_cal)},
             "threshold": {"live": live.threshold, "new": chosen["threshold"], "sweep": sweep, "chosen": chosen},
             "ece": {"live": ece_live, "new": ece_new, "margin": cfg.ece_margin},
             "quality": {"live": q_live, "new": q_new, "margin": cfg.quality_margin, "cost_live": c_live,
-                        "cost_new": c_new, "route_mix_live": mix_live, "route_mix_new": mix_new},
+                        "cost_new": c_new, "cost_margin": cfg.cost_margin, "route_mix_live": mix_live,
+                        "route_mix_new": mix_new},
             "publish": not why, "reason": "; ".join(why) or "no worse on ECE and routing quality, and changed"}
 
 

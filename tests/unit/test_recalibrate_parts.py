@@ -83,6 +83,15 @@ def test_a_refit_is_published_only_when_no_worse_and_changed(ece_new, q_new, cha
     assert len(why) == len(expected) and all(e in w for e, w in zip(expected, why, strict=True))
 
 
+@pytest.mark.parametrize(("cost_new", "margin", "refused"), [
+    (1.20, None, False), (1.09, 0.10, False), (1.11, 0.10, True), (0.90, 0.0, False), (1.01, 0.0, True),
+])
+def test_cost_is_a_rule_only_when_its_margin_is_set(cost_new, margin, refused):
+    why = refusals(0.20, 0.10, 0.45, 0.50, True, ece_margin=0.0, quality_margin=0.0, cost_live=1.0,
+                   cost_new=cost_new, cost_margin=margin)
+    assert [w.split(" ")[0] for w in why] == (["cost"] if refused else [])
+
+
 def dummy_release(root: Path, calibrator: dict, threshold: float, rid: str, base: bytes = b"GGUF base") -> Path:
     from cogumi_tasks.serve.release import build_release
 
