@@ -7,7 +7,6 @@ import os
 import shutil
 import signal
 import socket
-import statistics
 import tempfile
 import threading
 import time
@@ -196,19 +195,14 @@ def test_sleeping_loop_hits_wall_timeout() -> None:
     assert res.seconds >= 1.0
 
 
-@pytest.mark.perf
-def test_limits_end_runs_promptly() -> None:
-    """Wall-clock upper bounds (they depend on the machine's load): each limit ends a run soon after
-    it is reached, and the machine stays responsive after a fork bomb."""
+def test_fork_bomb_is_ended_and_leaves_nothing_behind() -> None:
+    """A fork bomb is ended by a limit, leaves no process behind, and the next run works. How soon is
+    machine-dependent: bench/sandbox.py times the sandbox."""
     marker = _marker()
-    t0 = time.monotonic()
-    assert not run_python(_set_name(marker) + "import os\nwhile True:\n    os.fork()\n", FAST).passed
-    assert time.monotonic() - t0 < FAST.wall_s + 3
+    bomb = run_python(_set_name(marker) + "import os\nwhile True:\n    os.fork()\n", FAST)
+    assert not bomb.passed, bomb
     assert _procs_with(marker) == []
-    t1 = time.monotonic()
-    assert run_python("print(1)").passed and time.monotonic() - t1 < 2
-    assert run_python("while True:\n    pass\n", Limits(cpu_s=1, wall_s=5.0)).seconds < 3
-    assert run_python("import time\ntime.sleep(60)\n", Limits(cpu_s=5, wall_s=1.0)).seconds < 2.5
+    assert run_python("print(1)").passed
 
 
 def test_signals_do_not_reach_harness() -> None:
@@ -254,19 +248,6 @@ def test_human_eval_canonical_solutions() -> None:
     bad = run_many([program(p, "    pass\n") for p in problems])
     assert [r.reason for r in good] == ["ok"] * 5
     assert not any(r.passed for r in bad)
-
-
-@pytest.mark.perf
-def test_overhead() -> None:
-    run_python("pass")
-    times = []
-    for _ in range(5):
-        t0 = time.perf_counter()
-        assert run_python("pass").passed
-        times.append(time.perf_counter() - t0)
-    overhead = statistics.median(times)
-    print(f"sandbox overhead per run: {overhead * 1000:.0f} ms")
-    assert overhead < 0.5
 
 
 @pytest.fixture
