@@ -198,11 +198,11 @@ def refit_step(ctx: StepContext) -> StepOutput:
         decision.update(_compare_and_publish(ctx, labels, registry))
     pointer = join_uri(registry, CURRENT)
     decision["current"] = (ctx.store.get_json(pointer) or {}).get("id") if ctx.store.exists(pointer) else None
-    ctx.out("decision.json").write_text(json.dumps(decision, indent=1, default=float))
+    text = json.dumps(decision, indent=1, default=float)  # numpy scalars become floats in the metrics too
+    ctx.out("decision.json").write_text(text)
     log.info("recalibrate %s: %s (%s)", decision["interval"], f"published {decision['published']}"
              if decision["published"] else "nothing published", decision["reason"])
-    return StepOutput(files={"decision": "decision.json"}, metrics=json.loads(Path(ctx.out("decision.json"))
-                                                                              .read_text()))
+    return StepOutput(files={"decision": "decision.json"}, metrics=json.loads(text))
 
 
 def _compare_and_publish(ctx: StepContext, labels: list[dict], registry: str) -> dict:
