@@ -11,6 +11,8 @@ STAMP := $(VENV)/.installed
 CONVERT := $(VENV)/share/llama-convert
 LLAMA_SDIST := $(WHEELS)/llama_cpp_python-0.3.36.tar.gz
 PYTEST_ARGS ?=
+# pytest-xdist workers: whole test files per worker (--dist loadfile), so module fixtures are built once
+PYTEST_WORKERS ?= 2
 APT_PACKAGES := docker-compose bubblewrap chromium chromium-driver prometheus
 
 # The production stack (docker-compose.yaml) for hosts with Docker: `docker compose` v2, else docker-compose.
@@ -65,7 +67,7 @@ status:
 test: install
 	$(VENV)/bin/ruff check cogumi_tasks plugins dags tests bench
 	$(VENV)/bin/lint-imports
-	$(PY) -m pytest -q -p no:cacheprovider --durations=40 $(PYTEST_ARGS)
+	$(PY) -m pytest -q -p no:cacheprovider -n $(PYTEST_WORKERS) --dist loadfile --durations=40 $(PYTEST_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check cogumi_tasks plugins dags tests bench

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -166,11 +167,24 @@ def write_config(tmp_path):
 
 @pytest.fixture(scope="session")
 def hf_dir(tmp_path_factory) -> Path:
-    """The packaged SmolLM2-135M-Instruct GGUF as an fp32 transformers directory (read-only: copy to change it)."""
+    """The packaged SmolLM2-135M-Instruct GGUF as an fp32 transformers directory (read-only: copy to change it).
+    Converted once per run: pytest-xdist workers share it through the run's common temporary root, the first
+    one converting under a file lock."""
+    from filelock import FileLock
+
     from cogumi_tasks.models.convert import hf_dir_from_gguf
     from cogumi_tasks.models.packaged import smollm2_gguf
 
-    return hf_dir_from_gguf(smollm2_gguf(), tmp_path_factory.mktemp("smollm2-hf"))
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        return hf_dir_from_gguf(smollm2_gguf(), tmp_path_factory.mktemp("smollm2-hf"))
+    shared = tmp_path_factory.getbasetemp().parent / "smollm2-hf"
+    done = shared.with_name("smollm2-hf.done")  # beside the directory: tests list its files
+    with FileLock(str(shared) + ".lock"):
+        if not done.is_file():
+            shutil.rmtree(shared, ignore_errors=True)
+            hf_dir_from_gguf(smollm2_gguf(), shared)
+            done.write_text("")
+    return shared
 
 
 @pytest.fixture(scope="session")

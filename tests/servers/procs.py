@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import re
 import subprocess
@@ -11,7 +12,13 @@ from cogumi_tasks.stack.services import S3Ports, port_is_free
 
 
 def pick_base_port(extra_offsets: tuple[int, ...] = (), lo: int = 20000, hi: int = 24000) -> int:
-    """A base port whose SeaweedFS family (+0..7, +10000..10005) and ``base + offset`` are free."""
+    """A base port whose SeaweedFS family (+0..7, +10000..10005) and ``base + offset`` are free. Under pytest-xdist
+    each worker draws from its own slice of ``[lo, hi)``, so two workers never pick the same family."""
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER", ""), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if worker.startswith("gw") and count > 1:
+        width = (hi - lo) // count
+        lo += int(worker[2:]) * width
+        hi = lo + width
     for _ in range(200):
         base = random.randrange(lo, hi)
         if all(port_is_free(p) for p in S3Ports(base).all() + [base + o for o in extra_offsets]):
