@@ -19,8 +19,9 @@ with cogumi_dag(
     "phase4_routing",
     "Routing: verdict labels, the router MLP with its threshold sweep, the escalation detector",
     params=run_params(
-        items=Param(None, type=["null", "string"], title="Phase 3 answers",
-                    description="s3:// URI of modifiers.evaluate's items.jsonl; empty: the newest cogumi_phase3 one."),
+        phase3_items=Param(None, type=["null", "string"], title="Phase 3 answers",
+                           description="s3:// URI of modifiers.evaluate's items.jsonl; empty: the newest cogumi_phase3 "
+                                       "one."),
     ),
     overrides={"llm.budget_usd": "{{ params.budget_usd }}"},
     tags=["phase4"],
@@ -30,8 +31,9 @@ with cogumi_dag(
                 "asset_inputs": {"items": "cogumi_phase3:items", "modifiers": "cogumi_phase3:modifiers",
                                  "gguf": "cogumi_phase3:gguf", "lora": "cogumi_phase3:lora_gguf?",
                                  "calibrator": "cogumi_phase2:calibrator", "tokenizer": "cogumi_phase2:pruned"}}
-    labels = CogumiStepOperator(task_id="labels", step="routing.labels", inputs={"items": "{{ params.items }}"},
-                                **upstream, **placement("routing.labels"))
+    labels = CogumiStepOperator(task_id="labels", step="routing.labels",
+                                inputs={"items": "{{ params.phase3_items }}"}, **upstream,
+                                **placement("routing.labels"))
     router = CogumiStepOperator(task_id="train_router", step="routing.train_router",
                                 inputs={"verdicts": labels.output["verdicts"]}, **placement("routing.train_router"))
     escalation = CogumiStepOperator(task_id="escalation", step="routing.escalation",

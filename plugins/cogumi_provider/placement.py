@@ -79,7 +79,13 @@ def phase_asset(phase: str) -> Asset:
 
 
 def run_params(**extra: Param) -> dict[str, Param]:
-    """The form every manual run shows: which config, plus phase-specific overrides."""
+    """The form every manual run shows: which config, plus phase-specific overrides. A name that is also a dict
+    attribute (``items``, ``keys``, ...) is refused: in a template ``{{ params.items }}`` is the dict's method,
+    not the param (a run of phase4_routing failed on it)."""
+    shadowing = sorted(name for name in extra if hasattr(dict, name))
+    if shadowing:
+        raise ValueError(f"run param name(s) {shadowing} shadow dict attributes: {{{{ params.NAME }}}} would render "
+                         "the dict's attribute, not the param; choose another name")
     return {
         "config": Param(deployment_config(), type="string", title="Config",
                         description="A config name in configs/ (tiny, production) or a YAML path."),

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -143,3 +145,37 @@ def test_a_misspelt_output_or_input_fails_the_dag_import(tmp_path):
     [error] = bag.import_errors.values()
     assert "step data.dedup has no output 'dedupd' (it declares ['deduped', 'dropped']" in error
     assert "task generate (data.generate): input(s) ['shards'] are not declared by the step" in error
+
+
+def _strings(value) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in _strings(v)]
+    if isinstance(value, (list, tuple)):
+        return [s for v in value for s in _strings(v)]
+    return []
+
+
+def test_every_params_reference_in_a_template_names_a_param_of_its_dag(dagbag):
+    """``{{ params.X }}`` must name a declared run param, and not a dict attribute: ``{{ params.items }}`` rendered
+    the dict's method, and phase4_routing's labels task failed on it in a make demo."""
+    import re
+
+    seen = 0
+    for dag_id, dag in dagbag.dags.items():
+        for task in dag.tasks:
+            for field in task.template_fields:
+                for text in _strings(getattr(task, field, None)):
+                    for name in re.findall(r"\bparams\.([A-Za-z_]\w*)", text):
+                        seen += 1
+                        assert name in dag.params and not hasattr(dict, name), (dag_id, task.task_id, field, name)
+    assert seen > 10  # the check saw the DAGs' param references
+
+
+def test_a_run_param_named_like_a_dict_attribute_is_refused():
+    from airflow.sdk import Param
+    from cogumi_provider.placement import run_params
+
+    with pytest.raises(ValueError, match=r"\['items'\] shadow dict attributes"):
+        run_params(items=Param(None, type=["null", "string"]))
