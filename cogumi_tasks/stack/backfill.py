@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 
 from cogumi_tasks.stack import local
 from cogumi_tasks.stack.demo import RECALIBRATE_DAG, AirflowREST, DemoError, _q, follow
@@ -51,21 +50,13 @@ def clear_tasks(api: AirflowREST, dag_id: str, run_id: str, task_ids: list[str])
     return api.request("POST", f"/dags/{_q(dag_id)}/clearTaskInstances", json=body)["task_instances"]
 
 
-def create_backfill(api: AirflowREST, dag_id: str, from_date: str, to_date: str, tries: int = 10,
-                    wait_s: float = 3.0) -> dict:
+def create_backfill(api: AirflowREST, dag_id: str, from_date: str, to_date: str) -> dict:
     """Airflow 3's backfill of ``dag_id`` over the logical dates ``from_date`` .. ``to_date`` (inclusive, ISO 8601):
-    one run per interval, one at a time, intervals that already have a run skipped. On SQLite the API answers 503
-    (database locked) while others write; that answer is retried ``tries`` times, ``wait_s`` apart."""
+    one run per interval, one at a time, intervals that already have a run skipped (SQLite's "database locked"
+    answers are retried by :meth:`AirflowREST.request`)."""
     body = {"dag_id": dag_id, "from_date": from_date, "to_date": to_date, "max_active_runs": 1,
             "reprocess_behavior": "none"}
-    for attempt in range(1, tries + 1):
-        try:
-            return api.request("POST", "/backfills", json=body)
-        except DemoError as exc:
-            if "HTTP 503" not in str(exc) or attempt == tries:
-                raise
-            time.sleep(wait_s)
-    raise AssertionError("unreachable")
+    return api.request("POST", "/backfills", json=body)
 
 
 def cli_backfill(argv: list[str] | None = None) -> int:

@@ -26,9 +26,11 @@ def _q(value: str) -> str:
 class AirflowREST:
     """A small client for Airflow 3's REST API v2 with SimpleAuthManager's bearer tokens."""
 
-    def __init__(self, base_url: str, username: str, password: str, timeout_s: float = 30):
+    def __init__(self, base_url: str, username: str, password: str, timeout_s: float = 30, locked_tries: int = 10,
+                 locked_wait_s: float = 3.0):
         import httpx
 
+        self.locked_tries, self.locked_wait_s = locked_tries, locked_wait_s
         self.base_url = base_url.rstrip("/")
         self._auth = {"username": username, "password": password}
         self.http = httpx.Client(base_url=self.base_url, timeout=timeout_s, trust_env=False)
@@ -41,11 +43,18 @@ class AirflowREST:
         self.http.headers["Authorization"] = f"Bearer {resp.json()['access_token']}"
 
     def request(self, method: str, path: str, ok: tuple[int, ...] = (200,), **kw) -> Any:
-        """JSON from ``/api/v2<path>``; ``None`` on 404 when 404 is in ``ok``."""
-        resp = self.http.request(method, "/api/v2" + path, **kw)
-        if resp.status_code == 401:  # token expired: log in again once
-            self._login()
+        """JSON from ``/api/v2<path>``; ``None`` on 404 when 404 is in ``ok``. On SQLite the API answers 503, or
+        500 "Database error", when another writer holds the database (its failed transaction is rolled back):
+        that answer is retried ``locked_tries`` times, ``locked_wait_s`` apart (an unpause failed so in make demo)."""
+        for attempt in range(1, self.locked_tries + 1):
             resp = self.http.request(method, "/api/v2" + path, **kw)
+            if resp.status_code == 401:  # token expired: log in again once
+                self._login()
+                resp = self.http.request(method, "/api/v2" + path, **kw)
+            locked = resp.status_code == 503 or (resp.status_code == 500 and "Database error" in resp.text)
+            if not locked or attempt == self.locked_tries:
+                break
+            time.sleep(self.locked_wait_s)
         if resp.status_code == 404 and 404 in ok:
             return None
         if resp.status_code not in ok:
