@@ -121,7 +121,7 @@ def summary(rows: list[dict], models: list[str], costs: dict[str, float]) -> dic
     return out
 
 
-@step("routing.labels", version=1, reads=("routing.labels", "routing.router.costs", "dataset.score", "judge",
+@step("routing.labels", version=1, reads=("routing.labels", "routing.router.costs", "dataset.score", "judge", "llm",
                                           "modifiers", "eval.max_tokens"),
       inputs=("items", "gguf", "lora", "modifiers", "calibrator", "tokenizer"), outputs=("verdicts", "stats"),
       code=("cogumi_tasks.world.judge", "cogumi_tasks.compress.calibration", "cogumi_tasks.routing.features",

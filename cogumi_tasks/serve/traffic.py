@@ -129,7 +129,7 @@ def answer_missing(release: Any, serve_cfg: Any, sample: list[dict], max_tokens:
     return {(r["request_id"], m): t for (r, m), t in zip(todo, texts, strict=True)}
 
 
-@step("recalibrate.label", version=1, reads=("recalibrate", "serve", "judge", "dataset.score"),
+@step("recalibrate.label", version=1, reads=("recalibrate", "serve", "judge", "llm", "dataset.score"),
       outputs=("labels",),
       code=("cogumi_tasks.serve.release", "cogumi_tasks.serve.engine", "cogumi_tasks.world", "cogumi_tasks.world.judge",
             "cogumi_tasks.serve.querylog"))

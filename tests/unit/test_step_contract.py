@@ -205,3 +205,14 @@ def test_an_undeclared_input_is_refused_before_anything_runs():
     cfg = load_config("tiny")
     with pytest.raises(StepFailed, match=r"data\.dedup: input\(s\) \['scoerd'\] are not declared.*\['scored'\]"):
         run_step("data.dedup", cfg, {"scoerd": "s3://b/x.jsonl"}, store=ArtifactStore(cfg.storage))
+
+
+def test_every_step_that_judges_declares_the_judge_and_the_llm_client_config():
+    """The steps that judge answers through world.judge.judge_rows (an LLM verdict for a row without a checker)
+    read ``judge`` and ``llm`` (the LLM judge's client and ledger). routing.labels and recalibrate.label did not
+    declare ``llm``; routing.labels failed in make demo on its first general prompt (UndeclaredConfigKey), after
+    tests that judged world tasks only."""
+    steps = pipeline_steps()
+    judging = ("routing.labels", "recalibrate.label", "modifiers.test", "modifiers.tier", "data.score", "eval.run",
+               "train.distill")
+    assert {n: [k for k in ("judge", "llm") if k not in steps[n].reads] for n in judging} == dict.fromkeys(judging, [])
