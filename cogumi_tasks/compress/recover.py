@@ -37,6 +37,14 @@ def row_byte_ppl(model_dir: Path, rows: list[dict]) -> list[float]:
     return [nll_stats(model, [t], tokenizer=tok).byte_ppl for t in texts]
 
 
+def split_verified(rows: list[dict]) -> tuple[list[dict], list[dict]]:
+    """Rows whose answer a task checker verified (they carry ``task``) keep that answer: a correct answer needs no
+    rewriting, and a cheaper teacher's rewrite could only break it. The others go to the teacher to improve."""
+    verified = [{"prompt": r["prompt"], "response": r["response"], "original": r["response"],
+                 "teacher": r.get("teacher"), "verified": True} for r in rows if r.get("task") is not None]
+    return verified, [r for r in rows if r.get("task") is None]
+
+
 def improved_answers(ctx: StepContext, rows: list[dict]) -> list[dict]:
     """The recovery teacher rewrites each row's answer; rows whose call failed are dropped (and counted)."""
     from cogumi_tasks.llm.client import ChatRequest, ChatResult
@@ -62,19 +70,20 @@ def improved_answers(ctx: StepContext, rows: list[dict]) -> list[dict]:
             for r, res in zip(rows, results, strict=True) if isinstance(res, ChatResult) and res.text.strip()]
 
 
-@step("compress.recover", version=1, reads=("compress.recover", "train.sft", "teachers", "llm"),
+@step("compress.recover", version=2, reads=("compress.recover", "train.sft", "teachers", "llm"),
       inputs=("model", "dataset"), outputs=("adapter?", "lora_gguf?", "examples?", "metrics?"),
       code=("cogumi_tasks.llm.step_calls", "cogumi_tasks.train.lora", "cogumi_tasks.train.sft",
             "cogumi_tasks.models.convert", "cogumi_tasks.models.nll", "cogumi_tasks.models.step_io",
             "cogumi_tasks.compress.steps", "cogumi_tasks.llm.client"))
 def recover(ctx: StepContext) -> StepOutput:
     """Pick the hardest Phase 0 rows by per-byte perplexity under the pruned model (``hardest_fraction``, at least
-    ``min_examples``), have the teacher improve their answers, train a conservative LoRA (rank 64, lr 8e-7, 2 epochs
-    in the plan) and export it as a GGUF LoRA.
+    ``min_examples``), keep the answers a task checker verified and have the teacher improve the others, train a
+    conservative LoRA (rank 64, lr 8e-7, 2 epochs in the plan) and export it as a GGUF LoRA.
 
     Inputs: ``model`` (the pruned HF directory), ``dataset``. Outputs: ``adapter`` (peft), ``lora_gguf`` (for
-    ``Llama(lora_path=...)``), ``examples``. Metrics: per-byte perplexity of the hard rows and of other rows, before
-    and after (the merged model). ``compress.publish`` checks that llama.cpp applies the adapter to the GGUF.
+    ``Llama(lora_path=...)``), ``examples``. Metrics: per-byte perplexity of the hard rows as trained on and of
+    other rows, before and after (the merged model). ``compress.publish`` checks that llama.cpp applies the
+    adapter to the GGUF.
     """
     from transformers import AutoTokenizer
 
@@ -94,26 +103,29 @@ def recover(ctx: StepContext) -> StepOutput:
     others = [rows[i] for i in order[n_hard:]]
     random.Random(0).shuffle(others)
     others = others[:16]
-    improved = improved_answers(ctx, hard)
-    if not improved:
+    verified, to_improve = split_verified(hard)
+    improved = improved_answers(ctx, to_improve) if to_improve else []
+    examples = verified + improved
+    if not examples:
         raise StepFailed("recover: the teacher improved none of the hardest examples")
-    write_jsonl(ctx.out("examples.jsonl"), improved)
+    write_jsonl(ctx.out("examples.jsonl"), examples)
     base_sft = ctx.config.train.sft if ctx.config.train else SFTConfig()
     sft_cfg = base_sft.model_copy(update={"rank": cfg.rank, "alpha": cfg.alpha, "lr": cfg.lr, "epochs": cfg.epochs,
                                           "max_steps": None})
-    training = train_lora(ctx, model_dir, [{"prompt": r["prompt"], "response": r["response"]} for r in improved],
+    training = train_lora(ctx, model_dir, [{"prompt": r["prompt"], "response": r["response"]} for r in examples],
                           sft_cfg)
     convert_lora_to_gguf(ctx.out_dir / "adapter", model_dir, ctx.out("adapter.gguf"))
 
     tok = AutoTokenizer.from_pretrained(str(model_dir))
-    hard_texts = chat_texts(tok, [(r["prompt"], r["response"]) for r in improved])
+    hard_texts = chat_texts(tok, [(r["prompt"], r["response"]) for r in examples])
     other_texts = chat_texts(tok, [(r["prompt"], r["response"]) for r in others])
     merged = ctx.out_dir / "merged"
     metrics = {
         "enabled": True, "rows": len(rows), "hardest": n_hard, "improved": len(improved),
+        "kept_verified": len(verified),
         "hardest_byte_ppl_threshold": round(ppl[order[n_hard - 1]], 4),
-        "improved_byte_ppl_before": round(nll_stats(model_dir, hard_texts).byte_ppl, 5),
-        "improved_byte_ppl_after": round(nll_stats(merged, hard_texts).byte_ppl, 5),
+        "hard_byte_ppl_before": round(nll_stats(model_dir, hard_texts).byte_ppl, 5),
+        "hard_byte_ppl_after": round(nll_stats(merged, hard_texts).byte_ppl, 5),
         "other_byte_ppl_before": round(nll_stats(model_dir, other_texts).byte_ppl, 5) if other_texts else None,
         "other_byte_ppl_after": round(nll_stats(merged, other_texts).byte_ppl, 5) if other_texts else None,
         "lora_gguf_bytes": ctx.out("adapter.gguf").stat().st_size, "training": training, "cost": ctx.cost,

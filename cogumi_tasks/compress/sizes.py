@@ -121,7 +121,7 @@ def size_table(base: dict, metrics: dict[str, dict]) -> dict:
         "token_agreement": gguf.get("token_agreement"),
         "ece_before": metrics.get("calibrator", {}).get("ece_before"),
         "ece_after": metrics.get("calibrator", {}).get("ece_after"),
-        "recovery": {k: lora.get(k) for k in ("hardest", "improved", "improved_byte_ppl_before",
-                                              "improved_byte_ppl_after", "other_byte_ppl_before",
+        "recovery": {k: lora.get(k) for k in ("hardest", "improved", "kept_verified",
+                                              "hard_byte_ppl_before", "hard_byte_ppl_after", "other_byte_ppl_before",
                                               "other_byte_ppl_after")} if lora.get("enabled") else None,
     }
