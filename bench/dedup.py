@@ -52,6 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from datasketch import MinHash, MinHashLSH  # noqa: E402
 
+from bench.figures import summary  # noqa: E402
 from cogumi_tasks.data.dedup import jaccard, lsh_params, near_duplicate_pairs, normalize, shingles  # noqa: E402
 
 THRESHOLD, NUM_PERM, K = 0.8, 128, 5
@@ -177,11 +178,6 @@ def lsh_pairs(sketches: list[MinHash], params: tuple[int, int] | None) -> tuple[
     return found, [lsh.b, lsh.r]
 
 
-def stats(values: list[float], digits: int = 3) -> dict:
-    return {"median": round(statistics.median(values), digits), "min": round(min(values), digits),
-            "max": round(max(values), digits)}
-
-
 def timed(fn: Callable[[], object]) -> tuple[float, object]:
     t0 = time.perf_counter()
     out = fn()
@@ -216,7 +212,7 @@ def run_size(texts: list[str], repeats: int, sketcher: Callable, truth: set | No
     for name, secs, pairs, br in (("ours", t_ours, found, list(lsh_params(THRESHOLD, NUM_PERM))),
                                   ("datasketch_same_lsh", t_same, same, same_br),
                                   ("datasketch_default_lsh", t_default, default, default_br)):
-        row = {"lsh_bands_rows": br, "seconds": stats(secs), "docs_per_s": round(n / statistics.median(secs), 1)}
+        row = {"lsh_bands_rows": br, "seconds": summary(secs, 3), "docs_per_s": round(n / statistics.median(secs), 1)}
         row.update(score(pairs, truth) if truth is not None else
                    {"pairs": len(pairs), "precision": exact_precision(texts, pairs)})
         if name != "ours":  # our speed over this row's, from the medians
@@ -269,7 +265,7 @@ def main() -> None:
     truth_s, truth = timed(lambda: all_pairs_truth(texts))
     paths = {}
     for name, fn in (("bulk", sketches_bulk), ("update_batch", sketches_update_batch)):
-        paths[name] = stats([timed(lambda fn=fn: fn(texts))[0] for _ in range(args.repeats)])
+        paths[name] = summary([timed(lambda fn=fn: fn(texts))[0] for _ in range(args.repeats)], 3)
     fastest = min(paths, key=lambda p: paths[p]["median"])
     sketcher = sketches_bulk if fastest == "bulk" else sketches_update_batch
     print(f"ground truth in {truth_s:.1f}s; datasketch path: {fastest}", file=sys.stderr)

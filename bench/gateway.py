@@ -47,6 +47,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.figures import summary  # noqa: E402
 from bench.serving import PROMPTS  # noqa: E402 (the Phase 2 serving bench's prompts: one set for both)
 
 CONTEXT = 2048  # tokens per engine slot and of the Llama's context
@@ -102,10 +103,6 @@ def llama_cpp_arm(release: Any, model: str, threads: int, max_tokens: int) -> tu
                      "llama_cpp")
 
     return run, info
-
-
-def summary(values: list[float]) -> dict:
-    return {"median": round(statistics.median(values), 4), "min": round(min(values), 4), "max": round(max(values), 4)}
 
 
 def speed(arms: dict[str, Callable[[list], dict]], messages: list[list], repeats: int) -> dict:

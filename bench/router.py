@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -40,6 +39,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.figures import summary  # noqa: E402
 from cogumi_tasks.core.config import load_config  # noqa: E402
 from cogumi_tasks.routing.features import VerdictRow, embed_queries  # noqa: E402
 from cogumi_tasks.routing.planted import planted_verdicts  # noqa: E402
@@ -73,10 +73,6 @@ def escalation_detector(arg: Path | None, texts: list[str], tmp: Path) -> tuple[
 def stamp() -> tuple[int, int]:
     """(wall ns, this thread's CPU ns): CPU time leaves out the time the thread waited for a core."""
     return time.perf_counter_ns(), time.thread_time_ns()
-
-
-def summary(values: list[float]) -> dict:
-    return {"median": round(statistics.median(values), 4), "min": round(min(values), 4), "max": round(max(values), 4)}
 
 
 def main() -> None:
