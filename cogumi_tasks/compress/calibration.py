@@ -31,6 +31,22 @@ def ece(confidence: np.ndarray, correct: np.ndarray, bins: int = 10) -> float:
     return float(total)
 
 
+def ece_ci(confidence: np.ndarray, correct: np.ndarray, bins: int = 10, n: int = 1000, seed: int = 0,
+           alpha: float = 0.05) -> list[float]:
+    """95% percentile bootstrap interval of :func:`ece` over items (the confidences held fixed). Resampling
+    pushes ECE up on small sets (each bin's gap gets noisier), so the point estimate can sit near the low end."""
+    conf, hit = np.asarray(confidence, dtype=float), np.asarray(correct, dtype=float)
+    if conf.size == 0:
+        return [math.nan, math.nan]
+    draws = np.random.default_rng(seed).integers(0, conf.size, size=(n, conf.size))
+    # a bin's term (share * |accuracy - mean confidence|) is |sum(hit) - sum(conf)| / items: sum per (draw, bin)
+    cell = (np.minimum((conf * bins).astype(int), bins - 1)[draws] + bins * np.arange(n)[:, None]).ravel()
+    gap = (np.bincount(cell, hit[draws].ravel(), n * bins) - np.bincount(cell, conf[draws].ravel(), n * bins))
+    values = np.abs(gap.reshape(n, bins)).sum(axis=1) / conf.size
+    low, high = np.quantile(values, [alpha / 2, 1 - alpha / 2])
+    return [float(low), float(high)]
+
+
 def reliability(confidence: np.ndarray, correct: np.ndarray, bins: int = 10) -> dict:
     """Per non-empty bin: mean confidence, accuracy and count (the reliability diagram's points)."""
     conf, hit = np.asarray(confidence, dtype=float), np.asarray(correct, dtype=float)
@@ -139,7 +155,8 @@ def answer_features(gguf_path: Path, items: list[dict], hf_tokenizer_dir: Path) 
 
 
 def calibrate(features: list[dict], correct: list[bool], bins: int = 10, seed: int = 0) -> dict:
-    """Fit temperature and Platt scaling on one half, report ECE before/after on the other; choose the better."""
+    """Fit temperature and Platt scaling on one half, report ECE before/after on the other (with bootstrap
+    intervals over the test items); choose the better."""
     conf = np.array([f["confidence"] for f in features], dtype=float)
     y = np.array(correct, dtype=int)
     fit, test = split_halves(len(y), y, seed)
@@ -157,5 +174,7 @@ def calibrate(features: list[dict], correct: list[bool], bins: int = 10, seed: i
     best = min(candidates, key=lambda k: report[f"ece_{k}"])
     chosen = candidates[best]
     report.update(method=best, calibrator=vars(chosen), ece_after=report[f"ece_{best}"],
+                  ece_before_ci=ece_ci(conf[test], y[test], bins, seed=seed),
+                  ece_after_ci=ece_ci(chosen(conf[test]), y[test], bins, seed=seed),
                   reliability_after=reliability(chosen(conf[test]), y[test], bins))
     return report

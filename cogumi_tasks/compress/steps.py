@@ -200,7 +200,7 @@ def pack_zstd(ctx: StepContext) -> StepOutput:
                       metrics={**result.as_dict(), "serving_artifact": ctx.input("gguf")})
 
 
-@step("compress.calibrate", version=1, reads=("compress.calibrate",), inputs=("gguf", "items", "tokenizer"),
+@step("compress.calibrate", version=2, reads=("compress.calibrate",), inputs=("gguf", "items", "tokenizer"),
       outputs=("calibrator", "features"), code=("cogumi_tasks.compress.calibration", "cogumi_tasks.core.verdict"))
 def calibrate_step(ctx: StepContext) -> StepOutput:
     """Confidence features of the GGUF model's own answers on the evaluation items (mean log-prob, max token
@@ -220,7 +220,7 @@ def calibrate_step(ctx: StepContext) -> StepOutput:
     features = answer_features(ctx.fetch(ctx.input("gguf")), items, ctx.fetch_dir(ctx.input("tokenizer")))
     correct = [bool(r.get("correct")) for r in items]
     report = calibrate(features, correct, cfg.bins, cfg.seed)
-    gate = judge(report["ece_after"], "<", cfg.max_ece)
+    gate = judge(report["ece_after"], "<", cfg.max_ece, ci=report["ece_after_ci"])
     report["ece_gate"], report["ece_gate_passed"] = gate.as_dict(), gate.met
     report["max_ece"] = cfg.max_ece
     write_jsonl(ctx.out("features.jsonl"), [{**f, "correct": c} for f, c in zip(features, correct, strict=True)])

@@ -9,6 +9,7 @@ from cogumi_tasks.compress.calibration import (
     Calibrator,
     calibrate,
     ece,
+    ece_ci,
     fit_platt,
     fit_temperature,
     reliability,
@@ -32,6 +33,20 @@ def test_ece_edges():
     assert ece([0.7] * 10, [1] * 7 + [0] * 3) == pytest.approx(0.0)
     assert ece([0.9] * 4, [0] * 4, bins=5) == pytest.approx(0.9)
     assert np.isnan(ece([], []))
+
+
+def test_ece_interval_is_ordered_deterministic_and_narrows_with_more_items():
+    rng = np.random.default_rng(1)
+    widths = []
+    for n in (48, 960):
+        conf = rng.uniform(0, 1, n)
+        hit = (rng.uniform(0, 1, n) < conf).astype(int)  # calibrated by construction
+        low, high = ece_ci(conf, hit, seed=3)
+        assert 0 <= low <= high <= 1 and ece_ci(conf, hit, seed=3) == [low, high]
+        widths.append(high - low)
+    assert widths[1] < widths[0] / 2
+    assert ece_ci(np.array([0.9, 0.9]), np.array([1, 1])) == [pytest.approx(0.1), pytest.approx(0.1)]
+    assert all(np.isnan(ece_ci([], [])))
 
 
 def test_temperature_softens_an_overconfident_score():
@@ -71,3 +86,16 @@ def test_calibrate_reports_before_after_and_picks_the_better():
     assert report["ece_after"] == min(report["ece_temperature"], report["ece_platt"]) < report["ece_before"]
     assert report["method"] in ("temperature", "platt") and report["test_items"] + report["fit_items"] == 400
     assert sum(report["reliability_after"]["count"]) == report["test_items"]
+    for key in ("ece_before_ci", "ece_after_ci"):
+        low, high = report[key]
+        assert 0 <= low <= high <= 1
+    assert report["ece_after_ci"][1] < report["ece_before_ci"][0]  # 200 test items tell the two apart
+
+
+def test_ece_interval_agrees_with_ece_on_each_draw():
+    """The vectorised bootstrap computes the same ECE as :func:`ece` on each resample."""
+    rng = np.random.default_rng(5)
+    conf, hit = rng.uniform(0, 1, 30), rng.integers(0, 2, 30)
+    draws = np.random.default_rng(7).integers(0, 30, size=(200, 30))
+    by_hand = np.quantile([ece(conf[d], hit[d]) for d in draws], [0.025, 0.975])
+    assert ece_ci(conf, hit, n=200, seed=7) == pytest.approx(by_hand.tolist())
