@@ -33,6 +33,7 @@ SMALL = {
     "compress.gguf.agreement_prompts": 8,
     "compress.gguf.agreement_tokens": 16,
     "compress.recover.min_examples": 2,
+    "compress.recover.hardest_fraction": 0.02,  # with min_examples: exactly 2 hard rows of the test's dataset
     "compress.recover.max_tokens": 32,
     "eval.max_tokens": 48,
     **{f"eval.suites.{i}.limit": 2 for i in range(4)},

@@ -191,10 +191,8 @@ def test_resume_after_sigkill_continues_the_step_count(hf_dir, tmp_path, trained
     proc = subprocess.Popen([sys.executable, str(script), str(hf_dir), str(out), str(marker), CFG.model_dump_json()],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 150
-        while not marker.exists():
-            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-            assert time.monotonic() < deadline, "child never reached step 4"
+        while not marker.exists():  # no deadline of its own: on a loaded machine 150 s was too short; the
+            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]  # test's pytest timeout guards hangs
             time.sleep(0.2)
     finally:
         proc.send_signal(signal.SIGKILL)
