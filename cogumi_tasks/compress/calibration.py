@@ -16,13 +16,18 @@ import numpy as np
 EPS = 1e-6
 
 
+def bin_index(conf: np.ndarray, bins: int) -> np.ndarray:
+    """Each confidence's equal-width bin; exactly 1.0 falls in the last bin."""
+    return np.minimum((conf * bins).astype(int), bins - 1)
+
+
 def ece(confidence: np.ndarray, correct: np.ndarray, bins: int = 10) -> float:
     """Expected calibration error: sum over equal-width bins of (bin share) * |accuracy - mean confidence|.
     A confidence of exactly 1.0 falls in the last bin."""
     conf, hit = np.asarray(confidence, dtype=float), np.asarray(correct, dtype=float)
     if conf.size == 0:
         return math.nan
-    idx = np.minimum((conf * bins).astype(int), bins - 1)
+    idx = bin_index(conf, bins)
     total = 0.0
     for b in range(bins):
         mask = idx == b
@@ -40,7 +45,7 @@ def ece_ci(confidence: np.ndarray, correct: np.ndarray, bins: int = 10, n: int =
         return [math.nan, math.nan]
     draws = np.random.default_rng(seed).integers(0, conf.size, size=(n, conf.size))
     # a bin's term (share * |accuracy - mean confidence|) is |sum(hit) - sum(conf)| / items: sum per (draw, bin)
-    cell = (np.minimum((conf * bins).astype(int), bins - 1)[draws] + bins * np.arange(n)[:, None]).ravel()
+    cell = (bin_index(conf, bins)[draws] + bins * np.arange(n)[:, None]).ravel()
     gap = (np.bincount(cell, hit[draws].ravel(), n * bins) - np.bincount(cell, conf[draws].ravel(), n * bins))
     values = np.abs(gap.reshape(n, bins)).sum(axis=1) / conf.size
     low, high = np.quantile(values, [alpha / 2, 1 - alpha / 2])
@@ -50,7 +55,7 @@ def ece_ci(confidence: np.ndarray, correct: np.ndarray, bins: int = 10, n: int =
 def reliability(confidence: np.ndarray, correct: np.ndarray, bins: int = 10) -> dict:
     """Per non-empty bin: mean confidence, accuracy and count (the reliability diagram's points)."""
     conf, hit = np.asarray(confidence, dtype=float), np.asarray(correct, dtype=float)
-    idx = np.minimum((conf * bins).astype(int), bins - 1)
+    idx = bin_index(conf, bins)
     out: dict = {"confidence": [], "accuracy": [], "count": []}
     for b in range(bins):
         mask = idx == b
@@ -173,8 +178,9 @@ def calibrate(features: list[dict], correct: list[bool], bins: int = 10, seed: i
         report[f"ece_{name}"] = ece(cal(conf[test]), y[test], bins)
     best = min(candidates, key=lambda k: report[f"ece_{k}"])
     chosen = candidates[best]
+    after = chosen(conf[test])
     report.update(method=best, calibrator=vars(chosen), ece_after=report[f"ece_{best}"],
                   ece_before_ci=ece_ci(conf[test], y[test], bins, seed=seed),
-                  ece_after_ci=ece_ci(chosen(conf[test]), y[test], bins, seed=seed),
-                  reliability_after=reliability(chosen(conf[test]), y[test], bins))
+                  ece_after_ci=ece_ci(after, y[test], bins, seed=seed),
+                  reliability_after=reliability(after, y[test], bins))
     return report
