@@ -136,7 +136,10 @@ class LLMClient:
         self.openai = AsyncOpenAI(base_url=endpoint.base_url, api_key=api_key or resolve_api_key(endpoint),
                                   timeout=endpoint.timeout_s, max_retries=0)
         self._sem = asyncio.Semaphore(endpoint.max_concurrency)
-        self.stats: dict[str, int] = {k: 0 for k in (*FAULT_KINDS, "calls", "cache_hits", "retries", "failed")}
+        # no_usage: calls that ended before an answer with usage (a fault or a refusal), so without a ledger row;
+        # a provider may still bill a timed-out call, but no one can know its tokens
+        self.stats: dict[str, int] = {k: 0 for k in (*FAULT_KINDS, "calls", "no_usage", "cache_hits", "retries",
+                                                     "failed")}
 
     async def aclose(self) -> None:
         await self.openai.close()
@@ -228,7 +231,11 @@ class LLMClient:
                     with attempt:
                         await asyncio.to_thread(self.ledger.check_budget)
                         self.stats["calls"] += 1
-                        text, p_tok, c_tok = await self._once(sent)
+                        try:
+                            text, p_tok, c_tok = await self._once(sent)
+                        except (_Retryable, LLMCallFailed):
+                            self.stats["no_usage"] += 1
+                            raise
                         parsed = None
                         if validate:
                             try:

@@ -121,7 +121,8 @@ def test_dag_runs_and_publishes_consistent_counts(baseline):
     assert baseline["calls"] == s["prompts"] + llm_judged - cache_hits + retries
     ledger = read_run_ledger(store, store.uri("p0-base", "_runs"))
     paid = [r for r in ledger if not r["cached"]]
-    assert len(paid) == baseline["calls"]
+    # a ledger row for each call that came back with usage; a timeout under load (none planted here) has none
+    assert len(paid) == baseline["calls"] - sum(c["no_usage"] for c in clients)
     assert s["cost"]["usd"] == pytest.approx(sum(r["usd"] for r in paid)) and s["cost"]["usd"] > 0
     print(f"phase0 tiny: {s} in {baseline['seconds']:.1f}s")
 
@@ -215,19 +216,25 @@ def test_killed_generate_resumes_without_rerequesting_and_matches(baseline, dagb
     assert killed["metrics"]["prompts"] == baseline["manifest"]["metrics"]["prompts"]
 
 
+TIMEOUT_S = 30
+
+
 def test_faults_are_retried_and_counted(llm_server, s3_server, write_config, tmp_root, store_for):
     from cogumi_tasks.stack.services import free_port, stop
 
     port = free_port()
-    proc = start_fault_proxy(llm_server.removesuffix("/v1"), port, fault_rate=0.2, seed=7, hang_s=8,
+    # the timeout is far above a real answer's time on a loaded machine (a real answer cut off is re-asked while
+    # the server still computes the first, and on 2 busy cores that can snowball past every retry); a planted
+    # hang outlasts it
+    proc = start_fault_proxy(llm_server.removesuffix("/v1"), port, fault_rate=0.2, seed=7, hang_s=TIMEOUT_S + 1,
                              log_path=tmp_root / "logs" / "faults.log")
     try:
         url = f"http://127.0.0.1:{port}/v1"
         path = write_config("p0-faults", {**SMALL, **GENERAL_ONLY, "dataset.prompts.limit": 8,
                                           "teachers.0.base_url": url,
                                           "teachers.1.base_url": url, "judge.base_url": url,
-                                          "teachers.0.timeout_s": 6, "teachers.1.timeout_s": 6,
-                                          "judge.timeout_s": 6, "llm.max_retries": 10})
+                                          "teachers.0.timeout_s": TIMEOUT_S, "teachers.1.timeout_s": TIMEOUT_S,
+                                          "judge.timeout_s": TIMEOUT_S, "llm.max_retries": 10})
         cfg = load_config(path)
         store = store_for(cfg)
         shards = run_step("data.prompts", cfg, store=store, run_id="faults").outputs["shards"]
