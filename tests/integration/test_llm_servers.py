@@ -80,17 +80,17 @@ def test_faults_are_retried_counted_and_cached(llm, store, tmp_root):
     port = free_port()
     # The first five calls to arrive fail, one of each kind and a second hang; every later call is forwarded.
     planted = ("429", "500", "hang", "garbage", "hang")
-    proc = start_fault_proxy(llm.removesuffix("/v1"), port, fault_rate=0.0, seed=0, hang_s=10,
+    proc = start_fault_proxy(llm.removesuffix("/v1"), port, fault_rate=0.0, seed=0, hang_s=21,
                              log_path=tmp_root / "logs" / "llm-faults.log", plan=planted)
     proxy = f"http://127.0.0.1:{port}"
     prefix = f"faults-{uuid.uuid4().hex[:6]}"
     cfg = LLMConfig(max_retries=10, backoff_base_s=0.05, backoff_max_s=1.0)
     reqs = prompts("faults", 12)
     try:
-        client = make_client(store, proxy + "/v1", prefix, llm=cfg, timeout=8)
+        client = make_client(store, proxy + "/v1", prefix, llm=cfg, timeout=20)
         results = asyncio.run(closing(client, client.chat_many(reqs)))
         seen = proxy_stats(proxy)
-        again = make_client(store, proxy + "/v1", prefix, llm=cfg, timeout=8)
+        again = make_client(store, proxy + "/v1", prefix, llm=cfg, timeout=20)
         second = asyncio.run(closing(again, again.chat_many(reqs)))
         after = proxy_stats(proxy)
     finally:
@@ -104,6 +104,7 @@ def test_faults_are_retried_counted_and_cached(llm, store, tmp_root):
     assert (s["429"], s["5xx"], s["timeout"], s["unparseable"], s["connection"]) == (1, 1, 2 + gave_up, 1, 0)
     assert s["calls"] == seen["requests"] == 12 + len(planted) + gave_up and s["failed"] == 0
     assert s["retries"] == len(planted) + gave_up
+    assert s["no_usage"] == len(planted) + gave_up  # each fault ended a call without a ledger row
     rows = read_run_ledger(store, store.uri(prefix, "ledger"))  # both clients' parts, from S3
     paid, free = [r for r in rows if not r["cached"]], [r for r in rows if r["cached"]]
     assert len(paid) == 12 and all(r["usd"] > 0 and not r["batch"] for r in paid)
