@@ -33,14 +33,15 @@ def test_size_table_rows_and_arithmetic():
         "gguf": {"quant_type": "Q5_K_M", "f16_bytes": 2_000_000, "gguf_bytes": 700_000, "token_agreement": 0.96,
                  "token_agreement_f16": 1.0, "perplexity": {"f16": {"byte_ppl": 2.5}, "Q5_K_M": {"byte_ppl": 2.55}}},
         "packed": {"packed_bytes": 650_000, "dict_bytes": 10_000, "ratio": 700_000 / 660_000},
-        "calibrator": {"ece_before": 0.2, "ece_after": 0.04},
+        "calibrator": {"ece_before": 0.2, "ece_before_ci": [0.15, 0.25], "ece_after": 0.04,
+                       "ece_after_ci": [0.02, 0.07]},
     }
     t = size_table(base, metrics)
     bpw = {r["stage"]: r["bits_per_weight"] for r in t["rows"]}
     assert bpw["base (safetensors)"] == 32.0 and bpw["GGUF Q5_K_M (serving artifact)"] == 5.6
     assert bpw["GGUF + zstd (transfer only)"] == 5.28
     assert t["size_gb"] == {"start": 0.004, "stage1": 0.004, "stage2": 0.0006, "stage3": 0.0007, "stage4": 0.0007}
-    assert t["shipped_mb"] == 0.7 and t["ece_after"] == 0.04
+    assert t["shipped_mb"] == 0.7 and (t["ece_after"], t["ece_after_ci"]) == (0.04, [0.02, 0.07])
     assert {k: v["verdict"] for k, v in t["plan_sizes"].items()} == {  # 0.7 MB of 4 MB: 0.175 x start
         "stage1": "not met", "stage2": "not met", "stage3": "not met", "stage4": "not met", "shipped": "not met"}
     # the plan's 0.5 GB for Llama-3.1-8B would need half a bit per weight
