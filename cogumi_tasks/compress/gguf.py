@@ -111,6 +111,7 @@ def hf_greedy(model_dir: Path, prompts: list[str], new_tokens: int, batch_size: 
             cont = row[width:]
             end = next((k + 1 for k, t in enumerate(cont) if t in stop), len(cont))  # through the first stop token
             out.append((row[mask.index(1):width], cont[:end]))
+        log.info("hf_greedy: %d/%d prompts", len(out), len(texts))
     return out
 
 

@@ -158,8 +158,12 @@ def export_gguf(ctx: StepContext) -> StepOutput:
     rows = dataset_rows(ctx)
     prompts = [r["prompt"] for r in shuffled(rows)][: cfg.agreement_prompts]
     _, held = split_texts(rows, AutoTokenizer.from_pretrained(str(src)), 0, compress_config(ctx).prune.ppl_rows)
+    log.info("export_gguf: f16 %.1f MB, %s %.1f MB; greedy reference of %d prompts x %d tokens", f16.stat().st_size
+             / 1e6, cfg.quant_type, quant.stat().st_size / 1e6, len(prompts), cfg.agreement_tokens)
     reference = hf_greedy(src, prompts, cfg.agreement_tokens)
     agree_f16, agree_q = token_agreement(f16, reference), token_agreement(quant, reference)
+    log.info("export_gguf: token agreement f16 %.2f%%, %s %.2f%%; perplexity of %d held-out texts", agree_f16.rate
+             * 100, cfg.quant_type, agree_q.rate * 100, len(held))
     params = model_stats(src)["parameters"]
     ppl = {"hf": _ppl(nll_stats(src, held)), "f16": _ppl(gguf_nll_stats(f16, src, held)),
            cfg.quant_type: _ppl(gguf_nll_stats(quant, src, held))}
