@@ -499,6 +499,9 @@ class RouterConfig(Strict):
     batch_size: int = Field(32, ge=1)
     max_epochs: int = Field(300, ge=1)
     patience: int = Field(20, ge=1, description="early stopping: epochs without a lower validation loss")
+    class_weight: Literal["none", "balanced"] = Field(
+        "none", description="balanced: each label's cross-entropy weighted by n / (labels x its training count), so "
+        "a table where most queries are labelled base does not teach the MLP to answer base for all")
     validation: float = Field(0.15, gt=0, lt=1, description="share of the training split held out for early stopping")
     holdout: float = Field(0.3, gt=0, lt=1, description="share of the verdict table evaluated, never trained on")
     seed: int = 0

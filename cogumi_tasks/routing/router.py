@@ -1,9 +1,10 @@
 """The router: an MLP from a query's features (:mod:`cogumi_tasks.routing.features`) to one of the models.
 
 The plan's network, 128 -> 64 -> 32 -> 4 (ReLU, dropout 0.2 after each hidden layer), trained with Adam (lr
-1e-3) on cross-entropy against the label (the cheapest model that answered correctly), minibatches shuffled by
-a seeded generator, early stopping on the validation loss (the best epoch's weights are kept). Same seed, same
-data and same thread count give the same weights.
+1e-3) on cross-entropy against the label (the cheapest model that answered correctly; with ``class_weight:
+balanced`` each label weighted by the inverse of its training count), minibatches shuffled by a seeded
+generator, early stopping on the validation loss (the best epoch's weights are kept). Same seed, same data and
+same thread count give the same weights.
 
 A bundle is a directory: ``router.safetensors`` (the MLP's weights and the PCA's ``pca.mean``, ``pca.components``,
 ``pca.explained``) and ``manifest.json`` (format, label map, costs, layer sizes, feature names, session window,
@@ -66,6 +67,13 @@ class Training:
     val_accuracy: float
     train_accuracy: float
     history: list[dict] = field(default_factory=list)
+    class_weights: list[float] | None = None
+
+
+def balanced_weights(y: np.ndarray, n_out: int) -> np.ndarray:
+    """n / (n_out x count) per label; a label absent from ``y`` gets 1 (it is never a target, so it is unused)."""
+    counts = np.bincount(y, minlength=n_out).astype(np.float64)
+    return np.where(counts > 0, len(y) / (n_out * np.maximum(counts, 1)), 1.0)
 
 
 def train_mlp(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, n_out: int,
@@ -79,7 +87,8 @@ def train_mlp(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val
     gen = torch.Generator().manual_seed(cfg.seed)
     net = build_mlp(x_train.shape[1], cfg.hidden, n_out, cfg.dropout)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
-    loss_fn = torch.nn.CrossEntropyLoss()
+    weights = balanced_weights(y_train, n_out) if cfg.class_weight == "balanced" else None
+    loss_fn = torch.nn.CrossEntropyLoss(weight=None if weights is None else torch.tensor(weights, dtype=torch.float32))
     xt, yt = torch.from_numpy(x_train), torch.from_numpy(y_train).long()
     xv, yv = torch.from_numpy(x_val), torch.from_numpy(y_val).long()
     best = (math.inf, 0, {k: v.clone() for k, v in net.state_dict().items()})
@@ -109,7 +118,8 @@ def train_mlp(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val
     with torch.no_grad():
         val_acc = float((net(xv).argmax(1) == yv).float().mean())
         train_acc = float((net(xt).argmax(1) == yt).float().mean())
-    return net, Training(epoch, best[1], best[0], val_acc, train_acc, history)
+    return net, Training(epoch, best[1], best[0], val_acc, train_acc, history,
+                         None if weights is None else [round(float(w), 4) for w in weights])
 
 
 class Router:

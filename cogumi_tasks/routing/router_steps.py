@@ -47,7 +47,8 @@ def fit_router(rows: Sequence[VerdictRow], embeddings: np.ndarray, cfg: RouterCo
     evaluation["split"] = counts
     evaluation["training"] = {"epochs": training.epochs, "best_epoch": training.best_epoch,
                               "val_loss": training.val_loss, "val_accuracy": training.val_accuracy,
-                              "train_accuracy": training.train_accuracy, "history": training.history}
+                              "train_accuracy": training.train_accuracy, "class_weights": training.class_weights,
+                              "history": training.history}
     evaluation["pca"] = {"dims": cfg.pca_dims, "rank": pca.rank, "explained": float(pca.explained.sum())}
     evaluation["by_domain"] = _by_domain([rows[i] for i in test], probs.argmax(axis=1), models)
     router.threshold = evaluation["chosen"]["threshold"]
