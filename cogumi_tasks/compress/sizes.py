@@ -85,6 +85,7 @@ def size_table(base: dict, metrics: dict[str, dict]) -> dict:
              ratio=round(packed["ratio"], 4)),
     ]
     lora = metrics.get("lora") or {}
+    calibrator = metrics.get("calibrator", {})
     if lora.get("enabled"):
         rows.append(_row("recovery LoRA (GGUF, applied at load time)", lora["lora_gguf_bytes"], params,
                          byte_ppl=lora.get("other_byte_ppl_after")))
@@ -119,8 +120,7 @@ def size_table(base: dict, metrics: dict[str, dict]) -> dict:
         "plan_sizes": plan_size_verdicts({**measured, "shipped": gguf["gguf_bytes"]}, params),
         "arithmetic": arithmetic,
         "token_agreement": gguf.get("token_agreement"),
-        **{k: metrics.get("calibrator", {}).get(k) for k in ("ece_before", "ece_before_ci", "ece_after",
-                                                             "ece_after_ci")},
+        **{k: calibrator.get(k) for k in ("ece_before", "ece_before_ci", "ece_after", "ece_after_ci")},
         "recovery": {k: lora.get(k) for k in ("hardest", "improved", "kept_verified",
                                               "hard_byte_ppl_before", "hard_byte_ppl_after", "other_byte_ppl_before",
                                               "other_byte_ppl_after")} if lora.get("enabled") else None,
