@@ -3,9 +3,10 @@
 A figure measured on a sample comes with an interval ``(low, high)``. The target is **met** only when the
 whole interval satisfies it (for ``>``/``>=`` the lower bound clears it, for ``<``/``<=`` the upper bound
 does); **not met** when no point of the interval satisfies it; **inconclusive** when the interval straddles
-it. A figure without an interval (a file size, a configured value: no sampling noise) is compared directly,
-and the reason says so. A figure that cannot be computed (a ratio to a reference that scored 0, a share of
-an empty set) is **undefined**: never 0%, never met.
+it. A figure without an interval (a file size, a configured value: no sampling noise) is compared directly, and the
+reason says so. A figure that cannot be computed (a ratio to a reference that scored 0, a share of an empty set) is
+**undefined**: never 0%, never met (a gate "score > k% of the reference" whose reference solved nothing is judged on
+the score instead, by ``eval.stats.judge_pct_of_reference``).
 
 Figures the plan wrote for its 8B base (sizes in GB or MB) are compared as the plan's ratio to its starting
 size (:func:`judge_plan_ratio`), with the absolute figure that ratio gives for the configured base beside it.

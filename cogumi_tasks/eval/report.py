@@ -27,6 +27,7 @@ from cogumi_tasks.core.artifacts import MANIFEST, ArtifactStore, join_uri, paren
 from cogumi_tasks.core.steps import safe_name, used_manifests
 from cogumi_tasks.core.verdict import OPS, UNDEFINED, VERDICTS, judge
 from cogumi_tasks.eval.phase_tables import phase3_tables, phase4_tables
+from cogumi_tasks.eval.stats import judge_pct_of_reference
 
 PHASES = {"data": "Phase 0: dataset", "train": "Phase 1: training", "compress": "Phase 2: compression",
           "modifiers": "Phase 3: modifiers", "routing": "Phase 4: routing", "serve": "Phase 5: serving",
@@ -137,10 +138,11 @@ def _lookup(obj: Any, path: list[str]) -> tuple[bool, Any]:
 def evaluate_targets(manifests: list[dict], targets: dict) -> list[dict]:
     """Each target with what was measured (the latest matching manifest that has its path), its verdict and why.
 
-    The figure's interval is ``<key>_ci`` or ``ci`` beside it. Verdicts are ``core.verdict.judge``'s: met only
-    when the interval clears the check, inconclusive when it straddles it, not met when none of it does; a figure
-    without an interval is compared directly; a figure recorded as None (% of a reference that scored 0) is
-    undefined. A figure its step already judged (``verdict`` and ``reason`` beside it, e.g. the plan's sizes in
+    The figure's interval is ``<key>_ci`` or ``ci`` beside it. Verdicts are ``core.verdict.judge``'s: met only when
+    the interval clears the check, inconclusive when it straddles it, not met when none of it does; a figure
+    without an interval is compared directly; a figure recorded as None is undefined, except a % of a reference
+    that solved nothing, whose ``>`` check is judged on the score (``eval.stats.judge_pct_of_reference``). A
+    figure its step already judged (``verdict`` and ``reason`` beside it, e.g. the plan's sizes in
     ``compress.publish``) is shown as judged there, with the step's check.
     """
     out = []
@@ -164,7 +166,10 @@ def evaluate_targets(manifests: list[dict], targets: dict) -> list[dict]:
             elif check:
                 if value is not None and not _is_number(value):
                     value, why = None, f"not a number: {value!r}"
-                v = judge(value, check["op"], check["value"], row["ci"], undefined_reason=why)
+                if value is None and parent.get("score_ci") and check["op"] in (">", ">="):  # reference solved 0
+                    v = judge_pct_of_reference(parent, check["op"], check["value"], undefined_reason=why)
+                else:
+                    v = judge(value, check["op"], check["value"], row["ci"], undefined_reason=why)
                 row.update(status=v.verdict, reason=v.reason)
             elif value is None:
                 row.update(status=UNDEFINED, reason=why or "the step recorded no value (None)")

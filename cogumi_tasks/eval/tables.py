@@ -11,21 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
-
-from cogumi_tasks.eval.stats import bootstrap_ratio_ci
-
-
-def bootstrap_mean_ci(values: Sequence[float], n: int = 1000, seed: int = 0,
-                      alpha: float = 0.05) -> tuple[float, float, float]:
-    """(point, low, high) of ``mean(values)``, percentile interval of a bootstrap over items. Per-item
-    differences of two models on the same items give the paired interval of the difference."""
-    v = np.asarray(values, dtype=float)
-    if v.ndim != 1 or v.size == 0:
-        raise ValueError("no items: mean undefined")
-    idx = np.random.default_rng(seed).integers(0, v.size, size=(n, v.size))
-    low, high = np.quantile(v[idx].mean(axis=1), [alpha / 2, 1 - alpha / 2])
-    return float(v.mean()), float(low), float(high)
+from cogumi_tasks.eval.stats import bootstrap_mean_ci, bootstrap_ratio_ci
 
 
 def accuracy(scores: Sequence[float], n: int = 1000, seed: int = 0) -> dict:
@@ -35,9 +21,13 @@ def accuracy(scores: Sequence[float], n: int = 1000, seed: int = 0) -> dict:
 
 
 def pct_entry(ours: Sequence[float], ref: Sequence[float], n: int = 1000, seed: int = 0) -> dict:
-    """% of reference with its paired interval; ``pct`` None and why when the reference got nothing right."""
+    """% of reference with its paired interval; ``pct`` None and why when the reference got nothing right, then with
+    ``ours`` and ``score_ci`` (0-1), on which gates are judged
+    (:func:`cogumi_tasks.eval.stats.judge_pct_of_reference`)."""
     if sum(ref) == 0:
-        return {"pct": None, "ci": None, "why": f"undefined (reference 0/{len(ref)})"}
+        point, low, high = bootstrap_mean_ci(ours, n=n, seed=seed)
+        return {"pct": None, "ci": None, "why": f"undefined (reference 0/{len(ref)})", "ours": point,
+                "score_ci": [low, high]}
     point, low, high = bootstrap_ratio_ci(ours, ref, n=n, seed=seed)
     return {"pct": point, "ci": [low, high]}
 

@@ -180,21 +180,22 @@ def choose(variants: list[dict]) -> tuple[dict, bool]:
 def compress(ctx: StepContext) -> StepOutput:
     """Each sparsity level of a modifier (params ``modifier``) as a reduced rank, measured and gated.
 
-    Sparsity ``s`` keeps rank ``r' = max(1, round(r * (1 - s)))`` of the adapter's rank ``r``, so ``r' / r`` of
-    its LoRA parameters (``r * (in + out)`` per module) are stored: a truncated SVD of each module's delta, written
-    as a real lower-rank peft adapter and GGUF LoRA (:mod:`cogumi_tasks.modifiers.shrink`; zeros in a dense file
-    would save nothing). For the full-rank adapter and each variant: stored bytes (stat of the safetensors and the
-    GGUF), the held-out domain score of base + recovery + variant with its interval, the reference's on the same
-    items, % of reference with its interval and the gate verdict (``gate_pct``: met only when the lower bound
-    clears it). The smallest variant that meets the gate is chosen, else the best, reported as failing.
+    Sparsity ``s`` keeps rank ``r' = max(1, round(r * (1 - s)))`` of the adapter's rank ``r``, so ``r' / r`` of its
+    LoRA parameters (``r * (in + out)`` per module) are stored: a truncated SVD of each module's delta, written as a
+    real lower-rank peft adapter and GGUF LoRA (:mod:`cogumi_tasks.modifiers.shrink`; zeros in a dense file would
+    save nothing). For the full-rank adapter and each variant: stored bytes (stat of the safetensors and the GGUF),
+    the held-out domain score of base + recovery + variant with its interval, the reference's on the same items, %
+    of reference with its interval and the gate verdict (``gate_pct``: met only when the lower bound clears it;
+    against a reference that solved nothing, only when the score's lower bound clears 0). The smallest variant that
+    meets the gate is chosen, else the best, reported as failing.
 
     Inputs: ``adapter`` (modifiers.train's peft adapter), ``adapter_gguf`` (its GGUF LoRA), ``gguf`` (Phase 2's
     base), ``lora`` (optional: Phase 2's recovery GGUF LoRA). Outputs: ``variants`` (JSON table), ``lora_gguf``
     (the chosen variant), ``items`` (per variant and item: answer, score, the reference's); every variant's files
     stay under ``variants/`` of the step's prefix.
     """
-    from cogumi_tasks.core.verdict import judge
     from cogumi_tasks.eval.backends import GGUFBackend
+    from cogumi_tasks.eval.stats import judge_pct_of_reference
     from cogumi_tasks.modifiers.shrink import PEFT_CONFIG, PEFT_WEIGHTS, reduce_gguf_lora, reduce_peft, reduced_rank
 
     mod = step_modifier(ctx)
@@ -229,7 +230,7 @@ def compress(ctx: StepContext) -> StepOutput:
     for s, k in levels:
         entry = score_entry(ctx, rows_by_rank[k])
         pct = entry["pct_of_reference"]
-        gate = judge(pct["pct"], ">=", mod.gate_pct, pct["ci"], undefined_reason=pct.get("why"))
+        gate = judge_pct_of_reference(pct, ">=", mod.gate_pct)
         variants.append({"sparsity": s, "rank": k, "params_kept_share": round(k / rank, 4),
                          "gguf_bytes": files[k]["gguf_bytes"], "safetensors_bytes": files[k]["safetensors_bytes"],
                          **entry, "gate": {"pct": mod.gate_pct, **gate.as_dict()}, "passed_gate": gate.met,

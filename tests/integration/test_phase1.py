@@ -131,7 +131,8 @@ def test_before_after_table_has_the_three_models_per_domain(phase1):
             assert acc["accuracy"] == acc["correct"] / 2 and acc["ci"][0] <= acc["accuracy"] <= acc["ci"][1]
             pct = row["pct_of_reference"][model]
             if row["reference"]["correct"] == 0:
-                assert pct == {"pct": None, "ci": None, "why": "undefined (reference 0/2)"}
+                assert (pct["pct"], pct["ci"], pct["why"]) == (None, None, "undefined (reference 0/2)")
+                assert pct["ours"] == acc["accuracy"] and pct["score_ci"][0] <= acc["accuracy"]
             else:
                 assert pct["pct"] == pytest.approx(acc["accuracy"] / row["reference"]["accuracy"] * 100)
         for model in ("sft", "distilled"):

@@ -105,3 +105,36 @@ def test_gate_on_missing_or_undefined_domain_fails():
     assert not results["code"].passed and "reference scored 0" in results["code"].message
     assert results["code"].verdict == "undefined" and results["code"].message.endswith("gate > 72%: undefined")
     assert check_gates(table, {}) == []
+
+
+def test_gate_against_a_reference_that_solved_nothing_is_judged_on_the_score():
+    rows = ([{"id": f"r{i}", "domain": "reasoning", "ours": int(i < 12), "reference": 0} for i in range(20)]
+            + [{"id": f"a{i}", "domain": "automation", "ours": 0, "reference": 0} for i in range(20)]
+            + [{"id": f"c{i}", "domain": "code", "ours": int(i < 1), "reference": 0} for i in range(20)])
+    table = pct_of_reference(rows, n=500, seed=1)
+    assert table["reasoning"]["pct"] is None and table["reasoning"]["ci"] is None  # the ratio stays undefined
+    low, high = table["reasoning"]["score_ci"]
+    assert 0 < low < 0.6 < high <= 1
+    results = {g.domain: g for g in check_gates(table, {"reasoning": 70, "automation": 75, "code": 1000})}
+    assert results["reasoning"].passed and results["reasoning"].verdict == "met"
+    assert "score above 0" in results["reasoning"].reason and "reference 0" in results["reasoning"].message
+    assert math.isnan(results["reasoning"].pct)
+    # a model that also solved nothing passes no gate, and one solved item out of 20 cannot tell
+    assert results["automation"].verdict == "not met" and not results["automation"].passed
+    assert results["code"].verdict == "inconclusive"
+
+
+def test_pct_of_reference_gate_keeps_the_ratio_rule_when_the_reference_solved_something():
+    from cogumi_tasks.eval.stats import judge_pct_of_reference
+    from cogumi_tasks.eval.tables import pct_entry
+
+    entry = pct_entry([1, 1, 1, 0], [1, 1, 0, 1], n=300, seed=0)
+    assert "score_ci" not in entry and entry["pct"] == pytest.approx(100.0)
+    assert judge_pct_of_reference(entry, ">=", 100).verdict == "inconclusive"
+    zero = pct_entry([1, 1, 1, 1], [0, 0, 0, 0], n=300, seed=0)
+    assert zero["pct"] is None and zero["score_ci"] == [1.0, 1.0] and zero["ours"] == 1.0
+    # ">=" k% of 0 would hold for any score; the gate still asks for a score above 0
+    assert judge_pct_of_reference(zero, ">=", 100).verdict == "met"
+    nothing = pct_entry([0, 0], [0, 0])
+    assert judge_pct_of_reference(nothing, ">=", 100).verdict == "not met"
+    assert judge_pct_of_reference({"pct": None, "ci": None, "why": "no items"}, ">", 70).verdict == "undefined"

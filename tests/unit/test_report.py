@@ -232,3 +232,18 @@ def test_collect_run_and_write_report_on_s3(s3_server, store_for, tmp_path):
     uploaded = sorted(store.list(store.uri("report-test", "_reports", "run-2") + "/"))
     assert [u.rsplit("/", 1)[1] for u in uploaded] == ["report-run-2.html", "report-run-2.json"]
     assert store.get_bytes(uploaded[0]).decode() == html_path.read_text()
+
+
+def test_pct_target_against_a_reference_that_solved_nothing_is_judged_on_the_score():
+    ev = manifest("b", "eval.run", "k3", "run-4", 300.0, {"pct_of_reference": {
+        "reasoning": {"ours": 0.6, "reference": 0.0, "pct": None, "ci": None, "n": 20, "score_ci": [0.4, 0.8],
+                      "error": "reasoning: reference scored 0; % of reference undefined"},
+        "automation": {"ours": 0.0, "reference": 0.0, "pct": None, "ci": None, "n": 20, "score_ci": [0.0, 0.0],
+                       "error": "automation: reference scored 0; % of reference undefined"}}})
+    _, data = build_report({"pipeline": "pipe", "run_id": "run-4", "manifests": [ev], "ledger": {}},
+                           load_targets(TARGETS))
+    by_id = {t["id"]: t for t in data["targets"]}
+    assert by_id["eval_reasoning"]["status"] == "met" and by_id["eval_reasoning"]["measured"] is None
+    assert "reference scored 0" in by_id["eval_reasoning"]["reason"]
+    assert "score in % 60 (95% CI 40-80): the lower bound 40 clears > 0" in by_id["eval_reasoning"]["reason"]
+    assert by_id["eval_automation"]["status"] == "not met"

@@ -116,7 +116,9 @@ def test_before_after_table_rise_in_points_and_pct_per_model():
     assert r["pct_of_reference"]["untrained"]["pct"] == pytest.approx(50.0)
     assert r["pct_of_reference"]["distilled"]["pct"] == pytest.approx(200.0)
     a = table["automation"]["pct_of_reference"]
-    assert all(a[m] == {"pct": None, "ci": None, "why": "undefined (reference 0/2)"} for m in a)
+    assert all(a[m]["pct"] is None and a[m]["ci"] is None and a[m]["why"] == "undefined (reference 0/2)" for m in a)
+    assert [a[m]["ours"] for m in ("untrained", "sft", "distilled")] == [0.0, 0.5, 1.0]  # gates judge the score
+    assert a["untrained"]["score_ci"] == [0.0, 0.0] and a["distilled"]["score_ci"] == [1.0, 1.0]
     with pytest.raises(ValueError, match="different items"):
         before_after({"untrained": untrained, "sft": sft[:-1], "distilled": distilled})
 
