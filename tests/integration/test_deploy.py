@@ -72,3 +72,70 @@ def test_release_validate_and_promote_only_when_validation_passed(s3_server, sto
         run_step("serve.promote", strict, {"release": built.outputs["release"],
                                            "validation": failed.outputs["validation"]}, store=store)
     assert store.get_json(f"{registry}/current.json")["id"] == rid
+
+
+def test_make_demo_serving_starts_the_current_release_and_down_stops_it(s3_server, store_for, bundles, tmp_path):
+    """What `make demo` runs once a release is current (stack.serving.serve_up): the gateway on the registry's
+    current release, the chat UI and Prometheus on free loopback ports, each answering; a completion through the
+    gateway with the key generated into secrets.env names that release; `stack down` stops all three."""
+    import base64
+    import os
+    import secrets
+    import time
+    import urllib.request
+
+    import openai
+
+    from cogumi_tasks.core.secrets import write_private
+    from cogumi_tasks.serve.release import CURRENT, publish_release
+    from cogumi_tasks.stack import local
+    from cogumi_tasks.stack.serving import KEY, SERVING, ServingPorts, serve_up, usage
+    from tests.servers.procs import pick_base_port
+
+    cfg_path = _config(tmp_path, {})
+    cfg = load_config(cfg_path)
+    store = store_for(cfg)
+    built = run_step("serve.release", cfg, bundles, store=store)
+    rid, registry = built.metrics["id"], store.uri(cfg.name, "releases")
+    publish_release(store, store.fetch_prefix(built.outputs["release"], tmp_path / "release"), registry)  # promote's
+    assert store.get_json(f"{registry}/{CURRENT}")["id"] == rid
+
+    base = pick_base_port((20, 21, 22))
+    ports = ServingPorts(gateway=base + 20, chat=base + 21, prometheus=base + 22)
+    settings = local.Settings.from_env({}, home=tmp_path / "home", s3_port=int(s3_server.endpoint.rsplit(":", 1)[1]))
+    settings.home.mkdir(parents=True)
+    write_private(settings.secrets_file, "".join(f"{k}={v}\n" for k, v in {
+        "COGUMI_S3_ACCESS_KEY": s3_server.access_key, "COGUMI_S3_SECRET_KEY": s3_server.secret_key,
+        "COGUMI_AIRFLOW_PASSWORD": "x", "COGUMI_JWT_SECRET": secrets.token_urlsafe(16),
+        "COGUMI_API_SECRET_KEY": secrets.token_urlsafe(16),
+        "COGUMI_FERNET_KEY": base64.urlsafe_b64encode(os.urandom(32)).decode()}.items()))
+    lines: list[str] = []
+    try:
+        serve_up(settings, cfg_path, ports, log=lines.append)
+        assert [line.split()[0] for line in lines] == list(SERVING) and all("started pid" in x for x in lines)
+        key = local.load_secrets(settings)[KEY]
+        assert key.startswith("ck-") and key not in "\n".join(lines)
+        client = openai.OpenAI(base_url=ports.api, api_key=key, max_retries=0, timeout=120)
+        raw = client.chat.completions.with_raw_response.create(
+            model="cogumi-base", max_tokens=8, messages=[{"role": "user", "content": "Say hello."}])
+        assert raw.headers["X-Cogumi-Release"] == rid and raw.parse().choices[0].message.content.strip()
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=ports.api, api_key="ck-wrong", max_retries=0).models.list()
+        with urllib.request.urlopen(f"http://127.0.0.1:{ports.chat}/", timeout=30) as page:
+            assert page.status == 200 and b"gradio" in page.read().lower()
+        scraped: set[str] = set()
+        for _ in range(60):  # file_sd targets reach the scrape manager a few seconds after start
+            with urllib.request.urlopen(f"http://127.0.0.1:{ports.prometheus}/api/v1/targets", timeout=30) as page:
+                scraped = {t["labels"]["instance"] for t in json.loads(page.read())["data"]["activeTargets"]}
+            if f"127.0.0.1:{ports.gateway}" in scraped:
+                break
+            time.sleep(1)
+        assert f"127.0.0.1:{ports.gateway}" in scraped
+        assert any(ports.api in line for line in usage(settings, ports))
+        again: list[str] = []
+        serve_up(settings, cfg_path, ports, log=again.append)  # a second demo reuses what runs
+        assert all("reusing pid" in x for x in again) and len(again) == len(SERVING)
+    finally:
+        stopped = local.down(settings, log=lambda _: None)
+    assert sorted(stopped) == sorted(SERVING)
+    assert local.read_pids(settings) == {}
