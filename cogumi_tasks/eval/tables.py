@@ -24,6 +24,8 @@ def pct_entry(ours: Sequence[float], ref: Sequence[float], n: int = 1000, seed: 
     """% of reference with its paired interval; ``pct`` None and why when the reference got nothing right, then with
     ``ours`` and ``score_ci`` (0-1), on which gates are judged
     (:func:`cogumi_tasks.eval.stats.judge_pct_of_reference`)."""
+    if not len(ours):
+        return {"pct": None, "ci": None, "why": "undefined (no items)"}
     if sum(ref) == 0:
         point, low, high = bootstrap_mean_ci(ours, n=n, seed=seed)
         return {"pct": None, "ci": None, "why": f"undefined (reference 0/{len(ref)})", "ours": point,

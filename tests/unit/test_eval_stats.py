@@ -137,4 +137,5 @@ def test_pct_of_reference_gate_keeps_the_ratio_rule_when_the_reference_solved_so
     assert judge_pct_of_reference(zero, ">=", 100).verdict == "met"
     nothing = pct_entry([0, 0], [0, 0])
     assert judge_pct_of_reference(nothing, ">=", 100).verdict == "not met"
-    assert judge_pct_of_reference({"pct": None, "ci": None, "why": "no items"}, ">", 70).verdict == "undefined"
+    assert pct_entry([], []) == {"pct": None, "ci": None, "why": "undefined (no items)"}
+    assert judge_pct_of_reference(pct_entry([], []), ">", 70).verdict == "undefined"
