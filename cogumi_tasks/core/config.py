@@ -404,6 +404,9 @@ class TierConfig(Strict):
                          "the verifier or judge is kept")
     temperature: float = Field(0.0, ge=0)
     max_tokens: int = Field(160, ge=1)
+    shots: int = Field(0, ge=0, description="worked examples before each world task: train-part instances of its "
+                       "family with their reference answers (none of the modifier's tasks), as earlier chat turns; "
+                       "few-shot prompting of a cheap teacher. Tasks without a family get none")
 
 
 class ModifierConfig(Strict):

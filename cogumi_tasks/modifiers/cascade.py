@@ -3,9 +3,10 @@
 ``modifiers.test`` answers a modifier's ``tasks`` suite with the compressed base (Phase 2's GGUF with its recovery
 LoRA, greedy, in llama.cpp) and judges every answer through :func:`cogumi_tasks.world.judge.judge_rows` (a world
 task's checker, else the LLM judge); what fails is ``remaining``. ``modifiers.tier`` sends the first ``max_items``
-of ``remaining`` to tier K's teacher in best-of-k rounds (round j: sample j, seed j, only the items not solved yet),
-judges each answer the same way and keeps the first that passes (``solved``: the modifier's training data); the
-rest goes on to tier K+1. Rows passed between the steps: ``{id, domain, prompt, messages, task?, reason}``.
+of ``remaining`` to tier K's teacher (after ``shots`` worked examples of the task's family, if set) in best-of-k
+rounds (round j: sample j, seed j, only the items not solved yet), judges each answer the same way and keeps the
+first that passes (``solved``: the modifier's training data); the rest goes on to tier K+1. Rows passed between
+the steps: ``{id, domain, prompt, messages, task?, reason}``.
 
 A refusal (HTTP 4xx: the strong tier refuses a prompt outside its families) leaves the item in ``remaining``; an
 outage (5xx or timeouts after the client's retries) or a spent budget fails the step naming modifier, tier and
@@ -61,6 +62,29 @@ def judged_by_id(ctx: StepContext, rows: list[dict], source: str) -> tuple[dict[
         out[raw["id"]] = {**raw, "passed": False, "judge_score": None, "judge_kind": "llm",
                           "judge_reason": q["reason"]}
     return out, ctx.cost or {}
+
+
+def teacher_messages(rows: list[dict], mod: Any, tier_k: int, shots: int) -> dict[str, list[dict]]:
+    """Each row's messages as tier ``tier_k``'s teacher gets them: with ``shots`` > 0, a world task's messages come
+    after that many worked examples of its family (user prompt, assistant reference), drawn from the train part
+    with seed ``tier_k`` and sharing no task with the modifier's tasks or the rows. Rows without a family, and
+    every row when ``shots`` is 0, keep their own messages. The solved rows keep theirs too: the modifier learns
+    to answer without examples."""
+    out = {r["id"]: r["messages"] for r in rows}
+    families = sorted({r["task"]["family"] for r in rows if r.get("task")})
+    if not shots or not families:
+        return out
+    from cogumi_tasks.world import Instance, generate, keys_of
+
+    known = [Instance.from_dict(r["task"]) for r in rows if r.get("task")]
+    if mod.tasks.kind == "world":
+        known += generate(mod.tasks.family, mod.tasks.n, mod.tasks.seed, part="train")
+    taken = keys_of(known)
+    turns = {}
+    for fam in families:
+        turns[fam] = [m for ex in generate(fam, shots, tier_k, exclude=taken, part="train")
+                      for m in ({"role": "user", "content": ex.prompt}, {"role": "assistant", "content": ex.reference})]
+    return {r["id"]: turns[r["task"]["family"]] + r["messages"] if r.get("task") else r["messages"] for r in rows}
 
 
 @step("modifiers.test", version=1, reads=("modifiers", "judge", "llm", "dataset.score", "eval.max_tokens"),
@@ -140,8 +164,9 @@ def tier(ctx: StepContext) -> StepOutput:
     source = ctx.input("remaining")
     rows = list(iter_jsonl_dicts(ctx.fetch(source)))
     take, passed_on = (rows[: cfg.max_items], rows[cfg.max_items:]) if cfg.max_items else (rows, [])
-    log.info("modifiers.tier %s: %d tasks in, %d for this tier (best-of-%d at temperature %g), %d passed on", where,
-             len(rows), len(take), cfg.samples, cfg.temperature, len(passed_on))
+    log.info("modifiers.tier %s: %d tasks in, %d for this tier (best-of-%d at temperature %g, %d-shot), %d passed "
+             "on", where, len(rows), len(take), cfg.samples, cfg.temperature, cfg.shots, len(passed_on))
+    prompts = teacher_messages(take, mod, k, cfg.shots)
     ledger = make_ledger(ctx)
     reasons = {r["id"]: r.get("reason") for r in take}
     solved: dict[str, dict] = {}
@@ -151,7 +176,7 @@ def tier(ctx: StepContext) -> StepOutput:
         pending = [r for r in take if r["id"] not in solved and r["id"] not in refused]
         if not pending:
             break
-        reqs = [ChatRequest(messages=r["messages"], max_tokens=cfg.max_tokens, temperature=cfg.temperature, seed=j)
+        reqs = [ChatRequest(messages=prompts[r["id"]], max_tokens=cfg.max_tokens, temperature=cfg.temperature, seed=j)
                 for r in pending]
 
         async def run(reqs: list[ChatRequest] = reqs, j: int = j) -> list:
@@ -206,7 +231,7 @@ def tier(ctx: StepContext) -> StepOutput:
     return StepOutput(
         files={"solved": "solved.jsonl", "remaining": "remaining.jsonl"},
         metrics={"modifier": mod.name, "domain": mod.domain, "tier": k, "teacher": teacher.name,
-                 "model": teacher.model, "price": teacher.price, "samples": cfg.samples,
+                 "model": teacher.model, "price": teacher.price, "samples": cfg.samples, "shots": cfg.shots,
                  "temperature": cfg.temperature, "items_in": len(rows), "attempted": len(take),
                  "passed_on": len(passed_on), "solved": len(solved_rows), "remaining": len(remaining),
                  "refused": len(refused), "calls": sum(r["sent"] for r in rounds),

@@ -1,5 +1,5 @@
 """Phase 3's cascade on loopback: the packaged SmolLM2 GGUF as the compressed base on train-part tool_call tasks,
-then tier 1 (SmolLM2 through llama.cpp, greedy, behind the fault proxy), tier 2 (the same, best-of-2 at
+then tier 1 (SmolLM2 through llama.cpp, greedy, 2-shot, behind the fault proxy), tier 2 (the same, best-of-2 at
 temperature 0.8) and tier 3 (the strong tier). Asserted: what each step guarantees (counts chain from tier to tier,
 one call per unsolved item per round, the strong tier solves every family task it gets, every solved row passes
 its checker, ledger costs at the configured prices, a finished tier re-runs from the step cache), and backfill: tier
@@ -29,7 +29,7 @@ MODIFIER = {
     "name": "automation", "domain": "automation",
     "tasks": {"kind": "world", "family": "tool_call", "n": N, "seed": 5},
     "heldout": {"kind": "world", "family": "tool_call", "n": 4, "seed": 0},
-    "tiers": [{"teacher": "teacher-a", "max_items": TIER1_MAX, "max_tokens": 32},
+    "tiers": [{"teacher": "teacher-a", "max_items": TIER1_MAX, "max_tokens": 32, "shots": 2},
               {"teacher": "teacher-a", "samples": SAMPLES, "temperature": 0.8, "max_tokens": 32},
               {"teacher": "teacher-b"}],
     "rank": 8, "alpha": 16,
@@ -102,6 +102,7 @@ def test_counts_chain_from_tier_to_tier(cascade):
         assert len(_rows(store, t.outputs["solved"])) == m["solved"]
         assert len(_rows(store, t.outputs["remaining"])) == m["remaining"]
     first = tiers[0].metrics
+    assert (first["shots"], tiers[1].metrics["shots"]) == (2, 0)
     assert first["attempted"] == min(TIER1_MAX, first["items_in"])
     assert first["passed_on"] == first["items_in"] - first["attempted"]
     given = _rows(store, test.outputs["remaining"])
