@@ -3,7 +3,8 @@ beside the plan's figures, and the bundle Phase 4 routes between.
 
 The tier table is read from the manifests along each modifier's lineage (compress <- train <- tier k <- test), so
 every figure is the one its step measured. The cascade's saving is against sending every task that entered
-tier 1 to the top tier at the top tier's measured cost per item. The plan's sizes were written for an 8B base at
+tier 1 to the top tier at the top tier's measured cost per item, every call at list price (answers from the
+response cache included). The plan's sizes were written for an 8B base at
 ranks 128 / 112 / 96, so beside each measured size stands the arithmetic of a LoRA of that rank on Llama-3.1-8B.
 """
 
@@ -62,13 +63,17 @@ def lineage(ctx: StepContext, variants_uri: str) -> dict[str, Any]:
 
 
 def tier_table(chain: dict[str, Any]) -> dict:
-    """Share solved and cost per tier, and the cost had every task that entered tier 1 gone to the top tier."""
+    """Share solved and cost per tier, and the cost had every task that entered tier 1 gone to the top tier.
+    Costs are list prices of every call (``list_cost_usd``: answers from the response cache count at the price
+    they would have cost), so a re-run that paid nothing new still measures the cascade; ``paid_usd`` is what the
+    tiers' runs paid."""
     rows = []
     for m in chain["tiers"]:
         x = m["metrics"]
+        paid = x.get("cost_usd", 0.0)
         rows.append({"tier": m["params"].get("tier"), "teacher": x.get("teacher"), "items_in": x.get("items_in"),
                      "attempted": x.get("attempted"), "solved": x.get("solved"), "remaining": x.get("remaining"),
-                     "calls": x.get("calls"), "cost_usd": x.get("cost_usd", 0.0)})
+                     "calls": x.get("calls"), "cost_usd": x.get("list_cost_usd", paid), "paid_usd": paid})
     entered = rows[0]["items_in"] if rows else 0
     for r in rows:
         r["share_of_entered"] = round(r["solved"] / entered, 4) if entered else None
@@ -82,6 +87,7 @@ def tier_table(chain: dict[str, Any]) -> dict:
     return {"tested": test.get("tested"), "base_passed": test.get("passed"), "entered_cascade": entered,
             "tiers": rows, "solved": sum(r["solved"] or 0 for r in rows),
             "unsolved": rows[-1]["remaining"] if rows else None, "cost_usd": round(cost, 6),
+            "paid_usd": round(sum(r["paid_usd"] or 0.0 for r in rows), 6),
             "top_tier_cost_per_item_usd": per_item, "cost_all_top_tier_usd": all_top,
             "saving": round(saving, 4) if saving is not None else None,
             "saving_vs_plan": {"plan": PLAN_SAVING, **judge(saving, ">=", PLAN_SAVING, undefined_reason=why).as_dict()}}

@@ -156,6 +156,7 @@ def test_costs_are_in_the_ledger_at_the_configured_prices(cascade):
         for r in rows:
             assert r["usd"] == pytest.approx(prices[teacher.price].cost(r["prompt_tokens"], r["completion_tokens"]))
         assert t.metrics["cost_usd"] == pytest.approx(sum(r["usd"] for r in rows))
+        assert t.metrics["list_cost_usd"] == pytest.approx(t.metrics["cost_usd"])  # nothing came from the cache
         if t.metrics["calls"]:
             assert t.metrics["cost_usd"] > 0
             assert t.metrics["cost_per_attempted_usd"] == pytest.approx(t.metrics["cost_usd"] / t.metrics["attempted"])
@@ -201,6 +202,7 @@ def test_a_failed_tier_is_backfilled_without_paying_twice(fault_proxy, tmp_path,
     m = done.metrics
     assert not done.skipped and m["attempted"] == N and m["solved"] + m["remaining"] == N
     assert m["cached_calls"] == N - 1  # every answer of the failed run came from the response cache
+    assert m["list_cost_usd"] > m["cost_usd"] > 0  # the cached answers cost nothing now but count at list price
     statuses = proxy_stats(fault_proxy)["statuses"]
     assert all(200 not in seq[:-1] for seq in statuses.values()), statuses
     assert sum(seq.count(200) for seq in statuses.values()) == m["calls"]

@@ -15,8 +15,9 @@ from cogumi_tasks.core.steps import run_step
 from cogumi_tasks.eval.phase_tables import phase3_tables
 from cogumi_tasks.modifiers.publish import plan_lora_mb
 
-TIERS = [  # tier, teacher, items_in, attempted, solved, cost
+TIERS = [  # tier, teacher, items_in, attempted, solved, cost at list price
     (1, "teacher-a", 8, 8, 3, 0.001), (2, "teacher-a", 5, 5, 1, 0.002), (3, "teacher-b", 4, 4, 4, 0.04)]
+PAID = {1: 0.001, 2: 0.0005, 3: 0.0}  # what each tier's run paid: tier 3's answers all came from the response cache
 
 
 def _plant(store: ArtifactStore, step: str, key: str, files: dict[str, bytes], **manifest) -> dict[str, str]:
@@ -53,7 +54,8 @@ def test_publish_tier_table_saving_sizes_and_bundle(s3_server, config_path):
         out = _plant(store, "modifiers.tier", f"k{tier}", {"solved.jsonl": b"{}\n", "remaining.jsonl": b"{}\n"},
                      params={"modifier": "code", "tier": tier}, inputs={"remaining": remaining},
                      metrics={"teacher": teacher, "items_in": items_in, "attempted": attempted, "solved": n_solved,
-                              "remaining": items_in - n_solved, "calls": attempted, "cost_usd": cost})
+                              "remaining": items_in - n_solved, "calls": attempted, "cost_usd": PAID[tier],
+                              "list_cost_usd": cost})
         remaining = out["remaining.jsonl"]
         solved.append(out["solved.jsonl"])
     solved.reverse()  # publish orders tiers by their tier param, not by input order
@@ -80,7 +82,8 @@ def test_publish_tier_table_saving_sizes_and_bundle(s3_server, config_path):
     assert cascade["tested"] == 10 and cascade["entered_cascade"] == 8 and cascade["solved"] == 8
     spent = sum(t[5] for t in TIERS)
     all_top = 0.04 / 4 * 8  # the top tier's cost per attempted item, for every item that entered tier 1
-    assert cascade["cost_usd"] == pytest.approx(spent)
+    assert cascade["cost_usd"] == pytest.approx(spent)  # at list price: a cached answer is not free for the saving
+    assert cascade["paid_usd"] == pytest.approx(sum(PAID.values()))
     assert cascade["cost_all_top_tier_usd"] == pytest.approx(all_top)
     assert cascade["saving"] == pytest.approx(1 - spent / all_top, abs=1e-4)
     assert cascade["saving_vs_plan"]["verdict"] == "not met"  # 46% < the plan's 61%
