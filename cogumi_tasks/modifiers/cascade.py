@@ -70,20 +70,18 @@ def teacher_messages(rows: list[dict], mod: Any, tier_k: int, shots: int) -> dic
     with seed ``tier_k`` and sharing no task with the modifier's tasks or the rows. Rows without a family, and
     every row when ``shots`` is 0, keep their own messages. The solved rows keep theirs too: the modifier learns
     to answer without examples."""
-    out = {r["id"]: r["messages"] for r in rows}
     families = sorted({r["task"]["family"] for r in rows if r.get("task")})
     if not shots or not families:
-        return out
+        return {r["id"]: r["messages"] for r in rows}
     from cogumi_tasks.world import Instance, generate, keys_of
 
     known = [Instance.from_dict(r["task"]) for r in rows if r.get("task")]
     if mod.tasks.kind == "world":
         known += generate(mod.tasks.family, mod.tasks.n, mod.tasks.seed, part="train")
     taken = keys_of(known)
-    turns = {}
-    for fam in families:
-        turns[fam] = [m for ex in generate(fam, shots, tier_k, exclude=taken, part="train")
-                      for m in ({"role": "user", "content": ex.prompt}, {"role": "assistant", "content": ex.reference})]
+    turns = {fam: [m for ex in generate(fam, shots, tier_k, exclude=taken, part="train")
+                   for m in ({"role": "user", "content": ex.prompt}, {"role": "assistant", "content": ex.reference})]
+             for fam in families}
     return {r["id"]: turns[r["task"]["family"]] + r["messages"] if r.get("task") else r["messages"] for r in rows}
 
 
@@ -147,9 +145,9 @@ def tier(ctx: StepContext) -> StepOutput:
     response, task?, tier, teacher, model, sample, judge_score, judge_kind, judge_reason}: training data),
     ``remaining`` (the input's format with the last reason: what tier K+1 gets). Metrics: ``cost_usd`` is what
     this run paid; ``list_cost_usd`` prices every call, answers from the response cache included (the tier's cost
-    on a cold cache: what the cascade's saving compares). A refused request (4xx) leaves
-    its task in ``remaining``; an outage or a spent budget fails the step (clear it to backfill: the answers
-    already paid come from the response cache).
+    on a cold cache: what the cascade's saving compares). A refused request (4xx) leaves its task in
+    ``remaining``; an outage or a spent budget fails the step (clear it to backfill: the answers already paid come
+    from the response cache).
     """
     from cogumi_tasks.core.ledger import BudgetExceeded
     from cogumi_tasks.llm.client import ChatRequest, ChatResult, LLMRefused

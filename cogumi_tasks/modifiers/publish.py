@@ -4,8 +4,8 @@ beside the plan's figures, and the bundle Phase 4 routes between.
 The tier table is read from the manifests along each modifier's lineage (compress <- train <- tier k <- test), so
 every figure is the one its step measured. The cascade's saving is against sending every task that entered
 tier 1 to the top tier at the top tier's measured cost per item, every call at list price (answers from the
-response cache included). The plan's sizes were written for an 8B base at
-ranks 128 / 112 / 96, so beside each measured size stands the arithmetic of a LoRA of that rank on Llama-3.1-8B.
+response cache included). The plan's sizes were written for an 8B base at ranks 128 / 112 / 96, so beside each
+measured size stands the arithmetic of a LoRA of that rank on Llama-3.1-8B.
 """
 
 from __future__ import annotations
