@@ -38,6 +38,14 @@ def _pct_ref(p: Any) -> str:
     return f"{p['pct']:.1f}%" + (f" (CI {ci[0]:.1f}-{ci[1]:.1f})" if ci[0] is not None else "")
 
 
+def points_text(d: Any) -> str:
+    """A difference entry ``{"points", "ci"}`` (``eval.tables.paired_difference``) in points with its interval."""
+    if not isinstance(d, dict) or d.get("points") is None:
+        return "-"
+    ci = d.get("ci") or [None, None]
+    return f"{d['points']:+.1f}" + (f" (CI {ci[0]:+.1f} to {ci[1]:+.1f})" if ci[0] is not None else "")
+
+
 def _mb(nbytes: Any) -> str:
     return "-" if not nbytes else f"{nbytes / 1e6:.2f} MB"
 
@@ -70,11 +78,12 @@ def phase3_tables(manifests: list[dict]) -> list[dict]:
         for v in sizes.get("variants") or []:
             size_rows.append([name, v.get("sparsity") or 0, v.get("rank"), _mb(v.get("gguf_bytes")),
                               _mb(v.get("safetensors_bytes")), _acc(v.get("accuracy")),
-                              _pct_ref(v.get("pct_of_reference")), "yes" if v.get("passed_gate") else "no",
+                              _pct_ref(v.get("pct_of_reference")), points_text(v.get("vs_base")),
+                              "yes" if v.get("passed_gate") else "no",
                               "chosen" if chosen.get("rank") == v.get("rank") else ""])
         if plan:
             size_rows.append([name, plan.get("sparsity"), plan.get("rank"), f"plan: {plan.get('mb')} MB",
-                              "-", "-", f"plan: {plan.get('pct')}%", "-", plan.get("note", "")])
+                              "-", "-", f"plan: {plan.get('pct')}%", "-", "-", plan.get("note", "")])
     total = table.get("cascade") or {}
     out = [{"phase": PHASE3, "id": "tier-table", "title": "Teacher cascade per modifier",
             "note": "modifiers.publish: items the compressed base failed enter tier 1; each tier's teacher answers "
@@ -85,10 +94,11 @@ def phase3_tables(manifests: list[dict]) -> list[dict]:
                         "cost"], "rows": tier_rows},
            {"phase": PHASE3, "id": "modifier-sizes", "title": "Modifier size per sparsity level",
             "note": "Sparsity is stored as a lower rank (SVD of each module's LoRA product), since zeros in a dense "
-                    "file save nothing; bytes measured on disk. The plan's rows give its 8B figure and the "
-                    "arithmetic of a LoRA of that rank on Llama-3.1-8B.",
+                    "file save nothing; bytes measured on disk. A variant passes its gate when its domain score "
+                    "clears the gate's % of the reference and is above the base's (paired interval above 0). The "
+                    "plan's rows give its 8B figure and the arithmetic of a LoRA of that rank on Llama-3.1-8B.",
             "headers": ["modifier", "sparsity", "rank", "GGUF", "safetensors", "domain accuracy", "% of reference",
-                        "passes gate", ""], "rows": size_rows}]
+                        "vs base", "passes gate", ""], "rows": size_rows}]
     return out
 
 

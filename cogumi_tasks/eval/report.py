@@ -26,7 +26,7 @@ import yaml
 from cogumi_tasks.core.artifacts import MANIFEST, ArtifactStore, join_uri, parent_uri
 from cogumi_tasks.core.steps import safe_name, used_manifests
 from cogumi_tasks.core.verdict import OPS, UNDEFINED, VERDICTS, judge
-from cogumi_tasks.eval.phase_tables import phase3_tables, phase4_tables
+from cogumi_tasks.eval.phase_tables import phase3_tables, phase4_tables, points_text
 from cogumi_tasks.eval.stats import judge_pct_of_reference
 
 PHASES = {"data": "Phase 0: dataset", "train": "Phase 1: training", "compress": "Phase 2: compression",
@@ -468,14 +468,11 @@ def before_after_rows(manifests: list[dict]) -> tuple[dict, list[list[str]]]:
     def acc(a: dict) -> str:
         return f"{100 * a['accuracy']:.1f}% ({a['correct']}/{a['n']}; CI {100 * a['ci'][0]:.1f}-{100 * a['ci'][1]:.1f})"
 
-    def rise(r: dict) -> str:
-        return f"{r['points']:+.1f} (CI {r['ci'][0]:+.1f} to {r['ci'][1]:+.1f})"
-
     def pct(p: dict) -> str:
         return p["why"] if p["pct"] is None else f"{p['pct']:.1f}% (CI {p['ci'][0]:.1f}-{p['ci'][1]:.1f})"
 
-    rows = [[key, row["n"], acc(row["untrained"]), acc(row["sft"]), acc(row["distilled"]), rise(row["rise_sft"]),
-             rise(row["rise_distilled"]), acc(row["reference"]),
+    rows = [[key, row["n"], acc(row["untrained"]), acc(row["sft"]), acc(row["distilled"]), points_text(row["rise_sft"]),
+             points_text(row["rise_distilled"]), acc(row["reference"]),
              *(pct(row["pct_of_reference"][m]) for m in ("untrained", "sft", "distilled"))]
             for key, row in table.items()]
     return table, rows

@@ -160,6 +160,23 @@ def recovery(ctx: StepContext) -> list[tuple[Path, float]]:
 
 
 # ---------------------------------------------------------------- compress
+def variant_gate(pct: dict, vs_base: dict, gate_pct: float) -> dict:
+    """A variant's gate: its domain score ``>= gate_pct`` % of the reference
+    (:func:`cogumi_tasks.eval.stats.judge_pct_of_reference`) **and** above the base's on the same items (the paired
+    difference's interval above 0 points). The second part keeps the gate meaningful where the reference solved
+    nothing (there any score above 0 clears the first part, a modifier that adds nothing included). Met only when
+    both are met; otherwise the worse of the two verdicts (undefined, then not met, then inconclusive)."""
+    from cogumi_tasks.core.verdict import INCONCLUSIVE, MET, NOT_MET, UNDEFINED, judge
+    from cogumi_tasks.eval.stats import judge_pct_of_reference
+
+    parts = {"pct_of_reference": judge_pct_of_reference(pct, ">=", gate_pct),
+             "over_base": judge(vs_base["points"], ">", 0, vs_base["ci"])}
+    order = (MET, INCONCLUSIVE, NOT_MET, UNDEFINED)
+    verdict = max((v.verdict for v in parts.values()), key=order.index)
+    reason = "; ".join(f"{name}: {v.verdict} ({v.reason})" for name, v in parts.items())
+    return {"pct": gate_pct, "verdict": verdict, "reason": reason, "parts": {k: v.as_dict() for k, v in parts.items()}}
+
+
 def choose(variants: list[dict]) -> tuple[dict, bool]:
     """The smallest variant (GGUF bytes) whose gate verdict is met, else the best by % of reference (then
     accuracy, then size), reported as failing. Returns (variant, passed)."""
@@ -174,7 +191,7 @@ def choose(variants: list[dict]) -> tuple[dict, bool]:
     return max(variants, key=merit), False
 
 
-@step("modifiers.compress", version=1, reads=("modifiers", *EVAL_READS),
+@step("modifiers.compress", version=2, reads=("modifiers", *EVAL_READS),
       inputs=("adapter", "adapter_gguf", "gguf", "lora"), outputs=("variants", "lora_gguf", "items"),
       code=("cogumi_tasks.modifiers", "cogumi_tasks.modifiers.shrink", "cogumi_tasks.core.verdict", *EVAL_CODE))
 def compress(ctx: StepContext) -> StepOutput:
@@ -185,17 +202,19 @@ def compress(ctx: StepContext) -> StepOutput:
     real lower-rank peft adapter and GGUF LoRA (:mod:`cogumi_tasks.modifiers.shrink`; zeros in a dense file would
     save nothing). For the full-rank adapter and each variant: stored bytes (stat of the safetensors and the GGUF),
     the held-out domain score of base + recovery + variant with its interval, the reference's on the same items, %
-    of reference with its interval and the gate verdict (``gate_pct``: met only when the lower bound clears it;
-    against a reference that solved nothing, only when the score's lower bound clears 0). The smallest variant that
-    meets the gate is chosen, else the best, reported as failing.
+    of reference with its interval, the paired difference to the base (+ recovery, no modifier) on the same items
+    and the gate verdict (:func:`variant_gate`: ``gate_pct`` % of the reference and above the base, each met only
+    when its interval clears it). The smallest variant that meets the gate is chosen, else the best, reported as
+    failing.
 
     Inputs: ``adapter`` (modifiers.train's peft adapter), ``adapter_gguf`` (its GGUF LoRA), ``gguf`` (Phase 2's
     base), ``lora`` (optional: Phase 2's recovery GGUF LoRA). Outputs: ``variants`` (JSON table), ``lora_gguf``
-    (the chosen variant), ``items`` (per variant and item: answer, score, the reference's); every variant's files
+    (the chosen variant), ``items`` (per variant and item: answer, score, the reference's; rank 0 is the base without
+    the modifier); every variant's files
     stay under ``variants/`` of the step's prefix.
     """
     from cogumi_tasks.eval.backends import GGUFBackend
-    from cogumi_tasks.eval.stats import judge_pct_of_reference
+    from cogumi_tasks.eval.tables import paired_difference
     from cogumi_tasks.modifiers.shrink import PEFT_CONFIG, PEFT_WEIGHTS, reduce_gguf_lora, reduce_peft, reduced_rank
 
     mod = step_modifier(ctx)
@@ -221,25 +240,29 @@ def compress(ctx: StepContext) -> StepOutput:
     rows_by_rank: dict[int, list[dict]] = {}
     backend = GGUFBackend(ctx.fetch(ctx.input("gguf")), name=f"base+{mod.name}")
     try:
+        rows_by_rank[0] = answer_rows(ctx, backend, recovery(ctx), items, ref, modifier=mod.name, rank=0)
         for k, f in sorted(files.items()):
             rows_by_rank[k] = answer_rows(ctx, backend, [*recovery(ctx), (f["gguf"], mod.adapter_scale)], items,
                                           ref, modifier=mod.name, rank=k)
     finally:
         backend.close()
+    cfg, base_scores = _eval_cfg(ctx), [r["score"] for r in rows_by_rank[0]]
     variants = []
     for s, k in levels:
         entry = score_entry(ctx, rows_by_rank[k])
-        pct = entry["pct_of_reference"]
-        gate = judge_pct_of_reference(pct, ">=", mod.gate_pct)
+        vs_base = paired_difference([r["score"] for r in rows_by_rank[k]], base_scores, cfg.bootstrap, cfg.seed)
+        gate = variant_gate(entry["pct_of_reference"], vs_base, mod.gate_pct)
         variants.append({"sparsity": s, "rank": k, "params_kept_share": round(k / rank, 4),
                          "gguf_bytes": files[k]["gguf_bytes"], "safetensors_bytes": files[k]["safetensors_bytes"],
-                         **entry, "gate": {"pct": mod.gate_pct, **gate.as_dict()}, "passed_gate": gate.met,
+                         **entry, "vs_base": vs_base, "gate": gate, "passed_gate": gate["verdict"] == "met",
                          "lora_gguf": f"variants/rank{k}.gguf"})
-        log.info("modifiers.compress %s: sparsity %.2f rank %d: %d bytes, accuracy %.3f, gate %s", mod.name, s, k,
-                 files[k]["gguf_bytes"], entry["accuracy"]["accuracy"], gate.verdict)
+        log.info("modifiers.compress %s: sparsity %.2f rank %d: %d bytes, accuracy %.3f (%+.0f points over the base), "
+                 "gate %s", mod.name, s, k, files[k]["gguf_bytes"], entry["accuracy"]["accuracy"], vs_base["points"],
+                 gate["verdict"])
     chosen, passed = choose(variants)
     table = {"modifier": mod.name, "domain": mod.domain, "rank": rank, "gate_pct": mod.gate_pct,
-             "variants": variants, "chosen": {"sparsity": chosen["sparsity"], "rank": chosen["rank"]},
+             "base": score_entry(ctx, rows_by_rank[0]), "variants": variants,
+             "chosen": {"sparsity": chosen["sparsity"], "rank": chosen["rank"]},
              "passed_gate": passed, "cost": ctx.cost}
     ctx.out("variants.json").write_text(json.dumps(table, indent=1))
     write_jsonl(ctx.out("items.jsonl"), [r for k in sorted(rows_by_rank) for r in rows_by_rank[k]])

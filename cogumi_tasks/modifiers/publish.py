@@ -98,7 +98,8 @@ def size_rows(compress: dict, domain: str, modules: list[str]) -> dict:
     x = compress["metrics"]
     plan = PLAN.get(domain)
     out: dict[str, Any] = {"variants": [{k: v.get(k) for k in ("sparsity", "rank", "gguf_bytes", "safetensors_bytes",
-                                                                  "accuracy", "pct_of_reference", "passed_gate")}
+                                                                  "accuracy", "pct_of_reference", "vs_base",
+                                                                  "passed_gate")}
                                         for v in x.get("variants", [])],
                            "chosen": x.get("chosen"), "passed_gate": x.get("passed_gate")}
     if plan:

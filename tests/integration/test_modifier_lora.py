@@ -163,11 +163,17 @@ def test_compress_measures_each_rank_and_chooses_by_the_gate_rule(trained, compr
     assert v[0]["gguf_bytes"] > v[1]["gguf_bytes"] > v[2]["gguf_bytes"]
     assert v[0]["safetensors_bytes"] > v[1]["safetensors_bytes"] > v[2]["safetensors_bytes"]
     assert all(x["n"] == 4 and x["reference"] == v[0]["reference"] for x in v)
+    items = _rows(trained["store"], compressed.outputs["items"])
+    base = [r["score"] for r in sorted((r for r in items if r["rank"] == 0), key=lambda r: r["id"])]
+    assert table["base"]["n"] == 4 and table["base"]["accuracy"]["accuracy"] == sum(base) / 4
+    for x in v:  # each variant is paired with the base (no modifier) on the same items
+        ours = [r["score"] for r in sorted((r for r in items if r["rank"] == x["rank"]), key=lambda r: r["id"])]
+        assert x["vs_base"]["points"] == pytest.approx(100 * (sum(ours) - sum(base)) / 4)
+        assert set(x["gate"]["parts"]) == {"pct_of_reference", "over_base"}
     chosen, passed = choose(v)
     assert table["chosen"] == {"sparsity": chosen["sparsity"], "rank": chosen["rank"]}
     assert table["passed_gate"] == passed and compressed.outputs["lora_gguf"].endswith(f"rank{chosen['rank']}.gguf")
-    items = _rows(trained["store"], compressed.outputs["items"])
-    assert sorted({r["rank"] for r in items}) == [1, 2, 4] and len(items) == 12
+    assert sorted({r["rank"] for r in items}) == [0, 1, 2, 4] and len(items) == 16
 
 
 def test_a_reduced_variant_loads_and_changes_answers(trained, compressed):

@@ -1,5 +1,5 @@
-"""Rank reduction of LoRA adapters (cogumi_tasks.modifiers.shrink) and the choice among variants
-(cogumi_tasks.modifiers.lora_steps.choose), on small synthetic adapters: no model needed."""
+"""Rank reduction of LoRA adapters (cogumi_tasks.modifiers.shrink), the variant gate and the choice among variants
+(cogumi_tasks.modifiers.lora_steps.variant_gate, choose), on small synthetic adapters and scores: no model needed."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import json
 import numpy as np
 import pytest
 
-from cogumi_tasks.modifiers.lora_steps import choose
+from cogumi_tasks.eval.tables import paired_difference, pct_entry
+from cogumi_tasks.modifiers.lora_steps import choose, variant_gate
 from cogumi_tasks.modifiers.shrink import reduce_gguf_lora, reduce_peft, reduced_rank, truncate_pair
 
 
@@ -108,3 +109,29 @@ def test_choose_reports_the_best_as_failing_when_none_is_met():
     assert (chosen["rank"], passed) == (8, False)
     undefined = [_variant(16, 1600, "undefined", None, 0.2), _variant(4, 400, "undefined", None, 0.4)]
     assert choose(undefined)[0]["rank"] == 4  # no % of reference anywhere: the higher accuracy
+
+
+def _gate(ours: list[int], base: list[int], ref: list[int], gate_pct: float = 100.0) -> dict:
+    return variant_gate(pct_entry(ours, ref, 1000, 0), paired_difference(ours, base, 1000, 0), gate_pct)
+
+
+def test_gate_against_a_reference_that_solved_nothing_asks_for_a_gain_over_the_base():
+    ref = [0] * 20
+    base = [1] * 9 + [0] * 11  # the last demo's automation: base 9/20, every variant 8/20
+    same = _gate([1] * 8 + [0] * 12, base, ref)
+    assert same["parts"]["pct_of_reference"]["verdict"] == "met"  # any score above 0 clears "100% of 0"
+    assert same["parts"]["over_base"]["verdict"] == "not met" and same["verdict"] == "not met"
+    gain = _gate([1] * 18 + [0] * 2, base, ref)  # +45 points, paired interval well above 0
+    assert gain["verdict"] == "met" and "over_base: met" in gain["reason"]
+    small = _gate([1] * 10 + [0] * 10, base, ref)  # +5 points: the interval straddles 0
+    assert small["verdict"] == "inconclusive"
+
+
+def test_gate_takes_the_worse_verdict_of_its_two_parts():
+    base, ref = [0] * 20, [1] * 20
+    low = _gate([1] * 12 + [0] * 8, base, ref, gate_pct=100)  # far over the base, 60% of the reference
+    assert low["parts"]["over_base"]["verdict"] == "met" and low["verdict"] == "not met"
+    assert _gate([1] * 12 + [0] * 8, base, ref, gate_pct=40)["verdict"] == "met"
+    none = variant_gate({"pct": None, "ci": None, "why": "undefined (no items)"}, {"points": 10.0, "ci": [5.0, 15.0]},
+                        100)
+    assert none["verdict"] == "undefined"

@@ -62,6 +62,7 @@ def test_publish_tier_table_saving_sizes_and_bundle(s3_server, config_path):
     train = _plant(store, "modifiers.train", "tr", {"adapter/adapter_model.safetensors": b"w"},
                    inputs={"solved": solved}, metrics={"training": {"steps": 5}})
     variants = [{"sparsity": 0, "rank": 16, "gguf_bytes": 2_000_000, "passed_gate": True,
+                 "vs_base": {"points": 25.0, "ci": [5.0, 45.0]},
                  "accuracy": {"accuracy": 0.6, "ci": [0.4, 0.8]}, "pct_of_reference": {"pct": 120.0, "ci": [90, 150]}},
                 {"sparsity": 0.5, "rank": 8, "gguf_bytes": 1_000_000, "passed_gate": True,
                  "accuracy": {"accuracy": 0.5, "ci": [0.3, 0.7]}, "pct_of_reference": {"pct": None, "why": "ref 0"}}]
@@ -103,7 +104,9 @@ def test_publish_tier_table_saving_sizes_and_bundle(s3_server, config_path):
     assert len(rendered[0]["rows"]) == 1 + len(TIERS) + 1  # test, the tiers, the total
     sizes_rows = rendered[1]["rows"]
     assert sizes_rows[0][5] == "60.0% (CI 40.0%-80.0%)" and sizes_rows[0][6] == "120.0% (CI 90.0-150.0)"
-    assert sizes_rows[1][6] == "ref 0" and sizes_rows[1][8] == "chosen" and sizes_rows[0][8] == ""
+    assert sizes_rows[0][7] == "+25.0 (CI +5.0 to +45.0)" and sizes_rows[1][7] == "-"
+    assert sizes_rows[1][6] == "ref 0" and sizes_rows[1][9] == "chosen" and sizes_rows[0][9] == ""
+    assert sizes["variants"][0]["vs_base"]["points"] == 25.0
 
 
 def test_publish_refuses_a_count_mismatch(s3_server, config_path):
