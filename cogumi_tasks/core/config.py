@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from cogumi_tasks.core.secrets import looks_secret, register_env_names
 
@@ -524,6 +524,16 @@ class RouterConfig(Strict):
         "a cost per query <= cost_budget (ties: lower cost, then lower threshold)")
     cost_budget: float | None = Field(None, gt=0, description="cost per query ceiling; empty: no ceiling")
     bootstrap: int = Field(1000, ge=100, description="bootstrap resamples of the quality intervals")
+    cv_folds: int = Field(5, ge=0, description="k-fold cross-validation of the router against the baselines on every "
+                          "query of the table (each scored by a router that never trained on it); 0: off. A small "
+                          "table's holdout split alone gives wide, split-dependent figures")
+
+    @field_validator("cv_folds")
+    @classmethod
+    def _folds(cls, v: int) -> int:
+        if v == 1:
+            raise ValueError("cv_folds: 0 (off) or at least 2")
+        return v
 
     @property
     def models(self) -> list[str]:

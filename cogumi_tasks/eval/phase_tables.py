@@ -142,6 +142,18 @@ def phase4_tables(manifests: list[dict]) -> list[dict]:
         esc_rows.append([who, _acc({"accuracy": e.get("accuracy"), "ci": e.get("ci")}), e.get("n"),
                          _mb(e.get("bytes")), _ms(e.get("p50_ms")), _ms(e.get("p99_ms"))])
     esc_rows.append(["plan (student)", "94%", "-", "3 MB", "-", "< 3 ms"])
+    cv = table.get("cross_validation") or {}
+    beat = table.get("beats") or {}
+    cv_rows = [[name, _acc({"accuracy": p.get("quality"), "ci": p.get("quality_ci")}), f"{p.get('cost'):.3f}",
+                points_text((cv.get("differences") or {}).get(f"router_minus_{name}")) if name != "router" else "-",
+                " / ".join(f"{m} {_pct(s)}" for m, s in zip(models, p.get("route_mix") or [], strict=False))]
+               for name, p in (cv.get("policies") or {}).items()]
+    verdicts = "; ".join(f"router vs {name}: holdout {v.get('holdout', {}).get('verdict', '-')}, cross-validated "
+                         f"{v.get('cross_validation', {}).get('verdict', '-')}" for name, v in beat.items())
+    cv_note = (f"{cv.get('folds')}-fold: each of the {cv.get('n')} queries routed by a router of the same recipe "
+               f"trained on the other folds, never on it; always_best_modifier ({cv.get('best_modifier')}) is "
+               f"picked on the whole table. {verdicts}" if cv.get("policies") else
+               f"Not run: {cv.get('skipped', 'no cross-validation in this run')}. {verdicts}")
     return [
         {"phase": PHASE4, "id": "routing-policies", "title": "Routing policies on the holdout",
          "note": f"routing.labels: {labels.get('queries')} queries ({labels.get('general_queries')} general, judged by "
@@ -153,6 +165,9 @@ def phase4_tables(manifests: list[dict]) -> list[dict]:
                  f"{_judged(router.get('latency_verdict'))}). APGR {_pct(table.get('apgr'))}.",
          "headers": ["policy", "quality", "cost/query", "accuracy", "gain recovered", "route mix"],
          "rows": policy_rows},
+        {"phase": PHASE4, "id": "routing-cv", "title": "Routing policies, cross-validated over every query",
+         "note": cv_note.strip(), "headers": ["policy", "quality", "cost/query", "router minus policy (points)",
+                                              "route mix"], "rows": cv_rows},
         {"phase": PHASE4, "id": "threshold-sweep", "title": "Confidence threshold sweep",
          "note": "The base answers when its calibrated confidence >= t, else the router's choice; chosen by "
                  f"{(th.get('chosen') or {}).get('objective', '-')} (plan: 0.75 / 0.80 / 0.85 tried, 0.80 expected).",

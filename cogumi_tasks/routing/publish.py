@@ -4,6 +4,8 @@ Figures (all measured here or by the steps before): the router's holdout accurac
 its decision latency alone and with the query's embedding (plan < 5 ms), every policy's quality and cost, the
 threshold sweep and the chosen threshold (plan: 0.75 / 0.80 / 0.85 tried, 0.80 expected), the route mix at that
 threshold against the plan's ranges, and the escalation detector's teacher and student (plan: 94%, 3 MB, < 3 ms).
+Whether the router beats always-base and the random router at equal cost is judged on the holdout split and on the
+cross-validation over every query (:func:`beats`).
 """
 
 from __future__ import annotations
@@ -57,7 +59,21 @@ def router_latency(ctx: StepContext, queries: list[str], confidences: list[float
     return {"mlp": latency_ms(decide, queries, n), "with_embedding": latency_ms(embed_and_decide, queries, n)}
 
 
-@step("routing.publish", version=1, reads=("routing.router.costs",),
+def beats(evaluation: dict) -> dict:
+    """Does the router beat always-base and the random router at equal cost? Per comparison and per evaluation (the
+    holdout split; the cross-validation on every query, when it ran): the verdict on "router minus policy > 0
+    points", met only when the paired interval's lower bound clears 0."""
+    out: dict[str, dict] = {}
+    for where, ev in (("holdout", evaluation), ("cross_validation", evaluation.get("cross_validation") or {})):
+        for name in ("always_base", "random_same_cost"):
+            d = (ev.get("differences") or {}).get(f"router_minus_{name}")
+            if d:
+                out.setdefault(name, {})[where] = {"points": d["points"], "ci": d["ci"],
+                                                   **judge(d["points"], ">", 0, d["ci"]).as_dict()}
+    return out
+
+
+@step("routing.publish", version=2, reads=("routing.router.costs",),
       inputs=("router", "evaluation", "verdicts", "stats", "escalation", "escalation_metrics", "calibrator"),
       outputs=("table", "bundle"),
       code=("cogumi_tasks.routing.escalation", "cogumi_tasks.routing.router", "cogumi_tasks.routing.features",
@@ -93,6 +109,8 @@ def publish(ctx: StepContext) -> StepOutput:
         "policies": {name: {k: p[k] for k in ("quality", "quality_ci", "cost", "accuracy", "gain_recovered",
                                               "route_mix")} for name, p in pol.items()},
         "differences": evaluation["differences"], "apgr": evaluation["apgr"],
+        "beats": beats(evaluation),
+        "cross_validation": evaluation.get("cross_validation"),
         "thresholds": {"sweep": [{k: s[k] for k in ("threshold", "quality", "cost", "route_mix", "gain_recovered")}
                                  for s in evaluation["sweep"]],
                        "chosen": evaluation["chosen"], "plan_tried": PLAN["thresholds"],

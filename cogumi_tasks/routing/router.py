@@ -36,10 +36,15 @@ WEIGHTS = "router.safetensors"
 MANIFEST = "manifest.json"
 
 
+def split_key(key: str) -> float:
+    """A uniform number in [0, 1) from a hash of ``key``: the same for the same key on every machine."""
+    return int(hashlib.sha256(key.encode()).hexdigest()[:12], 16) / 16**12
+
+
 def split_of(row_id: str, holdout: float, validation: float, seed: int) -> str:
     """``test``, ``val`` or ``train`` for a row, from a hash of (seed, id): stable when rows are added or reordered.
     ``holdout`` of all rows are test; ``validation`` of the rest are val."""
-    u = int(hashlib.sha256(f"{seed}:{row_id}".encode()).hexdigest()[:12], 16) / 16**12
+    u = split_key(f"{seed}:{row_id}")
     if u < holdout:
         return "test"
     return "val" if u < holdout + validation * (1 - holdout) else "train"

@@ -3,7 +3,9 @@
 :func:`fit_router` does the work on rows and their embeddings (tests and ``bench/router.py`` call it too): split
 by id hash (:func:`cogumi_tasks.routing.router.split_of`), PCA on the training split's embeddings, features, MLP
 training with early stopping on the validation split, every policy on the holdout split
-(:mod:`cogumi_tasks.routing.policies`) and the threshold chosen by the configured objective, stored in the bundle.
+(:mod:`cogumi_tasks.routing.policies`) and the threshold chosen by the configured objective, stored in the bundle;
+then :func:`cross_validate` scores every query of the table with a router of the same recipe that never trained on
+it, so the comparison with the baselines rests on the whole table, not on one small holdout split.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from cogumi_tasks.core.config import RouterConfig
 from cogumi_tasks.core.steps import StepContext, StepFailed, StepOutput, step
 from cogumi_tasks.routing.features import VerdictRow, build_features, fit_pca, label_of, load_verdicts
 from cogumi_tasks.routing.policies import evaluate_policies
-from cogumi_tasks.routing.router import Router, split_of, train_mlp
+from cogumi_tasks.routing.router import Router, split_key, split_of, train_mlp
 
 log = logging.getLogger("cogumi")
 
@@ -51,12 +53,53 @@ def fit_router(rows: Sequence[VerdictRow], embeddings: np.ndarray, cfg: RouterCo
                               "history": training.history}
     evaluation["pca"] = {"dims": cfg.pca_dims, "rank": pca.rank, "explained": float(pca.explained.sum())}
     evaluation["by_domain"] = _by_domain([rows[i] for i in test], probs.argmax(axis=1), models)
+    evaluation["cross_validation"] = cross_validate(rows, embeddings, cfg, labels, verdicts, conf)
     router.threshold = evaluation["chosen"]["threshold"]
     router.info = {"split": counts, "training": {k: v for k, v in evaluation["training"].items() if k != "history"},
                    "holdout": {"accuracy": evaluation["policies"]["router"]["accuracy"],
                                "quality": evaluation["policies"]["router"]["quality"]},
                    "chosen": evaluation["chosen"]}
     return router, evaluation
+
+
+def fold_of(row_id: str, folds: int, seed: int) -> int:
+    """A row's cross-validation fold, from the same kind of id hash as its split (stable when rows are added)."""
+    return int(split_key(f"cv:{seed}:{row_id}") * folds)
+
+
+def cross_validate(rows: Sequence[VerdictRow], embeddings: np.ndarray, cfg: RouterConfig, labels: np.ndarray,
+                   verdicts: np.ndarray, conf: np.ndarray) -> dict:
+    """``cv_folds``-fold cross-validation: per fold, a router trained as :func:`fit_router` trains one (PCA,
+    features, early stopping on a ``validation`` share of the other folds) scores that fold, so every query of the
+    table is routed by a router that never saw it; every policy is then evaluated on all queries, with intervals.
+    ``always_best_modifier`` picks its modifier on the whole table (optimistic for that baseline). Returns
+    ``{"folds", "n", "policies", "differences", "route_mix"}`` or ``{"folds", "skipped": why}``."""
+    k = cfg.cv_folds
+    if k < 2:
+        return {"folds": k, "skipped": "cv_folds is 0"}
+    fold = np.array([fold_of(r.id, k, cfg.seed) for r in rows])
+    probs = np.zeros((len(rows), len(cfg.models)), dtype=np.float32)
+    for f in range(k):
+        test = np.flatnonzero(fold == f)
+        rest = np.flatnonzero(fold != f)
+        part = np.array([split_of(rows[i].id, 0.0, cfg.validation, cfg.seed) for i in rest])
+        train, val = rest[part == "train"], rest[part == "val"]
+        if len(test) == 0 or len(val) == 0 or len(train) < 2:
+            return {"folds": k, "skipped": f"fold {f} of {len(rows)} rows has {len(test)} test, {len(train)} train "
+                                           f"and {len(val)} validation rows: too few to cross-validate"}
+        pca = fit_pca(embeddings[train], cfg.pca_dims)
+        x = build_features(pca, embeddings, conf, [r.session for r in rows], cfg.models, cfg.session_window)
+        net, _ = train_mlp(x[train], labels[train], x[val], labels[val], len(cfg.models), cfg)
+        probs[test] = Router(net, pca, cfg.models, dict(cfg.costs), cfg.session_window, cfg.embedder).probabilities(
+            x[test])
+    ev = evaluate_policies(
+        models=cfg.models, costs=cfg.costs, verdicts=verdicts, labels=labels, router_probs=probs, confidences=conf,
+        queries=[r.query for r in rows], train_verdicts=verdicts, keywords=cfg.keywords, thresholds=cfg.thresholds,
+        cost_budget=cfg.cost_budget, bootstrap=cfg.bootstrap, seed=cfg.seed)
+    return {"folds": k, "n": ev["n"], "best_modifier": ev["best_modifier"],
+            "policies": {name: {key: p[key] for key in ("quality", "quality_ci", "cost", "accuracy", "accuracy_ci",
+                                                          "route_mix")} for name, p in ev["policies"].items()},
+            "differences": ev["differences"]}
 
 
 def _by_domain(rows: Sequence[VerdictRow], routes: np.ndarray, models: Sequence[str]) -> dict[str, dict]:
@@ -69,7 +112,7 @@ def _by_domain(rows: Sequence[VerdictRow], routes: np.ndarray, models: Sequence[
     return dict(sorted(out.items()))
 
 
-@step("routing.train_router", version=1, reads=("routing.router",), inputs=("verdicts",),
+@step("routing.train_router", version=2, reads=("routing.router",), inputs=("verdicts",),
       outputs=("router", "evaluation"),
       code=("cogumi_tasks.routing.features", "cogumi_tasks.routing.policies", "cogumi_tasks.routing.router",
             "cogumi_tasks.train.failures", "cogumi_tasks.eval.tables"))
@@ -79,7 +122,8 @@ def train_router(ctx: StepContext) -> StepOutput:
     Inputs: ``verdicts`` (JSONL, the format of :mod:`cogumi_tasks.routing.features`). Outputs: ``router`` (the
     bundle: safetensors + manifest with PCA, label map and the chosen confidence threshold), ``evaluation`` (JSON:
     per policy quality, cost, accuracy, route mix, confusion matrix and gain recovered; router-minus-policy quality
-    differences with bootstrap intervals; the quality-cost curve and APGR; the threshold sweep and the choice).
+    differences with bootstrap intervals; the quality-cost curve and APGR; the threshold sweep and the choice; the
+    cross-validated policies and differences on every query).
     """
     from cogumi_tasks.routing.features import embed_queries
     from cogumi_tasks.train.failures import load_embedder
@@ -103,5 +147,6 @@ def train_router(ctx: StepContext) -> StepOutput:
                "chosen": evaluation["chosen"], "best_modifier": evaluation["best_modifier"],
                "policies": {name: {k: p[k] for k in ("quality", "quality_ci", "cost", "accuracy", "accuracy_ci",
                                                      "gain_recovered", "route_mix")} for name, p in pol.items()},
-               "differences": evaluation["differences"], "training": router.info["training"]}
+               "differences": evaluation["differences"], "training": router.info["training"],
+               "cross_validation": evaluation["cross_validation"]}
     return StepOutput(files={"router": "router/", "evaluation": "evaluation.json"}, metrics=metrics)

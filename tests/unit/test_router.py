@@ -94,6 +94,7 @@ def test_training_is_deterministic_under_its_seed(table, fitted):
     for k, v in again.net.state_dict().items():
         assert np.array_equal(v.numpy(), first[k].numpy()), k
     assert evaluation["policies"] == fitted[1]["policies"]
+    assert evaluation["cross_validation"] == fitted[1]["cross_validation"]
 
 
 def test_router_beats_always_base_and_random_at_equal_cost(fitted):
@@ -105,6 +106,54 @@ def test_router_beats_always_base_and_random_at_equal_cost(fitted):
     for name in ("always_base", "random_same_cost"):
         d = ev["differences"][f"router_minus_{name}"]
         assert d["ci"][0] <= d["points"] <= d["ci"][1] and d["points"] > 0
+
+
+def test_cross_validation_routes_every_query_with_a_router_that_never_trained_on_it(table, fitted, monkeypatch):
+    from cogumi_tasks.routing import router_steps
+
+    rows, emb = table
+    cfg = load_config("tiny").routing.router
+    folds = [router_steps.fold_of(r.id, cfg.cv_folds, cfg.seed) for r in rows]
+    assert set(folds) == set(range(cfg.cv_folds))  # 180 rows fill all 5 folds
+    cv = fitted[1]["cross_validation"]
+    assert cv["folds"] == cfg.cv_folds and cv["n"] == len(rows)
+    assert set(cv["policies"]) == set(fitted[1]["policies"])
+    # the planted table puts each modifier right on its domain: learnable, so the cross-validated router beats
+    # always-base and the random router at its cost, with the whole interval above 0
+    for name in ("always_base", "random_same_cost"):
+        assert cv["differences"][f"router_minus_{name}"]["ci"][0] > 0
+    conf = ((np.arange(len(rows)) + 0.5) / len(rows)).astype(np.float32)  # unique: feature 117 names the row
+    seen: list[set[float]] = []
+    real = router_steps.train_mlp
+
+    def spy(x_train, y_train, x_val, y_val, n_out, c):
+        seen.append(set(np.concatenate([x_train, x_val])[:, cfg.pca_dims].tolist()))
+        return real(x_train, y_train, x_val, y_val, n_out, c)
+
+    monkeypatch.setattr(router_steps, "train_mlp", spy)
+    labels = np.array([label_of(r.verdicts, MODELS, COSTS) for r in rows])
+    verdicts = np.array([[r.verdicts[m] for m in MODELS] for r in rows], dtype=np.float32)
+    again = router_steps.cross_validate(rows, emb, cfg, labels, verdicts, conf)
+    assert again["n"] == len(rows) and len(seen) == cfg.cv_folds
+    for f, trained_on in enumerate(seen):  # a fold's router trained on every other fold's rows and on none of its own
+        assert trained_on == {float(c) for c, g in zip(conf, folds, strict=True) if g != f}
+
+
+def test_cross_validation_is_skipped_with_a_reason_on_a_tiny_table(table):
+    from cogumi_tasks.routing import router_steps
+
+    rows, emb = table
+    cfg = load_config("tiny").routing.router
+    few = rows[:6]
+    labels = np.array([label_of(r.verdicts, MODELS, COSTS) for r in few])
+    verdicts = np.array([[r.verdicts[m] for m in MODELS] for r in few], dtype=np.float32)
+    out = router_steps.cross_validate(few, emb[:6], cfg, labels, verdicts, np.full(6, 0.5, dtype=np.float32))
+    assert out["folds"] == 5 and "too few to cross-validate" in out["skipped"]
+    off = router_steps.cross_validate(few, emb[:6], cfg.model_copy(update={"cv_folds": 0}), labels, verdicts,
+                                      np.full(6, 0.5, dtype=np.float32))
+    assert off == {"folds": 0, "skipped": "cv_folds is 0"}
+    with pytest.raises(ValueError, match="cv_folds: 0 .off. or at least 2"):
+        RouterConfig(cv_folds=1)
 
 
 def test_oracle_bounds_every_policy_and_gain_recovered_is_normalised(fitted):

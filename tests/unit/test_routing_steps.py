@@ -91,6 +91,17 @@ def test_publish_compares_router_thresholds_mix_and_escalation_with_the_plan(s3_
     assert bundle["threshold"] == chosen and bundle["router"] == trained.outputs["router"]
     assert bundle["models"] == MODELS
     rendered = phase4_tables([{"step": "routing.publish", "metrics": table}])
-    assert [t["id"] for t in rendered] == ["routing-policies", "threshold-sweep", "route-mix", "escalation"]
-    assert len(rendered[1]["rows"]) == len(cfg.routing.router.thresholds)
-    assert sum(r[-1] == "chosen" for r in rendered[1]["rows"]) == 1
+    assert [t["id"] for t in rendered] == ["routing-policies", "routing-cv", "threshold-sweep", "route-mix",
+                                           "escalation"]
+    cv = evaluation["cross_validation"]
+    assert table["cross_validation"] == cv and cv["n"] == 90
+    for name in ("always_base", "random_same_cost"):  # judged on both evaluations, by the paired interval
+        for where, ev in (("holdout", evaluation), ("cross_validation", cv)):
+            d = ev["differences"][f"router_minus_{name}"]
+            got = table["beats"][name][where]
+            assert (got["points"], got["ci"]) == (d["points"], d["ci"])
+            assert got["verdict"] == ("met" if d["ci"][0] > 0 else "not met" if d["ci"][1] <= 0 else "inconclusive")
+    assert [r[0] for r in rendered[1]["rows"]] == list(cv["policies"])
+    assert "router vs always_base: holdout" in rendered[1]["note"]
+    assert len(rendered[2]["rows"]) == len(cfg.routing.router.thresholds)
+    assert sum(r[-1] == "chosen" for r in rendered[2]["rows"]) == 1
