@@ -69,11 +69,12 @@ def fold_of(row_id: str, folds: int, seed: int) -> int:
 
 def cross_validate(rows: Sequence[VerdictRow], embeddings: np.ndarray, cfg: RouterConfig, labels: np.ndarray,
                    verdicts: np.ndarray, conf: np.ndarray) -> dict:
-    """``cv_folds``-fold cross-validation: per fold, a router trained as :func:`fit_router` trains one (PCA,
-    features, early stopping on a ``validation`` share of the other folds) scores that fold, so every query of the
-    table is routed by a router that never saw it; every policy is then evaluated on all queries, with intervals.
-    ``always_best_modifier`` picks its modifier on the whole table (optimistic for that baseline). Returns
-    ``{"folds", "n", "policies", "differences", "route_mix"}`` or ``{"folds", "skipped": why}``."""
+    """``cv_folds``-fold cross-validation. Per fold, a router is trained on the other folds the way
+    :func:`fit_router` trains one (PCA, features, early stopping on a ``validation`` share) and routes that fold,
+    so every query of the table is routed by a router that never saw it; every policy is then evaluated on all
+    queries, with intervals. ``always_best_modifier`` picks its modifier on the whole table (optimistic for that
+    baseline). Returns ``{"folds", "n", "best_modifier", "policies", "differences"}``, or ``{"folds", "skipped"}``
+    saying why it did not run."""
     k = cfg.cv_folds
     if k < 2:
         return {"folds": k, "skipped": "cv_folds is 0"}
