@@ -120,7 +120,8 @@ def phase4_tables(manifests: list[dict]) -> list[dict]:
     if not table:
         return []
     router, labels = table.get("router") or {}, table.get("labels") or {}
-    models = list((router.get("label_mix") or {}).keys())
+    # the label map's order: manifests are stored with sorted keys, so label_mix's own order is alphabetical
+    models = table.get("models") or list((router.get("label_mix") or {}).keys())
     policy_rows = [[name, _acc({"accuracy": p.get("quality"), "ci": p.get("quality_ci")}), f"{p.get('cost'):.3f}",
                     _acc({"accuracy": p.get("accuracy"), "ci": p.get("accuracy_ci")}), _pct(p.get("gain_recovered")),
                     " / ".join(f"{m} {_pct(s)}" for m, s in zip(models, p.get("route_mix") or [], strict=False))]

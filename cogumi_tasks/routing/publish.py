@@ -106,6 +106,7 @@ def publish(ctx: StepContext) -> StepOutput:
                    "label_mix": dict(zip(evaluation["models"], evaluation["label_mix"], strict=True)),
                    "confusion": router["confusion"], "latency": latency,
                    "latency_verdict": judge(latency["mlp"]["p99_ms"], "<", PLAN["router_ms"]).as_dict()},
+        "models": evaluation["models"],
         "policies": {name: {k: p[k] for k in ("quality", "quality_ci", "cost", "accuracy", "gain_recovered",
                                               "route_mix")} for name, p in pol.items()},
         "differences": evaluation["differences"], "apgr": evaluation["apgr"],

@@ -90,7 +90,11 @@ def test_publish_compares_router_thresholds_mix_and_escalation_with_the_plan(s3_
     bundle = json.loads(store.get_bytes(res.outputs["bundle"]).decode())
     assert bundle["threshold"] == chosen and bundle["router"] == trained.outputs["router"]
     assert bundle["models"] == MODELS
-    rendered = phase4_tables([{"step": "routing.publish", "metrics": table}])
+    # as the report reads it: from a manifest stored with sorted keys
+    stored = json.loads(json.dumps(table, sort_keys=True))
+    rendered = phase4_tables([{"step": "routing.publish", "metrics": stored}])
+    base_row = next(r for r in rendered[0]["rows"] if r[0] == "always_base")
+    assert base_row[-1] == "base 100.0% / code 0.0% / reasoning 0.0% / automation 0.0%"
     assert [t["id"] for t in rendered] == ["routing-policies", "routing-cv", "threshold-sweep", "route-mix",
                                            "escalation"]
     cv = evaluation["cross_validation"]
@@ -101,7 +105,7 @@ def test_publish_compares_router_thresholds_mix_and_escalation_with_the_plan(s3_
             got = table["beats"][name][where]
             assert (got["points"], got["ci"]) == (d["points"], d["ci"])
             assert got["verdict"] == ("met" if d["ci"][0] > 0 else "not met" if d["ci"][1] <= 0 else "inconclusive")
-    assert [r[0] for r in rendered[1]["rows"]] == list(cv["policies"])
+    assert sorted(r[0] for r in rendered[1]["rows"]) == sorted(cv["policies"])
     assert "router vs always_base: holdout" in rendered[1]["note"]
     assert len(rendered[2]["rows"]) == len(cfg.routing.router.thresholds)
     assert sum(r[-1] == "chosen" for r in rendered[2]["rows"]) == 1
