@@ -144,8 +144,9 @@ def tier(ctx: StepContext) -> StepOutput:
     Inputs: ``remaining`` (of modifiers.test or of tier K-1). Outputs: ``solved`` ({id, domain, prompt, messages,
     response, task?, tier, teacher, model, sample, judge_score, judge_kind, judge_reason}: training data),
     ``remaining`` (the input's format with the last reason: what tier K+1 gets). Metrics: ``cost_usd`` is what
-    this run paid; ``list_cost_usd`` prices every call, answers from the response cache included (the tier's cost
-    on a cold cache: what the cascade's saving compares). A refused request (4xx) leaves its task in
+    this run paid; ``list_cost_usd`` prices every call, answers from the response cache included, at the batch
+    price when the teacher's endpoint goes through the batch API (the tier's cost on a cold cache: what the
+    cascade's saving compares). A refused request (4xx) leaves its task in
     ``remaining``; an outage or a spent budget fails the step (clear it to backfill: the answers already paid come
     from the response cache).
     """
@@ -229,7 +230,8 @@ def tier(ctx: StepContext) -> StepOutput:
     ctx.cost = _add_costs(teacher_cost, judge_cost)
     mine = teacher_cost["per_endpoint"].get(teacher.name, {})
     spent_usd = mine.get("usd", 0.0)
-    list_usd = ledger.price(teacher.price).cost(mine.get("prompt_tokens", 0), mine.get("completion_tokens", 0))
+    list_usd = ledger.price(teacher.price).cost(mine.get("prompt_tokens", 0), mine.get("completion_tokens", 0),
+                                                batch=teacher.batch)
     return StepOutput(
         files={"solved": "solved.jsonl", "remaining": "remaining.jsonl"},
         metrics={"modifier": mod.name, "domain": mod.domain, "tier": k, "teacher": teacher.name,

@@ -170,6 +170,27 @@ def test_a_finished_tier_reruns_from_the_step_cache(cascade, fault_proxy):
     assert again.skipped and again.outputs == t.outputs and _forwarded(fault_proxy) == before
 
 
+def test_list_cost_of_a_batch_endpoint_is_at_the_batch_price(cascade, fault_proxy, tmp_path):
+    """Tier 3 again with its teacher on the batch API: every answer comes from the response cache (same config
+    name), and its list cost is the same tokens at the batch price, not the online one."""
+    first, store = cascade["tiers"][2], cascade["store"]
+    online = _config(tmp_path, cascade["config"].name, fault_proxy + "/v1")
+    data = yaml.safe_load((tmp_path / f"{online.name}.yaml").read_text())
+    data["teachers"][1]["batch"] = True
+    (tmp_path / "batch.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    config = load_config(str(tmp_path / "batch.yaml"))
+    assert config.teacher(first.metrics["teacher"]).batch
+    again = run_step("modifiers.tier", config, {"remaining": cascade["tiers"][1].outputs["remaining"]},
+                     params={"modifier": "automation", "tier": 3}, store=store)
+    m = again.metrics
+    assert not again.skipped and m["cached_calls"] == m["calls"] == first.metrics["calls"] > 0 and m["cost_usd"] == 0
+    tokens = m["cost"]["per_endpoint"][m["teacher"]]
+    price = load_prices(config_dir() / config.llm.prices_file)[m["price"]]
+    assert m["list_cost_usd"] == pytest.approx(price.cost(tokens["prompt_tokens"], tokens["completion_tokens"],
+                                                          batch=True))
+    assert m["list_cost_usd"] == pytest.approx(first.metrics["list_cost_usd"] * (1 - price.batch_discount))
+
+
 def test_a_failed_tier_is_backfilled_without_paying_twice(fault_proxy, tmp_path, s3_server):
     """Tier 2 on a fresh pipeline (its own response cache) for N tasks: its teacher answers N - 1 requests, then only
     500s; the step fails naming modifier, tier and teacher. With the teacher back, the re-run completes, and no
