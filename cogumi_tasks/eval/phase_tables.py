@@ -46,6 +46,11 @@ def points_text(d: Any) -> str:
     return f"{d['points']:+.1f}" + (f" (CI {ci[0]:+.1f} to {ci[1]:+.1f})" if ci[0] is not None else "")
 
 
+def _mix(models: list[str], shares: Any) -> str:
+    """A route mix (shares in label-map order) as "base 50.0% / code 25.0% / ..."."""
+    return " / ".join(f"{m} {_pct(x)}" for m, x in zip(models, shares or [], strict=False))
+
+
 def _mb(nbytes: Any) -> str:
     return "-" if not nbytes else f"{nbytes / 1e6:.2f} MB"
 
@@ -124,12 +129,12 @@ def phase4_tables(manifests: list[dict]) -> list[dict]:
     models = table.get("models") or list((router.get("label_mix") or {}).keys())
     policy_rows = [[name, _acc({"accuracy": p.get("quality"), "ci": p.get("quality_ci")}), f"{p.get('cost'):.3f}",
                     _acc({"accuracy": p.get("accuracy"), "ci": p.get("accuracy_ci")}), _pct(p.get("gain_recovered")),
-                    " / ".join(f"{m} {_pct(s)}" for m, s in zip(models, p.get("route_mix") or [], strict=False))]
+                    _mix(models, p.get("route_mix"))]
                    for name, p in (table.get("policies") or {}).items()]
     th = table.get("thresholds") or {}
     chosen = (th.get("chosen") or {}).get("threshold")
     sweep_rows = [[s["threshold"], _pct(s.get("quality")), f"{s.get('cost'):.3f}", _pct(s.get("gain_recovered")),
-                   " / ".join(f"{m} {_pct(x)}" for m, x in zip(models, s.get("route_mix") or [], strict=False)),
+                   _mix(models, s.get("route_mix")),
                    "chosen" if s["threshold"] == chosen else ("plan's expected" if s["threshold"] ==
                                                              th.get("plan_expected") else "")]
                   for s in th.get("sweep") or []]
@@ -147,7 +152,7 @@ def phase4_tables(manifests: list[dict]) -> list[dict]:
     beat = table.get("beats") or {}
     cv_rows = [[name, _acc({"accuracy": p.get("quality"), "ci": p.get("quality_ci")}), f"{p.get('cost'):.3f}",
                 points_text((cv.get("differences") or {}).get(f"router_minus_{name}")) if name != "router" else "-",
-                " / ".join(f"{m} {_pct(s)}" for m, s in zip(models, p.get("route_mix") or [], strict=False))]
+                _mix(models, p.get("route_mix"))]
                for name, p in (cv.get("policies") or {}).items()]
     verdicts = "; ".join(f"router vs {name}: holdout {v.get('holdout', {}).get('verdict', '-')}, cross-validated "
                          f"{v.get('cross_validation', {}).get('verdict', '-')}" for name, v in beat.items())

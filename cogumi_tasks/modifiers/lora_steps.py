@@ -166,13 +166,12 @@ def variant_gate(pct: dict, vs_base: dict, gate_pct: float) -> dict:
     difference's interval above 0 points). The second part keeps the gate meaningful where the reference solved
     nothing (there any score above 0 clears the first part, a modifier that adds nothing included). Met only when
     both are met; otherwise the worse of the two verdicts (undefined, then not met, then inconclusive)."""
-    from cogumi_tasks.core.verdict import INCONCLUSIVE, MET, NOT_MET, UNDEFINED, judge
+    from cogumi_tasks.core.verdict import VERDICTS, judge
     from cogumi_tasks.eval.stats import judge_pct_of_reference
 
     parts = {"pct_of_reference": judge_pct_of_reference(pct, ">=", gate_pct),
              "over_base": judge(vs_base["points"], ">", 0, vs_base["ci"])}
-    order = (MET, INCONCLUSIVE, NOT_MET, UNDEFINED)
-    verdict = max((v.verdict for v in parts.values()), key=order.index)
+    verdict = max((v.verdict for v in parts.values()), key=VERDICTS.index)  # VERDICTS runs from best to worst
     reason = "; ".join(f"{name}: {v.verdict} ({v.reason})" for name, v in parts.items())
     return {"pct": gate_pct, "verdict": verdict, "reason": reason, "parts": {k: v.as_dict() for k, v in parts.items()}}
 
