@@ -6,7 +6,8 @@ test -> tier_1 -> tier_2 -> tier_3 -> train -> compress
   tier_k:   tier k's teacher answers what is left, the verifier (or judge) keeps what passes, the rest goes on
   train:    a LoRA on every tier's solved rows plus Phase 0 replay, on Phase 2's pruned HF model
   compress: rank reductions at each sparsity level, each scored on the domain; the smallest passing the gate
-all compress -> evaluate (base and base+each modifier on every domain, with the reference) -> publish
+all compress -> evaluate (base and base+each modifier on every domain, with the reference; answers compress already
+made with the same model are reused) -> publish
 Scheduled on Phase 2's Asset; publishes ``cogumi_phase3`` for Phase 4. A tier task that failed (a teacher
 down, the budget hit) is backfilled by clearing it: ``cogumi backfill phase3 --modifier code --tier 2``
 (docs/phase3.md); calls already answered come from the response cache.
@@ -71,7 +72,8 @@ with cogumi_dag(
             chosen.append(compress)
     evaluate = CogumiStepOperator(task_id="evaluate", step="modifiers.evaluate",
                                   inputs={"gguf": gguf, "lora": lora,
-                                          "modifiers": [c.output["lora_gguf"] for c in chosen]},
+                                          "modifiers": [c.output["lora_gguf"] for c in chosen],
+                                          "known": [c.output["items"] for c in chosen]},
                                   **from_phase2("gguf", "lora"), **placement("modifiers.evaluate"))
     publish = CogumiStepOperator(
         task_id="publish", step="modifiers.publish",

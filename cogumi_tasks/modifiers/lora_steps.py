@@ -270,8 +270,49 @@ def compress(ctx: StepContext) -> StepOutput:
 
 
 # ---------------------------------------------------------------- evaluate
-@step("modifiers.evaluate", version=1, reads=("modifiers", *EVAL_READS), inputs=("gguf", "lora", "modifiers"),
-      outputs=("items", "summary"), code=("cogumi_tasks.core.verdict", *EVAL_CODE))
+def known_answers(ctx: StepContext, mods: list, adapter_uris: list[str]) -> dict[tuple[str, str], dict]:
+    """Rows ``modifiers.compress`` already answered with the models ``evaluate`` runs, by (model, item id).
+
+    Input ``known`` (optional): each modifier's compress ``items``, config order. A modifier's rows count only when
+    its compress step ran on this step's ``gguf`` and ``lora`` and chose the adapter given in ``modifiers``
+    (checked in its manifest): then its rank-0 rows are ``base`` (recovery only) and its chosen rank's rows are the
+    modifier (recovery + adapter at ``adapter_scale``), greedy on the same backend. Both steps read the same eval
+    settings, so a compress whose ``eval.max_tokens`` differed would have re-run before this step in the DAG;
+    answering them again would repeat the same generations."""
+    uris = ctx.input_list("known") if ctx.inputs.get("known") else []
+    if uris and len(uris) != len(mods):
+        raise StepFailed(f"modifiers.evaluate: {len(uris)} known item files for {len(mods)} modifiers (config order)")
+    memo: dict[tuple[str, str], dict] = {}
+    for m, uri, adapter in zip(mods, uris, adapter_uris, strict=False):
+        man = ctx.store.producer_manifest(uri) if uri.startswith("s3://") else None
+        same = (man is not None and man.get("outputs", {}).get("lora_gguf") == adapter
+                and man.get("inputs", {}).get("gguf") == ctx.input("gguf")
+                and man.get("inputs", {}).get("lora") == ctx.inputs.get("lora"))
+        if not same:
+            log.info("modifiers.evaluate: %s's compress answers not reused (another base, recovery or adapter)", m.name)
+            continue
+        chosen = man["metrics"]["chosen"]["rank"]
+        for r in iter_jsonl_dicts(ctx.fetch(uri)):
+            model = "base" if r["rank"] == 0 else m.name if r["rank"] == chosen else None
+            if model:
+                memo[(model, r["id"])] = {k: v for k, v in r.items() if k not in ("modifier", "rank")}
+    return memo
+
+
+def answer_or_reuse(ctx: StepContext, backend: Any, adapters: list[tuple[Path, float]], items: list,
+                    ref: tuple[list[str], list[Any]], memo: dict[tuple[str, str], dict], model: str) -> list[dict]:
+    """:func:`answer_rows` for the items ``memo`` lacks for ``model``; the others taken from it (``reused``)."""
+    todo = [i for i, it in enumerate(items) if (model, it.id) not in memo]
+    fresh = iter(answer_rows(ctx, backend, adapters, [items[i] for i in todo], ([ref[0][i] for i in todo],
+                                                                                 [ref[1][i] for i in todo]),
+                             model=model) if todo else [])
+    return [{**memo[(model, it.id)], "model": model, "reused": True} if (model, it.id) in memo else next(fresh)
+            for it in items]
+
+
+@step("modifiers.evaluate", version=2, reads=("modifiers", *EVAL_READS),
+      inputs=("gguf", "lora", "modifiers", "known"), outputs=("items", "summary"),
+      code=("cogumi_tasks.core.verdict", *EVAL_CODE))
 def evaluate(ctx: StepContext) -> StepOutput:
     """The base and each modifier on every modifier's held-out domain, against the reference.
 
@@ -280,10 +321,13 @@ def evaluate(ctx: StepContext) -> StepOutput:
     modifier without the recovery LoRA) on its own domain; the reference once per item. Per (model, domain):
     accuracy and the reference's with intervals, % of reference, the difference to the base in points with a
     paired interval (``alone`` also to the modifier with recovery), and per modifier the verdict on "raises its
-    domain over the base" (met only when the interval of the difference excludes zero).
+    domain over the base" (met only when the interval of the difference excludes zero). Answers that
+    ``modifiers.compress`` already made with the same model are reused (:func:`known_answers`).
 
     Inputs: ``gguf``, ``lora`` (optional: recovery), ``modifiers`` (each modifier's chosen GGUF LoRA, in the
-    config's modifier order). Outputs: ``items`` (per model and item), ``summary`` (JSON, also the metrics).
+    config's modifier order), ``known`` (optional: each modifier's compress ``items``, same order). Outputs:
+    ``items`` (per model and item; ``reused`` marks a compress answer), ``summary`` (JSON, also the metrics, with
+    the counts of generated and reused answers).
     """
     from cogumi_tasks.core.verdict import judge
     from cogumi_tasks.eval.backends import GGUFBackend
@@ -302,12 +346,13 @@ def evaluate(ctx: StepContext) -> StepOutput:
     ref = reference_answers(ctx, items)
     rec = recovery(ctx)
     adapters = [ctx.fetch(u) for u in uris]
+    memo = known_answers(ctx, mods, uris)
     rows: list[dict] = []
     backend = GGUFBackend(ctx.fetch(ctx.input("gguf")), name="base")
     try:
-        rows += answer_rows(ctx, backend, rec, items, ref, model="base")
+        rows += answer_or_reuse(ctx, backend, rec, items, ref, memo, "base")
         for m, path in zip(mods, adapters, strict=True):
-            rows += answer_rows(ctx, backend, [*rec, (path, m.adapter_scale)], items, ref, model=m.name)
+            rows += answer_or_reuse(ctx, backend, [*rec, (path, m.adapter_scale)], items, ref, memo, m.name)
             if rec:
                 own = [i for i, it in enumerate(items) if it.domain == m.domain]
                 rows += answer_rows(ctx, backend, [(path, m.adapter_scale)], [items[i] for i in own],
@@ -341,8 +386,10 @@ def evaluate(ctx: StepContext) -> StepOutput:
                             "others": {dom: {"points": e["vs_base"]["points"], "ci": e["vs_base"]["ci"],
                                              "hurts": e["vs_base"]["ci"][1] < 0}
                                        for dom, e in table[m.name].items() if dom != m.domain}}
+    reused = sum(1 for r in rows if r.get("reused"))
     summary = {"models": list(table), "domains": list(suites), "recovery": bool(rec), "table": table,
-               "verdicts": verdicts, "cost": ctx.cost}
+               "verdicts": verdicts, "answers": {"generated": len(rows) - reused, "reused": reused},
+               "cost": ctx.cost}
     write_jsonl(ctx.out("items.jsonl"), rows)
     ctx.out("summary.json").write_text(json.dumps(summary, indent=1))
     return StepOutput(files={"items": "items.jsonl", "summary": "summary.json"}, metrics=summary)

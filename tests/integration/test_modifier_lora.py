@@ -188,8 +188,10 @@ def test_evaluate_tables_every_model_on_every_domain(trained, compressed):
     recovery = _noise_lora(trained["gguf"], trained["tmp"] / "recovery.gguf", seed=3, std=0.01)
     result = run_step("modifiers.evaluate", trained["config"],
                       {"gguf": str(smollm2_gguf()), "lora": str(recovery),
-                       "modifiers": [compressed.outputs["lora_gguf"]]}, store=trained["store"])
+                       "modifiers": [compressed.outputs["lora_gguf"]], "known": [compressed.outputs["items"]]},
+                      store=trained["store"])
     summary = json.loads(trained["store"].get_bytes(result.outputs["summary"]))
+    assert summary["answers"] == {"generated": 12, "reused": 0}  # compress ran without this recovery LoRA
     assert summary["models"] == ["base", "reasoning", "reasoning/alone"] and summary["domains"] == ["reasoning"]
     row = summary["table"]["reasoning"]["reasoning"]
     assert row["n"] == 4 and set(row) >= {"accuracy", "reference", "pct_of_reference", "vs_base"}
@@ -198,3 +200,19 @@ def test_evaluate_tables_every_model_on_every_domain(trained, compressed):
     assert summary["verdicts"]["reasoning"]["raises_domain"]["verdict"] in ("met", "inconclusive", "not met")
     items = _rows(trained["store"], result.outputs["items"])
     assert len(items) == 12 and {r["model"] for r in items} == set(summary["models"])
+
+
+def test_evaluate_reuses_what_compress_answered_with_the_same_models(trained, compressed):
+    from cogumi_tasks.models.packaged import smollm2_gguf
+
+    inputs = {"gguf": str(smollm2_gguf()), "modifiers": [compressed.outputs["lora_gguf"]]}  # as compress ran
+    fresh = run_step("modifiers.evaluate", trained["config"], inputs, store=trained["store"])
+    reused = run_step("modifiers.evaluate", trained["config"], {**inputs, "known": [compressed.outputs["items"]]},
+                      store=trained["store"])
+    store = trained["store"]
+    counts = [json.loads(store.get_bytes(r.outputs["summary"]))["answers"] for r in (fresh, reused)]
+    assert counts == [{"generated": 8, "reused": 0}, {"generated": 0, "reused": 8}]  # base and modifier, 4 items
+    a, b = (_rows(store, r.outputs["items"]) for r in (fresh, reused))
+    assert [(r["model"], r["id"], r["answer"], r["score"]) for r in a] == [
+        (r["model"], r["id"], r["answer"], r["score"]) for r in b]
+    assert all(r["reused"] for r in b) and not any(r.get("reused") for r in a)
