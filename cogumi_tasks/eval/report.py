@@ -121,6 +121,8 @@ def load_targets(path: str | Path) -> dict:
             value = check.get("value")
             if want_pair != (isinstance(value, list) and len(value) == 2):
                 raise ValueError(f"{where}: check.value must be {'[lo, hi]' if want_pair else 'a number'}")
+        if t.get("interval", "beside") not in ("beside", "none"):
+            raise ValueError(f"{where}: interval must be 'beside' or 'none', got {t['interval']!r}")
     return {"targets": targets}
 
 
@@ -138,9 +140,10 @@ def _lookup(obj: Any, path: list[str]) -> tuple[bool, Any]:
 def evaluate_targets(manifests: list[dict], targets: dict) -> list[dict]:
     """Each target with what was measured (the latest matching manifest that has its path), its verdict and why.
 
-    The figure's interval is ``<key>_ci`` or ``ci`` beside it. Verdicts are ``core.verdict.judge``'s: met only when
-    the interval clears the check, inconclusive when it straddles it, not met when none of it does; a figure
-    without an interval is compared directly; a figure recorded as None is undefined, except a % of a reference
+    The figure's interval is ``<key>_ci`` or ``ci`` beside it, unless the target says ``interval: none`` (a size or a
+    latency kept in the same dict as an accuracy and that accuracy's ``ci``). Verdicts are ``core.verdict.judge``'s:
+    met only when the interval clears the check, inconclusive when it straddles it, not met when none of it does; a
+    figure without an interval is compared directly; a figure recorded as None is undefined, except a % of a reference
     that solved nothing, whose ``>`` check is judged on the score (``eval.stats.judge_pct_of_reference``). A
     figure its step already judged (``verdict`` and ``reason`` beside it, e.g. the plan's sizes in
     ``compress.publish``) is shown as judged there, with the step's check.
@@ -156,7 +159,7 @@ def evaluate_targets(manifests: list[dict], targets: dict) -> list[dict]:
                 continue
             _, parent = _lookup(m, path[:-1])
             parent = parent if isinstance(parent, dict) else {}
-            ci = parent.get(f"{path[-1]}_ci", parent.get("ci"))
+            ci = parent.get(f"{path[-1]}_ci", parent.get("ci")) if t.get("interval", "beside") == "beside" else None
             row.update(measured=value, source=f"{m['step']} ({'configured' if path[0] == 'config' else 'measured'})",
                        ci=ci if isinstance(ci, list) and len(ci) == 2 else None, unit=parent.get("unit"),
                        status=NO_CHECK)

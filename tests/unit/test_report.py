@@ -197,6 +197,22 @@ def test_empty_run_and_bad_targets(tmp_path):
     bad.write_text("targets:\n  - {id: x, phase: p}\n")
     with pytest.raises(ValueError, match="missing promised, step, path"):
         load_targets(bad)
+    bad.write_text("targets:\n  - {id: x, phase: p, promised: y, step: s, path: a/b, interval: wide}\n")
+    with pytest.raises(ValueError, match="interval must be"):
+        load_targets(bad)
+
+
+def test_a_size_beside_an_accuracy_and_its_interval_is_compared_directly():
+    """The escalation student's dict holds its accuracy's ``ci``; its bytes and p99 must not be judged on it (a
+    3.5 MB, 3.5 ms student read as "0.9 clears <= 3 MB" was reported met)."""
+    pub = manifest("b", "routing.publish", "k5", "run-5", 400.0, {"escalation": {"student": {
+        "accuracy": 0.84, "ci": [0.76, 0.9], "n": 100, "bytes": 3_500_000, "p99_ms": 3.5}}})
+    _, data = build_report({"pipeline": "pipe", "run_id": "run-5", "manifests": [pub], "ledger": {}},
+                           load_targets(TARGETS))
+    by_id = {t["id"]: t for t in data["targets"]}
+    assert by_id["escalation_accuracy"]["ci"] == [0.76, 0.9] and by_id["escalation_accuracy"]["status"] == "not met"
+    for tid in ("escalation_size", "escalation_latency"):
+        assert by_id[tid]["ci"] is None and by_id[tid]["status"] == "not met", by_id[tid]
 
 
 @pytest.mark.stack
