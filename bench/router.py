@@ -62,6 +62,7 @@ def escalation_detector(arg: Path | None, texts: list[str], tmp: Path) -> tuple[
 
     cfg = load_config("tiny").routing.escalation
     vocab = esc.build_vocab(texts, cfg.max_words, cfg.min_count)
+    vocab += [f"<word{i}>" for i in range(cfg.pretrained_words)]  # the teacher's words a trained student also has
     torch.manual_seed(cfg.seed)
     model = esc.new_student(len(vocab), cfg.model_dump()).eval()
     esc.save_student(esc.StudentResult(model, vocab, 0, float("nan")), cfg, tmp / "escalation")

@@ -58,7 +58,7 @@ def small_escalation(out: Path) -> Path:
     import torch
 
     from cogumi_tasks.core.config import EscalationConfig
-    from cogumi_tasks.routing.escalation import save_student, train_student
+    from cogumi_tasks.routing.escalation import build_vocab, save_student, train_student
     from cogumi_tasks.routing.escalation_data import generate
 
     cfg = EscalationConfig(student_epochs=4, hidden=32, embed_dim=32, layers=1, seed=5)
@@ -70,7 +70,8 @@ def small_escalation(out: Path) -> Path:
         return torch.tensor([[2.0, -2.0] if e.label == 0 else [-2.0, 2.0] for e in rows])
 
     texts = [e.text for e in train]
-    result = train_student(texts, [e.label for e in train], soft(train), texts, val, soft(val), cfg)
+    vocab = build_vocab(texts, cfg.max_words, cfg.min_count)
+    result = train_student(texts, [e.label for e in train], soft(train), vocab, val, soft(val), cfg)
     save_student(result, cfg, out)
     return out
 

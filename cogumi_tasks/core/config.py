@@ -467,6 +467,9 @@ class EscalationConfig(Strict):
     layers: int = Field(2, ge=1, description="student LSTM layers")
     max_words: int = Field(32, ge=1, description="student words per message")
     min_count: int = Field(1, ge=1, description="a training word enters the student's vocabulary this often")
+    pretrained_words: int = Field(3000, ge=0, description="the teacher's most frequent whole words (lowest token "
+                                  "ids) also in the student's vocabulary; every word's embedding starts from the "
+                                  "teacher's input embeddings reduced by PCA (escalation.student_vocab)")
     student_epochs: int = Field(12, ge=1)
     student_lr: float = Field(3e-3, gt=0)
     student_batch: int = Field(32, ge=1)

@@ -3,7 +3,10 @@
 A BERT-class teacher (the encoder named by ``routing.escalation.teacher``, fine-tuned with a classification head)
 labels the training messages; a small student, a word-level LSTM (plan: 2 layers, hidden 128) over a vocabulary
 built from the training text, learns from the teacher's softened probabilities (temperature) plus the hard labels.
-The student is what serving runs: ``student.safetensors`` + ``vocab.json``, loaded by :class:`EscalationDetector`.
+Its vocabulary is the training words plus the teacher's most frequent whole words, each embedding initialised
+from the teacher's own input embeddings (:func:`student_vocab`), so a word the training messages never used still
+means to the student roughly what it means to the teacher. The student is what serving runs:
+``student.safetensors`` + ``vocab.json``, loaded by :class:`EscalationDetector`.
 """
 
 from __future__ import annotations
@@ -140,8 +143,9 @@ class StudentResult:
 
 def augment(texts: list[str], copies: int, pool: list[str], seed: int) -> list[str]:
     """``copies`` variants of each text for the teacher to label (Tang et al. 2019): each word is dropped with
-    probability 0.1 or replaced by a random ``pool`` word with probability 0.15. Pool words are mostly outside
-    the student's vocabulary, so the student learns from the teacher what an unknown word does to the label."""
+    probability 0.1 or replaced by a random ``pool`` word with probability 0.15. Most pool words are outside
+    the student's vocabulary (it holds the ``pretrained_words`` most frequent), so the student learns from the
+    teacher what an unknown word does to the label."""
     import random
 
     rng = random.Random(seed)
@@ -164,21 +168,48 @@ def word_pool(tokenizer: Any) -> list[str]:
     return sorted(w for w in tokenizer.get_vocab() if w.isalpha() and w.islower() and len(w) >= 3)
 
 
-def train_student(texts: list[str], labels: list[int], soft_logits: torch.Tensor, vocab_texts: list[str],
-                  val: list[Example], val_logits: torch.Tensor, cfg: EscalationConfig) -> StudentResult:
+def student_vocab(train_texts: list[str], tokenizer: Any, model: Any, cfg: EscalationConfig
+                  ) -> tuple[list[str], torch.Tensor]:
+    """The student's vocabulary and initial embeddings: :func:`build_vocab` of the training texts, then the first
+    ``pretrained_words`` words of :func:`word_pool` by token id (BERT-style vocabularies list whole words roughly
+    by frequency). A word's vector is the mean of the teacher's input embeddings over its word pieces; the vectors
+    are centred, projected on their top ``embed_dim`` principal components and scaled to unit variance per
+    component (``nn.Embedding``'s own init scale). PAD and UNK start at zero."""
+    import torch
+
+    vocab = build_vocab(train_texts, cfg.max_words, cfg.min_count)
+    ids = tokenizer.get_vocab()
+    known = set(vocab)
+    vocab += [w for w in sorted(word_pool(tokenizer), key=ids.__getitem__)[: cfg.pretrained_words] if w not in known]
+    table = model.get_input_embeddings().weight.detach().float()
+    pieces = [tokenizer(w, add_special_tokens=False)["input_ids"] or [tokenizer.unk_token_id] for w in vocab[2:]]
+    vectors = torch.stack([table[p].mean(0) for p in pieces])
+    vectors = vectors - vectors.mean(0)
+    k = min(cfg.embed_dim, *vectors.shape)
+    projected = vectors @ torch.linalg.svd(vectors, full_matrices=False).Vh[:k].T
+    init = torch.zeros(len(vocab), cfg.embed_dim)
+    init[2:, :k] = projected / projected.std(0).clamp_min(1e-8)
+    return vocab, init
+
+
+def train_student(texts: list[str], labels: list[int], soft_logits: torch.Tensor, vocab: list[str],
+                  val: list[Example], val_logits: torch.Tensor, cfg: EscalationConfig,
+                  init: torch.Tensor | None = None) -> StudentResult:
     """Distil: loss = soft_weight * T^2 * KL(teacher_T || student_T) + (1 - soft_weight) * CE(student, label)
     (a text labelled -1, an augmented one, has the soft term only); ``student_epochs`` epochs, the epoch with the
-    lowest loss on the validation split (its teacher logits ``val_logits`` and labels) kept. The vocabulary
-    comes from ``vocab_texts``."""
+    lowest loss on the validation split (its teacher logits ``val_logits`` and labels) kept. ``vocab`` (PAD, UNK
+    first) and ``init``, its starting embeddings, come from :func:`student_vocab` (or :func:`build_vocab` and
+    random init)."""
     import copy
 
     import torch
     import torch.nn.functional as F
 
-    vocab = build_vocab(vocab_texts, cfg.max_words, cfg.min_count)
     index = {w: i for i, w in enumerate(vocab)}
     torch.manual_seed(cfg.seed)
     model = new_student(len(vocab), cfg.model_dump())
+    if init is not None:
+        model.embed.weight.data.copy_(init)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.student_lr)
     gen = torch.Generator().manual_seed(cfg.seed)
     ids, lengths = encode(texts, index, cfg.max_words)
@@ -324,7 +355,8 @@ def fit(examples: list[Example], cfg: EscalationConfig, student_dir: Path, teach
         soft = teacher_logits(model, tokenizer, train_texts + extra, cfg.max_length)
         labels = [e.label for e in split["train"]] + [-1] * len(extra)
         torch.set_num_threads(1)  # a small LSTM only loses to thread synchronisation
-        student = train_student(train_texts + extra, labels, soft, train_texts, split["val"], val_logits, cfg)
+        vocab, init = student_vocab(train_texts, tokenizer, model, cfg)
+        student = train_student(train_texts + extra, labels, soft, vocab, split["val"], val_logits, cfg, init)
         student_time = {"wall_s": round(time.perf_counter() - wall, 2), "cpu_s": round(time.process_time() - cpu, 2)}
     finally:
         torch.set_num_threads(threads)

@@ -13,9 +13,12 @@ from cogumi_tasks.routing.escalation import (
     STUDENT_FILE,
     VOCAB_FILE,
     EscalationDetector,
+    build_vocab,
     fit,
     save_student,
+    student_vocab,
     train_student,
+    word_pool,
 )
 from cogumi_tasks.routing.escalation_data import Example, generate, held_out, read_examples
 
@@ -70,7 +73,8 @@ def _student(examples: list[Example], cfg: EscalationConfig):
     soft = torch.tensor([[2.0, -2.0] if e.label == 0 else [-2.0, 2.0] for e in train])  # a stand-in teacher
     texts = [e.text for e in train]
     val_soft = torch.tensor([[2.0, -2.0] if e.label == 0 else [-2.0, 2.0] for e in val])
-    return train_student(texts, [e.label for e in train], soft, texts, val, val_soft, cfg)
+    return train_student(texts, [e.label for e in train], soft, build_vocab(texts, cfg.max_words, cfg.min_count), val,
+                         val_soft, cfg)
 
 
 def test_student_is_deterministic_and_reloads_identically(tmp_path):
@@ -97,6 +101,33 @@ def test_student_is_deterministic_and_reloads_identically(tmp_path):
     assert detector.predict_many(texts) == pytest.approx(direct, abs=1e-6)
     assert detector.predict(texts[0]) == pytest.approx(direct[0], abs=1e-6)
     assert detector.escalate(texts[0]) == (direct[0] >= cfg.threshold)
+
+
+def test_student_vocab_adds_frequent_teacher_words_with_the_teachers_geometry():
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    from cogumi_tasks.train.failures import model_source
+
+    source = model_source("builtin:all-minilm-l6-v2")
+    tokenizer, model = AutoTokenizer.from_pretrained(source), AutoModel.from_pretrained(source)
+    texts = ["wrong answer", "thanks, that works"]
+    cfg = EscalationConfig(pretrained_words=500, embed_dim=32)
+    vocab, init = student_vocab(texts, tokenizer, model, cfg)
+    trained = build_vocab(texts, cfg.max_words, cfg.min_count)
+    ids = tokenizer.get_vocab()
+    frequent = sorted(word_pool(tokenizer), key=ids.__getitem__)[:500]
+    assert vocab[: len(trained)] == trained and vocab[len(trained):] == [w for w in frequent if w not in trained]
+    assert init.shape == (len(vocab), 32) and not init[:2].any()
+    assert torch.allclose(init[2:].std(0), torch.ones(32), atol=1e-4)
+    unit = torch.nn.functional.normalize(init[2:], dim=-1)
+
+    def nearest(word: str, k: int) -> list[str]:
+        return [vocab[i + 2] for i in (unit @ unit[vocab.index(word) - 2]).topk(k + 1).indices[1:].tolist()]
+
+    assert "work" not in trained and "worked" not in trained  # frequent words the texts never used ...
+    assert {"work", "worked"} <= set(nearest("works", 3))  # ... placed beside their training-word relatives
+    assert student_vocab(texts, tokenizer, model, cfg.model_copy(update={"pretrained_words": 0}))[0] == trained
 
 
 def test_quick_teacher_and_student_on_generated_data(tmp_path):
