@@ -183,6 +183,10 @@ def phase4_tables(manifests: list[dict]) -> list[dict]:
                  "by traffic.", "headers": ["model", "share", "plan", "verdict"], "rows": mix_rows},
         {"phase": PHASE4, "id": "escalation", "title": "Escalation detector: teacher and distilled LSTM",
          "note": f"{esc.get('data', '-')}; student accuracy vs 94%: {_judged(esc.get('accuracy_verdict'))}, size vs "
-                 f"3 MB: {_judged(esc.get('bytes_verdict'))}, p99 vs 3 ms: {_judged(esc.get('latency_verdict'))}.",
+                 f"3 MB: {_judged(esc.get('bytes_verdict'))}, p99 vs 3 ms: {_judged(esc.get('latency_verdict'))}. "
+                 f"Teacher minus student: {points_text({'points': esc.get('gap_points'), 'ci': esc.get('gap_ci')})} "
+                 f"points (paired) vs within 5: {_judged(esc.get('gap_verdict'))}; "
+                 f"{esc.get('size_ratio', '-')}x smaller than the teacher vs >= 20x: "
+                 f"{_judged(esc.get('size_ratio_verdict'))}.",
          "headers": ["model", "accuracy", "test n", "size", "p50", "p99"], "rows": esc_rows},
     ]

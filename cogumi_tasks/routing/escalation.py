@@ -331,9 +331,12 @@ def _scores(pred: list[int], examples: list[Example]) -> dict:
 
 def fit(examples: list[Example], cfg: EscalationConfig, student_dir: Path, teacher_dir: Path) -> dict:
     """Fine-tune the teacher, distil the student, save both, and measure them on the test split: accuracy with
-    a 95% bootstrap interval, precision/recall of "dissatisfied", bytes on disk, single-message latency, and the
-    wall and CPU seconds of each training. The student's figures are those of the saved bundle, reloaded."""
+    a 95% bootstrap interval, the teacher's lead in points with a paired interval, precision/recall of
+    "dissatisfied", bytes on disk, single-message latency, and the wall and CPU seconds of each training. The
+    student's figures are those of the saved bundle, reloaded."""
     import torch
+
+    from cogumi_tasks.eval.tables import paired_difference
 
     split = {s: [e for e in examples if e.split == s] for s in ("train", "val", "test")}
     for name, rows in split.items():
@@ -389,6 +392,8 @@ def fit(examples: list[Example], cfg: EscalationConfig, student_dir: Path, teach
                                                                          cfg.latency_messages),
                  "train": student_time, "parameters": sum(p.numel() for p in detector.model.parameters())}
     agree = sum(a == b for a, b in zip(teacher_pred, student_pred, strict=True)) / len(test_texts)
+    gap = paired_difference([float(p == y) for p, y in zip(teacher_pred, test_labels, strict=True)],
+                            [float(p == y) for p, y in zip(student_pred, test_labels, strict=True)], seed=cfg.seed)
     return {
         "examples": {s: len(rows) for s, rows in split.items()}, "augmented": len(extra),
         "dissatisfied_share": {s: round(sum(e.label for e in rows) / len(rows), 4) for s, rows in split.items()},
@@ -396,6 +401,7 @@ def fit(examples: list[Example], cfg: EscalationConfig, student_dir: Path, teach
         "teacher": teacher, "student": student_m,
         "size_ratio": round(teacher_bytes / student_bytes, 2),
         "accuracy_gap_points": round(100 * (teacher["accuracy"] - student_m["accuracy"]), 2),
+        "accuracy_gap_ci": [round(x, 2) for x in gap["ci"]],  # paired: both on the same test messages
         "agreement_test": round(agree, 4), "threads": cfg.threads,
     }
 

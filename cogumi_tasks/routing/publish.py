@@ -24,6 +24,8 @@ PLAN = {"router_accuracy": 0.97, "router_ms": 5.0, "escalation_accuracy": 0.94, 
         "escalation_ms": 3.0, "thresholds": [0.75, 0.80, 0.85], "threshold": 0.80,
         "route_mix": {"base": [0.45, 0.55], "code": [0.20, 0.25], "reasoning": [0.15, 0.20],
                       "automation": [0.10, 0.15]}}
+# The goals for the distilled detector (the plan gives none): within 5 points of the teacher, 20x smaller.
+ESCALATION_GOALS = {"gap_points": 5.0, "size_ratio": 20.0}
 
 
 def route_mix(evaluation: dict, threshold: float | None) -> dict[str, Any]:
@@ -124,6 +126,11 @@ def publish(ctx: StepContext) -> StepOutput:
             "student": {k: student[k] for k in ("accuracy", "ci", "n", "bytes", "parameters") if k in student}
             | {"p50_ms": student["latency"]["p50_ms"], "p99_ms": student["latency"]["p99_ms"]},
             "size_ratio": esc.get("size_ratio"),
+            "size_ratio_verdict": judge(esc.get("size_ratio"), ">=", ESCALATION_GOALS["size_ratio"]).as_dict(),
+            "gap_points": esc.get("accuracy_gap_points"), "gap_ci": esc.get("accuracy_gap_ci"),
+            "gap_verdict": judge(esc.get("accuracy_gap_points"), "<=", ESCALATION_GOALS["gap_points"],
+                                 esc.get("accuracy_gap_ci"),
+                                 undefined_reason="no accuracy gap in the escalation metrics").as_dict(),
             "accuracy_verdict": judge(student["accuracy"], ">=", PLAN["escalation_accuracy"],
                                       student["ci"]).as_dict(),
             "bytes_verdict": judge(student["bytes"], "<=", PLAN["escalation_bytes"]).as_dict(),

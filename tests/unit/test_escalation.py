@@ -142,6 +142,8 @@ def test_quick_teacher_and_student_on_generated_data(tmp_path):
     assert t["accuracy"] > m["majority_rate_test"], t
     assert s["accuracy"] > m["majority_rate_test"], s
     assert t["ci"][0] <= t["accuracy"] <= t["ci"][1] and s["ci"][0] <= s["accuracy"] <= s["ci"][1]
+    lo, hi = m["accuracy_gap_ci"]  # paired over the same messages: the interval holds the point difference
+    assert lo <= m["accuracy_gap_points"] <= hi and hi - lo <= 100 * (t["ci"][1] - t["ci"][0] + s["ci"][1] - s["ci"][0])
     assert (tmp_path / "student" / STUDENT_FILE).stat().st_size == s["weights_bytes"]
     assert (tmp_path / "teacher" / "model.safetensors").stat().st_size == t["weights_bytes"]
     assert s["latency"]["n"] == 20 and 0 < s["latency"]["p50_ms"] <= s["latency"]["p99_ms"]

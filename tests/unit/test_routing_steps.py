@@ -63,7 +63,8 @@ def test_publish_compares_router_thresholds_mix_and_escalation_with_the_plan(s3_
     teacher = {"accuracy": 0.95, "ci": [0.9, 0.99], "n": 100, "bytes": 90_000_000, "parameters": 22,
                "latency": {"p50_ms": 9.0, "p99_ms": 20.0}}
     esc.write_text(json.dumps({"data": "generated", "examples": {"test": 100}, "student": student,
-                               "teacher": teacher, "size_ratio": 36.0}))
+                               "teacher": teacher, "size_ratio": 36.0, "accuracy_gap_points": 5.0,
+                               "accuracy_gap_ci": [1.0, 9.0]}))
     (tmp_path / "student").mkdir()
     (tmp_path / "student" / "vocab.json").write_text("[]")
     calibrator = tmp_path / "calibrator.json"
@@ -87,6 +88,8 @@ def test_publish_compares_router_thresholds_mix_and_escalation_with_the_plan(s3_
     e = table["escalation"]
     assert e["accuracy_verdict"]["verdict"] == "not met"  # the whole interval 0.86-0.93 is below 0.94
     assert e["bytes_verdict"]["verdict"] == "met" and e["latency_verdict"]["verdict"] == "not met"
+    assert e["gap_verdict"]["verdict"] == "inconclusive"  # within 5 points: the interval 1-9 straddles 5
+    assert e["size_ratio_verdict"]["verdict"] == "met"  # 36x >= 20x
     bundle = json.loads(store.get_bytes(res.outputs["bundle"]).decode())
     assert bundle["threshold"] == chosen and bundle["router"] == trained.outputs["router"]
     assert bundle["models"] == MODELS
@@ -97,6 +100,8 @@ def test_publish_compares_router_thresholds_mix_and_escalation_with_the_plan(s3_
     assert base_row[-1] == "base 100.0% / code 0.0% / reasoning 0.0% / automation 0.0%"
     assert [t["id"] for t in rendered] == ["routing-policies", "routing-cv", "threshold-sweep", "route-mix",
                                            "escalation"]
+    assert ("Teacher minus student: +5.0 (CI +1.0 to +9.0) points (paired) vs within 5: inconclusive; 36.0x smaller"
+            " than the teacher vs >= 20x: met") in rendered[-1]["note"]
     cv = evaluation["cross_validation"]
     assert table["cross_validation"] == cv and cv["n"] == 90
     for name in ("always_base", "random_same_cost"):  # judged on both evaluations, by the paired interval
