@@ -2,7 +2,8 @@
 
 The raw confidence of an answer is its geometric-mean token probability, ``exp(mean log p)``. Temperature
 scaling divides its logit by one fitted T; Platt scaling fits ``sigmoid(a * logit + b)`` (scikit-learn's
-logistic regression). Both are fitted on one half of the labelled items and scored on the other.
+logistic regression). Both are fitted on one half of the labelled items and scored on the other. The ECE of a
+perfectly calibrated model on as many items (the floor) says what an ECE target can ask of that sample.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from cogumi_tasks.core.verdict import judge, num
 
 EPS = 1e-6
 
@@ -50,6 +53,40 @@ def ece_ci(confidence: np.ndarray, correct: np.ndarray, bins: int = 10, n: int =
     values = np.abs(gap.reshape(n, bins)).sum(axis=1) / conf.size
     low, high = np.quantile(values, [alpha / 2, 1 - alpha / 2])
     return [float(low), float(high)]
+
+
+def ece_floor(confidence: np.ndarray, bins: int = 10, items: int | None = None, draws: int = 1000,
+              seed: int = 0) -> dict:
+    """The ECE a perfectly calibrated model would score: each item's label drawn as a coin with its confidence as
+    the chance of heads, ``draws`` times, over ``items`` confidences (resampled from ``confidence``; default its
+    own size). On few items a binned ECE stays well above 0 however good the calibration (each bin's accuracy is a
+    small-sample estimate), so this is the least an ECE target can ask of that many items.
+
+    Returns ``items``, ``mean``, ``range90`` (5th-95th percentile of the draws) and ``draws`` (every value)."""
+    conf = np.asarray(confidence, dtype=float)
+    if conf.size == 0:
+        return {"items": 0, "mean": math.nan, "range90": [math.nan, math.nan], "draws": []}
+    rng = np.random.default_rng(seed)
+    n = conf.size if items is None else items
+    values = []
+    for _ in range(draws):
+        c = conf if items is None else conf[rng.integers(0, conf.size, n)]
+        values.append(ece(c, rng.random(n) < c, bins))
+    low, high = np.quantile(values, [0.05, 0.95])
+    return {"items": int(n), "mean": float(np.mean(values)), "range90": [float(low), float(high)],
+            "draws": [round(float(v), 5) for v in values]}
+
+
+def items_for_ece(confidence: np.ndarray, target: float, bins: int = 10, max_items: int = 65536,
+                  draws: int = 200, seed: int = 0) -> int | None:
+    """The fewest test items, doubling from ``confidence``'s own count, at which a perfectly calibrated model with
+    these confidences scores a mean ECE below ``target`` (:func:`ece_floor`); None past ``max_items``."""
+    n = max(1, np.asarray(confidence).size)
+    while n <= max_items:
+        if ece_floor(confidence, bins, items=n, draws=draws, seed=seed)["mean"] < target:
+            return n
+        n *= 2
+    return None
 
 
 def reliability(confidence: np.ndarray, correct: np.ndarray, bins: int = 10) -> dict:
@@ -159,9 +196,12 @@ def answer_features(gguf_path: Path, items: list[dict], hf_tokenizer_dir: Path) 
     return out
 
 
-def calibrate(features: list[dict], correct: list[bool], bins: int = 10, seed: int = 0) -> dict:
+def calibrate(features: list[dict], correct: list[bool], bins: int = 10, seed: int = 0,
+              target: float | None = None) -> dict:
     """Fit temperature and Platt scaling on one half, report ECE before/after on the other (with bootstrap
-    intervals over the test items); choose the better."""
+    intervals over the test items); choose the better. ``ece_floor`` is :func:`ece_floor` at the calibrated test
+    confidences, with the share of its draws at or above the observed ECE and, given an ECE ``target``, the test
+    items a perfectly calibrated model would need to score below it on average (:func:`items_for_ece`)."""
     conf = np.array([f["confidence"] for f in features], dtype=float)
     y = np.array(correct, dtype=int)
     fit, test = split_halves(len(y), y, seed)
@@ -183,4 +223,32 @@ def calibrate(features: list[dict], correct: list[bool], bins: int = 10, seed: i
                   ece_before_ci=ece_ci(conf[test], y[test], bins, seed=seed),
                   ece_after_ci=ece_ci(after, y[test], bins, seed=seed),
                   reliability_after=reliability(after, y[test], bins))
+    floor = ece_floor(after, bins, seed=seed)
+    report["ece_floor"] = {k: floor[k] for k in ("items", "mean", "range90")}
+    # how often a perfectly calibrated model scores at least the observed ECE: small means miscalibrated
+    report["ece_floor"]["share_at_least_observed"] = float(np.mean(np.array(floor["draws"]) >= report["ece_after"]))
+    if target is not None:
+        report["ece_floor"].update(items_for_target=items_for_ece(chosen(conf), target, bins, seed=seed),
+                                   all_items=int(conf.size))
     return report
+
+
+def floor_text(floor: dict, target: float) -> str:
+    """One sentence on :func:`calibrate`'s ``ece_floor``: what a perfectly calibrated model scores on this many
+    test items, how usual the observed ECE is for it, and how many items its mean needs to fall below ``target``."""
+    low, high = floor["range90"]
+    need = floor.get("items_for_target")
+    return (f"a perfectly calibrated model with these confidences scores ECE {num(floor['mean'])} on "
+            f"{floor['items']} test items (90% of draws {num(low)}-{num(high)}) and at least the observed ECE in "
+            f"{floor['share_at_least_observed']:.0%} of draws; its mean first falls below {num(target)} at "
+            + (f"{need} test items (sizes doubled from the {floor['all_items']} calibration items)" if need
+               else "no size up to 65,536 test items"))
+
+
+def ece_gate(report: dict, max_ece: float) -> dict:
+    """:func:`calibrate`'s ECE after calibration judged ``< max_ece`` on its interval (``core.verdict.judge``), with
+    the figure, interval and check beside the verdict (the run report shows it as judged here) and
+    :func:`floor_text` added to the reason. ``report`` must come from ``calibrate(..., target=max_ece)``."""
+    gate = judge(report["ece_after"], "<", max_ece, ci=report["ece_after_ci"])
+    return {"value": report["ece_after"], "ci": report["ece_after_ci"], "check": {"op": "<", "value": max_ece},
+            "verdict": gate.verdict, "reason": f"{gate.reason}; {floor_text(report['ece_floor'], max_ece)}"}

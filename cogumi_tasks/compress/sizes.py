@@ -120,7 +120,7 @@ def size_table(base: dict, metrics: dict[str, dict]) -> dict:
         "plan_sizes": plan_size_verdicts({**measured, "shipped": gguf["gguf_bytes"]}, params),
         "arithmetic": arithmetic,
         "token_agreement": gguf.get("token_agreement"),
-        **{k: calibrator.get(k) for k in ("ece_before", "ece_before_ci", "ece_after", "ece_after_ci")},
+        **{k: calibrator.get(k) for k in ("ece_before", "ece_before_ci", "ece_after", "ece_after_ci", "ece_floor")},
         "recovery": {k: lora.get(k) for k in ("hardest", "improved", "kept_verified",
                                               "hard_byte_ppl_before", "hard_byte_ppl_after", "other_byte_ppl_before",
                                               "other_byte_ppl_after")} if lora.get("enabled") else None,

@@ -13,7 +13,7 @@ import random
 from cogumi_tasks.core.config import CompressConfig
 from cogumi_tasks.core.records import iter_jsonl_dicts
 from cogumi_tasks.core.steps import StepContext, StepFailed, StepOutput, step
-from cogumi_tasks.core.verdict import judge
+from cogumi_tasks.core.verdict import MET, judge
 from cogumi_tasks.models.step_io import dataset_rows, model_stats, pass_on
 
 log = logging.getLogger("cogumi")
@@ -214,7 +214,7 @@ def calibrate_step(ctx: StepContext) -> StepOutput:
     Inputs: ``gguf``, ``items`` (``eval.run`` of that GGUF), ``tokenizer`` (the HF directory it came from).
     Outputs: ``calibrator`` (JSON the router applies), ``features`` (per item).
     """
-    from cogumi_tasks.compress.calibration import answer_features, calibrate
+    from cogumi_tasks.compress.calibration import answer_features, calibrate, ece_gate
     from cogumi_tasks.core.records import write_jsonl
 
     cfg = compress_config(ctx).calibrate
@@ -223,9 +223,9 @@ def calibrate_step(ctx: StepContext) -> StepOutput:
         raise StepFailed(f"calibrate: {len(items)} answered items in {ctx.input('items')}; need at least 4")
     features = answer_features(ctx.fetch(ctx.input("gguf")), items, ctx.fetch_dir(ctx.input("tokenizer")))
     correct = [bool(r.get("correct")) for r in items]
-    report = calibrate(features, correct, cfg.bins, cfg.seed)
-    gate = judge(report["ece_after"], "<", cfg.max_ece, ci=report["ece_after_ci"])
-    report["ece_gate"], report["ece_gate_passed"] = gate.as_dict(), gate.met
+    report = calibrate(features, correct, cfg.bins, cfg.seed, target=cfg.max_ece)
+    report["ece_gate"] = ece_gate(report, cfg.max_ece)
+    report["ece_gate_passed"] = report["ece_gate"]["verdict"] == MET
     report["max_ece"] = cfg.max_ece
     write_jsonl(ctx.out("features.jsonl"), [{**f, "correct": c} for f, c in zip(features, correct, strict=True)])
     ctx.out("calibrator.json").write_text(json.dumps({"method": report["method"], **report["calibrator"],

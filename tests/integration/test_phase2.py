@@ -121,6 +121,7 @@ def test_prune_awq_pack_calibrate_figures(phase2):
     assert pack["round_trip_ok"] and pack["ratio"] > 1.0
     cal = first["compress.calibrate"][0]["metrics"]
     assert 0 <= cal["ece_after"] <= 1 and cal["ece_gate_passed"] == (cal["ece_after_ci"][1] < 0.05)
+    assert cal["ece_floor"]["items"] == cal["test_items"] and "perfectly calibrated" in cal["ece_gate"]["reason"]
     rec = first["compress.recover"][0]
     assert rec["metrics"]["improved"] >= 1 and rec["metrics"]["lora_gguf_bytes"] > 0
     assert rec["outputs"]["lora_gguf"].endswith("adapter.gguf")

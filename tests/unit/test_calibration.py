@@ -10,8 +10,11 @@ from cogumi_tasks.compress.calibration import (
     calibrate,
     ece,
     ece_ci,
+    ece_floor,
     fit_platt,
     fit_temperature,
+    floor_text,
+    items_for_ece,
     reliability,
     split_halves,
 )
@@ -99,3 +102,35 @@ def test_ece_interval_agrees_with_ece_on_each_draw():
     draws = np.random.default_rng(7).integers(0, 30, size=(200, 30))
     by_hand = np.quantile([ece(conf[d], hit[d]) for d in draws], [0.025, 0.975])
     assert ece_ci(conf, hit, n=200, seed=7) == pytest.approx(by_hand.tolist())
+
+
+def test_ece_floor_is_the_ece_of_coin_flips_at_the_stated_confidences():
+    """At a constant confidence of 0.5 every item sits in one bin, so a calibrated model's ECE is |heads/n - 0.5|,
+    whose mean is sqrt(0.25 / n) * sqrt(2 / pi) = 0.0399 at n = 100 and 0.0126 at n = 1000."""
+    assert ece_floor(np.full(100, 0.5), draws=2000)["mean"] == pytest.approx(0.0399, abs=0.003)
+    thousand = ece_floor(np.full(10, 0.5), items=1000, draws=2000)
+    assert thousand["items"] == 1000 and thousand["mean"] == pytest.approx(0.0126, abs=0.001)
+    low, high = thousand["range90"]
+    assert low < thousand["mean"] < high and len(thousand["draws"]) == 2000
+    assert ece_floor(np.array([0.0, 1.0] * 20))["mean"] == 0.0  # certain answers: nothing to draw
+    assert ece_floor(np.full(50, 0.5), seed=4) == ece_floor(np.full(50, 0.5), seed=4)
+    # mean below 0.05 needs n > (0.3989 / 0.05)^2 = 63.7: doubling from 10 tries 10, 20, 40, 80
+    assert items_for_ece(np.full(10, 0.5), 0.05) == 80
+    assert items_for_ece(np.full(10, 0.5), 0.001, max_items=5000) is None
+
+
+def test_calibrate_reports_the_floor_and_its_sentence():
+    rng = np.random.default_rng(6)
+    conf = rng.uniform(0.05, 0.95, 96)
+    y = (rng.uniform(size=conf.size) < conf).astype(int)  # calibrated by construction
+    report = calibrate([{"confidence": c} for c in conf], y.tolist(), target=0.05)
+    floor = report["ece_floor"]
+    assert floor["items"] == report["test_items"] and floor["all_items"] == 96
+    assert floor["mean"] > 0.05 and floor["items_for_target"] > 96  # 48 test items cannot show ECE < 0.05
+    assert 0.05 < floor["share_at_least_observed"] <= 1  # an observed ECE a calibrated model often reaches
+    after = Calibrator(**report["calibrator"])(conf[split_halves(96, y)[1]])
+    draws = np.array(ece_floor(after)["draws"])
+    assert floor["share_at_least_observed"] == np.mean(draws >= report["ece_after"]) < 1
+    text = floor_text(floor, 0.05)
+    assert f"on {floor['items']} test items" in text and f"at {floor['items_for_target']} test items" in text
+    assert "items_for_target" not in calibrate([{"confidence": c} for c in conf], y.tolist())["ece_floor"]

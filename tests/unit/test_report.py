@@ -263,3 +263,26 @@ def test_pct_target_against_a_reference_that_solved_nothing_is_judged_on_the_sco
     assert "reference scored 0" in by_id["eval_reasoning"]["reason"]
     assert "score in % 60 (95% CI 40-80): the lower bound 40 clears > 0" in by_id["eval_reasoning"]["reason"]
     assert by_id["eval_automation"]["status"] == "not met"
+
+
+def test_ece_target_is_judged_by_the_calibrate_step_with_the_floor_in_its_reason():
+    import numpy as np
+
+    from cogumi_tasks.compress.calibration import calibrate, ece_gate
+
+    rng = np.random.default_rng(6)
+    conf = rng.uniform(0.05, 0.95, 96)
+    report = calibrate([{"confidence": c} for c in conf], (rng.uniform(size=96) < conf).tolist(), target=0.05)
+    report["ece_gate"] = ece_gate(report, 0.05)
+    cal = manifest("b", "compress.calibrate", "k8", "run-3", 500.0, report)
+    page, data = build_report({"pipeline": "pipe", "run_id": "run-3", "manifests": [cal], "ledger": {}},
+                              load_targets(TARGETS))
+    by_id = {t["id"]: t for t in data["targets"]}
+    for tid in ("calibration_ece_phase2", "calibration_ece"):
+        row = by_id[tid]
+        assert (row["measured"], row["ci"]) == (report["ece_after"], report["ece_after_ci"])
+        assert row["status"] == ("met" if report["ece_after_ci"][1] < 0.05 else
+                                 "not met" if report["ece_after_ci"][0] >= 0.05 else "inconclusive")
+        assert row["reason"].endswith(f"at {report['ece_floor']['items_for_target']} test items (sizes doubled "
+                                      "from the 96 calibration items)")
+    assert "a perfectly calibrated model with these confidences scores ECE" in page
