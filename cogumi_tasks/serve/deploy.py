@@ -160,7 +160,28 @@ def ask_all(url: str, key: str, items: list, max_tokens: int) -> list[dict]:
             out.append({"id": item.id, "domain": item.domain, "answer": body["choices"][0]["message"]["content"] or "",
                         "route": meta.get("route"), "reason": meta.get("reason"),
                         "completion_tokens": (body.get("usage") or {}).get("completion_tokens", 0),
-                        "seconds": seconds})
+                        "seconds": seconds, "decode_s": meta.get("decode_s")})
+    return out
+
+
+def decode_rate(answers: list[dict], n: int = 1000, seed: int = 0) -> dict:
+    """Decode tokens/s over the answers with at least two tokens: the tokens after the first over the seconds from
+    the first token to the last, summed over answers (``eval.stats.bootstrap_ratio_ci``: a 95% bootstrap interval
+    over answers). Prefill, routing and a base pass before a routed answer are outside it; ``end_to_end`` is not."""
+    from cogumi_tasks.eval.stats import bootstrap_ratio_ci
+
+    timed = [a for a in answers if a.get("completion_tokens", 0) > 1 and (a.get("decode_s") or 0) > 0]
+    tps = [a["completion_tokens"] / a["seconds"] for a in answers if a["completion_tokens"] and a["seconds"] > 0]
+    out: dict = {"answers_timed": len(timed), "median_end_to_end": round(statistics.median(tps), 2) if tps else None,
+                 "decode": None, "decode_ci": None}
+    if timed:
+        point, low, high = bootstrap_ratio_ci([a["completion_tokens"] - 1 for a in timed],
+                                              [a["decode_s"] for a in timed], n=n, seed=seed)
+        out.update(decode=round(point / 100, 2), decode_ci=[round(low / 100, 2), round(high / 100, 2)])
+    out["note"] = ("decode: tokens after the first / seconds from the first token to the last, summed over answers, "
+                   "95% bootstrap interval over answers; median_end_to_end: completion tokens / request seconds "
+                   "through the gateway (prefill and routing included; cogumi-auto answers a low-confidence query "
+                   "twice, by the base and by the routed model)")
     return out
 
 
@@ -218,7 +239,6 @@ def validate_step(ctx: StepContext) -> StepOutput:
     table = pct_of_reference([{"domain": r["domain"], "ours": r["score"], "reference": r["reference_score"]}
                               for r in rows], n=cfg.bootstrap, seed=cfg.seed)
     gates = check_gates(table, dict(cfg.gates))
-    tps = [a["completion_tokens"] / a["seconds"] for a in answers if a["completion_tokens"] and a["seconds"] > 0]
     routes = [a["route"] for a in answers]
     validation = {
         "release": release.id, "n": len(rows), "pct_of_reference": table,
@@ -226,9 +246,7 @@ def validate_step(ctx: StepContext) -> StepOutput:
                    "passed": g.passed} for g in gates],
         "passed": all(g.passed for g in gates),  # no gates configured: nothing to fail
         "gates_configured": dict(cfg.gates),
-        "tokens_per_s": {"median_end_to_end": round(statistics.median(tps), 2) if tps else None,
-                         "note": "completion tokens / request seconds through the gateway (cogumi-auto: a "
-                                 "low-confidence query is answered twice, by the base and by the routed model)"},
+        "tokens_per_s": decode_rate(answers, cfg.bootstrap, cfg.seed),
         "route_mix": {m: routes.count(m) / len(routes) for m in release.models} if routes else {},
         "feedback": feedback_tally(ctx)}
     write_jsonl(ctx.out("answers.jsonl"), rows)

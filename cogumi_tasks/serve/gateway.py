@@ -71,10 +71,17 @@ class Turn:
     cost: float = 0.0
     release: str = ""  # the release that decided (a swap mid-request does not change it)
 
+    @property
+    def decode_s(self) -> float | None:
+        """Seconds from the answer's first token to its last (its decode time; tokens - 1 intervals)."""
+        return None if self.t_first is None or self.t_last is None else self.t_last - self.t_first
+
     def meta(self, release: str) -> dict:
         d = self.decision
         return {"route": d.route, "reason": d.reason, "confidence": d.confidence, "release": release,
-                "request_id": self.request_id, "escalated": d.reason == "escalation"}
+                "request_id": self.request_id, "escalated": d.reason == "escalation",
+                "ttft_s": None if self.ttft is None else round(self.ttft, 4),
+                "decode_s": None if self.decode_s is None else round(self.decode_s, 4)}
 
 
 def _query_of(messages: list[dict]) -> str:
@@ -207,9 +214,8 @@ class Gateway:
         d = turn.decision
         seconds = time.perf_counter() - turn.t0
         turn.cost += self.cost(d.route, turn.tokens)
-        decode = (turn.t_last - turn.t_first) if turn.t_first is not None and turn.t_last is not None else None
         self.metrics.answered(turn.model, d.route, status, seconds=seconds, ttft=turn.ttft, tokens=turn.tokens,
-                              decode_s=decode, cost_usd=turn.cost)
+                              decode_s=turn.decode_s, cost_usd=turn.cost)
         self.metrics.routes.labels(route=d.route, reason=d.reason).inc()
         seq = None
         if turn.session:
@@ -224,6 +230,7 @@ class Gateway:
             "answer": "".join(turn.text), "base_answer": d.base_answer, "escalated": d.reason == "escalation",
             "feedback": None,
             "latency_s": round(seconds, 4), "ttft_s": None if turn.ttft is None else round(turn.ttft, 4),
+            "decode_s": None if turn.decode_s is None else round(turn.decode_s, 4),
             "completion_tokens": turn.tokens, "key_id": turn.key_id[:12]})
 
     def headers(self, turn: Turn) -> dict[str, str]:

@@ -55,6 +55,8 @@ def test_release_validate_and_promote_only_when_validation_passed(s3_server, sto
     v = checked.metrics
     assert v["release"] == rid and v["n"] == len(ids) == 3 and v["passed"] and v["gates"] == []
     assert sum(v["route_mix"].values()) == pytest.approx(1.0)
+    speed = v["tokens_per_s"]  # every answer streamed through the gateway carries its first-to-last token seconds
+    assert speed["answers_timed"] >= 1 and speed["decode_ci"][0] <= speed["decode"] <= speed["decode_ci"][1]
     assert v["feedback"]["n"] == 0 and v["feedback"]["status"].startswith("not measured")
     assert set(v["pct_of_reference"]) >= {"code", "reasoning", "automation", "all"}
     promoted = run_step("serve.promote", cfg, {"release": built.outputs["release"],

@@ -89,6 +89,7 @@ def test_openai_client_streams_and_matches_the_whole_answer(gateway):
             meta = chunk.model_extra["cogumi"]
     assert len([p for p in pieces if p]) >= 2  # streamed in pieces
     assert meta["route"] == "code" and meta["reason"] == "override" and meta["release"] == "test-release"
+    assert meta["ttft_s"] > 0 and meta["decode_s"] > 0  # two or more pieces: time between the first and the last
     raw = client.chat.completions.with_raw_response.create(model="cogumi-code", messages=msgs, max_tokens=12,
                                                            temperature=0)
     whole = raw.parse()

@@ -139,3 +139,18 @@ def test_pct_of_reference_gate_keeps_the_ratio_rule_when_the_reference_solved_so
     assert judge_pct_of_reference(nothing, ">=", 100).verdict == "not met"
     assert pct_entry([], []) == {"pct": None, "ci": None, "why": "undefined (no items)"}
     assert judge_pct_of_reference(pct_entry([], []), ">", 70).verdict == "undefined"
+
+
+def test_decode_rate_counts_tokens_after_the_first_over_first_to_last_seconds():
+    from cogumi_tasks.serve.deploy import decode_rate
+
+    answers = [{"completion_tokens": 11, "seconds": 1.0, "decode_s": 0.2},
+               {"completion_tokens": 21, "seconds": 2.0, "decode_s": 0.4},
+               {"completion_tokens": 1, "seconds": 0.5, "decode_s": 0.0},  # one token: no decode interval
+               {"completion_tokens": 9, "seconds": 0.5, "decode_s": None}]  # not timed (an older gateway)
+    out = decode_rate(answers)
+    assert out["answers_timed"] == 2
+    assert out["decode"] == 50.0 and out["decode_ci"] == [50.0, 50.0]  # (10 + 20) / (0.2 + 0.4), both at 50/s
+    assert out["median_end_to_end"] == 10.75  # median of 11, 10.5, 2 and 18 tokens per request second
+    none = decode_rate([{"completion_tokens": 0, "seconds": 1.0, "decode_s": None}])
+    assert none["decode"] is None and none["decode_ci"] is None and none["median_end_to_end"] is None

@@ -286,3 +286,26 @@ def test_ece_target_is_judged_by_the_calibrate_step_with_the_floor_in_its_reason
         assert row["reason"].endswith(f"at {report['ece_floor']['items_for_target']} test items (sizes doubled "
                                       "from the 96 calibration items)")
     assert "a perfectly calibrated model with these confidences scores ECE" in page
+
+
+def test_phase5_targets_read_serve_validates_figures():
+    """The release gates and the decode speed are judged on what serve.validate records (its pct_of_reference
+    table and deploy.decode_rate), so a renamed key shows up here as "not measured"."""
+    from cogumi_tasks.eval.stats import pct_of_reference
+    from cogumi_tasks.serve.deploy import decode_rate
+
+    rows = [{"domain": d, "ours": float(i % 3 != 0), "reference": float(i % 2 == 0)}
+            for d in ("code", "reasoning", "automation") for i in range(12)]
+    answers = [{"completion_tokens": 41, "seconds": 1.0, "decode_s": 0.5 + 0.01 * i} for i in range(10)]
+    metrics = {"pct_of_reference": pct_of_reference(rows), "tokens_per_s": decode_rate(answers)}
+    val = manifest("b", "serve.validate", "k9", "run-3", 700.0, metrics)
+    _, data = build_report({"pipeline": "pipe", "run_id": "run-3", "manifests": [val], "ledger": {}},
+                           load_targets(TARGETS))
+    by_id = {t["id"]: t for t in data["targets"]}
+    for domain, gate in (("code", 72), ("reasoning", 70), ("automation", 75)):
+        row = by_id[f"release_{domain}"]
+        assert row["measured"] == metrics["pct_of_reference"][domain]["pct"] and row["check"]["value"] == gate
+        assert row["status"] in ("met", "inconclusive", "not met") and row["ci"] is not None
+    speed = by_id["release_decode_speed"]
+    assert speed["measured"] == metrics["tokens_per_s"]["decode"] < 80 and speed["ci"][1] < 80
+    assert speed["status"] == "met" and speed["check"] == {"op": ">=", "value": 60}  # 40 tokens in 0.5-0.59 s
