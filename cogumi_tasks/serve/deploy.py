@@ -165,8 +165,9 @@ def ask_all(url: str, key: str, items: list, max_tokens: int) -> list[dict]:
 
 
 def decode_rate(answers: list[dict], n: int = 1000, seed: int = 0) -> dict:
-    """Decode tokens/s over the answers with at least two tokens: the tokens after the first over the seconds from
-    the first token to the last, summed over answers (``eval.stats.bootstrap_ratio_ci``: a 95% bootstrap interval
+    """Decode tokens/s over the answers with at least two tokens: the tokens after the first over their decode
+    seconds (the gateway's ``decode_s``: the engine's own timing of a whole answer, or the seconds from the first
+    streamed token to the last), summed over answers (``eval.stats.bootstrap_ratio_ci``: a 95% bootstrap interval
     over answers). Prefill, routing and a base pass before a routed answer are outside it; ``end_to_end`` is not."""
     from cogumi_tasks.eval.stats import bootstrap_ratio_ci
 
@@ -178,7 +179,7 @@ def decode_rate(answers: list[dict], n: int = 1000, seed: int = 0) -> dict:
         point, low, high = bootstrap_ratio_ci([a["completion_tokens"] - 1 for a in timed],
                                               [a["decode_s"] for a in timed], n=n, seed=seed)
         out.update(decode=round(point / 100, 2), decode_ci=[round(low / 100, 2), round(high / 100, 2)])
-    out["note"] = ("decode: tokens after the first / seconds from the first token to the last, summed over answers, "
+    out["note"] = ("decode: tokens after the first / decode seconds (the engine's timing), summed over answers, "
                    "95% bootstrap interval over answers; median_end_to_end: completion tokens / request seconds "
                    "through the gateway (prefill and routing included; cogumi-auto answers a low-confidence query "
                    "twice, by the base and by the routed model)")

@@ -32,15 +32,18 @@ class Completion:
     completion_tokens: int = 0
     prompt_tokens: int = 0
     finish_reason: str | None = None
+    decode_s: float | None = None  # the engine's own generation time (llama.cpp's timings.predicted_ms), if given
 
 
 @dataclass
 class Delta:
-    """A piece of a streamed answer (``finish_reason`` set on the last one)."""
+    """A piece of a streamed answer (``finish_reason`` set on the last one); ``decode_s`` only when the piece is a
+    whole answer whose engine timed its generation."""
 
     text: str
     logprobs: list[float] = field(default_factory=list)
     finish_reason: str | None = None
+    decode_s: float | None = None
 
 
 class Engine:
@@ -176,8 +179,10 @@ class XllamacppEngine(Engine):
         choice = data["choices"][0]
         usage = data.get("usage") or {}
         lps = _logprobs(choice)
+        predicted_ms = (data.get("timings") or {}).get("predicted_ms")
         return Completion(choice["message"].get("content") or "", lps, int(usage.get("completion_tokens", len(lps))),
-                          int(usage.get("prompt_tokens", 0)), choice.get("finish_reason"))
+                          int(usage.get("prompt_tokens", 0)), choice.get("finish_reason"),
+                          None if predicted_ms is None else float(predicted_ms) / 1000)
 
     async def _stream(self, body: dict) -> AsyncIterator[Delta]:
         async with self._http().stream("POST", "/v1/chat/completions", json=body) as resp:

@@ -70,10 +70,14 @@ class Turn:
     text: list[str] = field(default_factory=list)
     cost: float = 0.0
     release: str = ""  # the release that decided (a swap mid-request does not change it)
+    engine_decode_s: float | None = None  # a whole answer's generation time as its engine timed it
 
     @property
     def decode_s(self) -> float | None:
-        """Seconds from the answer's first token to its last (its decode time; tokens - 1 intervals)."""
+        """The answer's decode time: its engine's timing when it came whole, else the seconds from the first streamed
+        token to the last (tokens - 1 intervals either way)."""
+        if self.engine_decode_s is not None:
+            return self.engine_decode_s
         return None if self.t_first is None or self.t_last is None else self.t_last - self.t_first
 
     def meta(self, release: str) -> dict:
@@ -191,12 +195,12 @@ class Gateway:
     async def deltas(self, turn: Turn, ready: Completion | None, messages: list[dict], max_tokens: int,
                      stream: bool, temperature: float, seed: int | None) -> AsyncIterator[Delta]:
         if ready is not None:
-            yield Delta(ready.text, ready.logprobs, ready.finish_reason)
+            yield Delta(ready.text, ready.logprobs, ready.finish_reason, ready.decode_s)
             return
         out = await self.engine.chat(messages, self.scales(turn.decision.route), max_tokens, stream=stream,
                                      temperature=temperature, seed=seed)
         if isinstance(out, Completion):
-            yield Delta(out.text, out.logprobs, out.finish_reason)
+            yield Delta(out.text, out.logprobs, out.finish_reason, out.decode_s)
         else:
             async for d in out:
                 yield d
@@ -206,6 +210,8 @@ class Gateway:
         if delta.text and turn.ttft is None:
             turn.ttft, turn.t_first = now - turn.t0, now
         turn.t_last = now
+        if delta.decode_s is not None:
+            turn.engine_decode_s = delta.decode_s
         turn.tokens += len(delta.logprobs) or (1 if delta.text else 0)
         turn.text.append(delta.text)
 

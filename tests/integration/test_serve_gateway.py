@@ -96,6 +96,7 @@ def test_openai_client_streams_and_matches_the_whole_answer(gateway):
     assert whole.choices[0].message.content == "".join(pieces)
     assert raw.headers["X-Cogumi-Route"] == "code" and raw.headers["X-Cogumi-Release"] == "test-release"
     assert whole.model_extra["cogumi"]["request_id"] == raw.headers["X-Cogumi-Request-Id"]
+    assert whole.model_extra["cogumi"]["decode_s"] > 0  # a whole answer: llama.cpp's own generation time
 
 
 def test_auto_routes_code_to_code_and_general_to_base(gateway, world):
