@@ -168,7 +168,8 @@ def decode_rate(answers: list[dict], n: int = 1000, seed: int = 0) -> dict:
     """Decode tokens/s over the answers with at least two tokens: the tokens after the first over their decode
     seconds (the gateway's ``decode_s``: the engine's own timing of a whole answer, or the seconds from the first
     streamed token to the last), summed over answers (``eval.stats.bootstrap_ratio_ci``: a 95% bootstrap interval
-    over answers). Prefill, routing and a base pass before a routed answer are outside it; ``end_to_end`` is not."""
+    over answers). Prefill, routing and a base pass before a routed answer are outside it and inside
+    ``median_end_to_end`` (completion tokens over request seconds)."""
     from cogumi_tasks.eval.stats import bootstrap_ratio_ci
 
     timed = [a for a in answers if a.get("completion_tokens", 0) > 1 and (a.get("decode_s") or 0) > 0]
