@@ -508,6 +508,15 @@ class RouterConfig(Strict):
     class_weight: Literal["none", "balanced"] = Field(
         "none", description="balanced: each label's cross-entropy weighted by n / (labels x its training count), so "
         "a table where most queries are labelled base does not teach the MLP to answer base for all")
+    target: Literal["label", "verdicts"] = Field(
+        "label", description="what the MLP learns: label = softmax cross-entropy on the cheapest model that answered "
+        "correctly (the plan's); verdicts = one sigmoid per model, binary cross-entropy on every model's verdict, "
+        "so each query teaches all four outputs (a query no model answers still says which ones failed) and the "
+        "route is the model most likely to answer correctly")
+    cost_weight: float = Field(
+        0.0, ge=0, description="the route is the argmax of the outputs less cost_weight x (cost - base cost) per "
+        "model: with target verdicts, how much likelier to answer correctly a dearer model must be (0.25 with "
+        "costs 1.0 / 1.2: 5 points). Where every model answers (general prompts) this sends the query to the base")
     validation: float = Field(0.15, gt=0, lt=1, description="share of the training split held out for early stopping")
     holdout: float = Field(0.3, gt=0, lt=1, description="share of the verdict table evaluated, never trained on")
     seed: int = 0
@@ -553,6 +562,8 @@ class RouterConfig(Strict):
         unknown = sorted(set(self.keywords) - set(models[1:]))
         if unknown:
             raise ValueError(f"keywords: {unknown} are not modifiers in costs ({models[1:]})")
+        if self.target == "verdicts" and self.class_weight != "none":
+            raise ValueError("class_weight: weights the labels' cross-entropy; with target: verdicts use none")
         if any(not 0 < t <= 1 for t in self.thresholds) or self.thresholds != sorted(set(self.thresholds)):
             raise ValueError(f"thresholds: need distinct increasing values in (0, 1], got {self.thresholds}")
         return self

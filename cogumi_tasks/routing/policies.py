@@ -14,8 +14,8 @@ split, ties to the cheaper, then label-map order); ``random_same_cost`` (the bas
 modifier uniformly, p set so the expected cost equals the router's; when the modifiers cost as much as the base,
 p = the router's share of modifier routes; figures are exact expectations, no sampling); ``keyword`` (the modifier
 with the most configured keyword hits in the lowercased query, ties to label-map order, none: base); ``oracle``
-(the label); ``router`` (the MLP's argmax); ``threshold_<t>`` (the base when its calibrated confidence >= t, else
-the router's choice).
+(the label); ``router`` (the MLP's choice, :meth:`cogumi_tasks.routing.router.Router.choose`);
+``threshold_<t>`` (the base when its calibrated confidence >= t, else the router's choice).
 
 Curve: the threshold policy at t = 0, 0.01, ..., 1 and the router alone (t above 1). Cost never falls as t rises
 (base is the cheapest). APGR = the area under gain recovered against cost over that curve (trapezoids, points in
@@ -116,18 +116,18 @@ def choose_threshold(sweep: list[dict], budget: float | None) -> dict:
 
 
 def evaluate_policies(*, models: Sequence[str], costs: Mapping[str, float], verdicts: np.ndarray, labels: np.ndarray,
-                      router_probs: np.ndarray, confidences: np.ndarray, queries: Sequence[str],
+                      router_routes: np.ndarray, confidences: np.ndarray, queries: Sequence[str],
                       train_verdicts: np.ndarray, keywords: Mapping[str, Sequence[str]], thresholds: Sequence[float],
                       cost_budget: float | None, bootstrap: int = 1000, seed: int = 0) -> dict:
     """Every policy, the differences, the curve, the threshold sweep and the chosen threshold, on the holdout rows
-    (``verdicts`` (n, models) 0/1, ``labels``, the router's probabilities, the base's confidences, the queries);
+    (``verdicts`` (n, models) 0/1, ``labels``, the router's routes, the base's confidences, the queries);
     ``train_verdicts`` picks the best modifier."""
     k = len(models)
     c = np.array([costs[m] for m in models], dtype=float)
     v = np.asarray(verdicts, dtype=float)
     labels = np.asarray(labels, dtype=int)
     conf = np.asarray(confidences, dtype=float)
-    router_routes = np.asarray(router_probs).argmax(axis=1)
+    router_routes = np.asarray(router_routes, dtype=int)
     best = best_modifier(np.asarray(train_verdicts, dtype=float), c)
     router = onehot(router_routes, k)
     random_routes, p = random_same_cost(router, c)

@@ -1,10 +1,19 @@
 """The router: an MLP from a query's features (:mod:`cogumi_tasks.routing.features`) to one of the models.
 
 The plan's network, 128 -> 64 -> 32 -> 4 (ReLU, dropout 0.2 after each hidden layer), trained with Adam (lr
-1e-3) on cross-entropy against the label (the cheapest model that answered correctly; with ``class_weight:
-balanced`` each label weighted by the inverse of its training count), minibatches shuffled by a seeded
-generator, early stopping on the validation loss (the best epoch's weights are kept). Same seed, same data and
-same thread count give the same weights.
+1e-3), minibatches shuffled by a seeded generator, early stopping on the validation loss (the best epoch's weights
+are kept). Same seed, same data and same thread count give the same weights. The loss follows ``target``:
+
+- ``label``: softmax cross-entropy against the label (the cheapest model that answered correctly; with
+  ``class_weight: balanced`` each label weighted by the inverse of its training count); the outputs are a
+  distribution over the models;
+- ``verdicts``: binary cross-entropy of one sigmoid per model against that model's verdict; the outputs are each
+  model's probability of answering correctly. A query labelled base because no model answered it teaches nothing
+  under ``label`` but "all four fail" here, and a domain where the modifier answers 70% and the base 35% is learnt
+  as such even when most of its labels are base.
+
+Either way the route (:meth:`Router.choose`) is the argmax of the outputs less ``cost_weight`` x (the model's
+cost - the base's), ties to label-map order (the base first).
 
 A bundle is a directory: ``router.safetensors`` (the MLP's weights and the PCA's ``pca.mean``, ``pca.components``,
 ``pca.explained``) and ``manifest.json`` (format, label map, costs, layer sizes, feature names, session window,
@@ -82,18 +91,30 @@ def balanced_weights(y: np.ndarray, n_out: int) -> np.ndarray:
 
 
 def train_mlp(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, n_out: int,
-              cfg: RouterConfig) -> tuple[torch.nn.Sequential, Training]:
-    """Train the MLP (see the module docstring); returns it in eval mode with the best validation epoch's weights."""
+              cfg: RouterConfig, v_train: np.ndarray | None = None,
+              v_val: np.ndarray | None = None) -> tuple[torch.nn.Sequential, Training]:
+    """Train the MLP (see the module docstring) on labels ``y_*`` or, with ``target: verdicts``, on the (n, models)
+    verdicts ``v_*``; accuracies are against the labels either way. Returns it in eval mode with the best
+    validation epoch's weights."""
     import torch
 
     if len(x_train) == 0 or len(x_val) == 0:
         raise ValueError(f"router training needs train and validation rows, got {len(x_train)} and {len(x_val)}")
+    by_verdicts = cfg.target == "verdicts"
+    if by_verdicts and (v_train is None or v_val is None):
+        raise ValueError("router target `verdicts` needs the training and validation verdicts")
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     net = build_mlp(x_train.shape[1], cfg.hidden, n_out, cfg.dropout)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
     weights = balanced_weights(y_train, n_out) if cfg.class_weight == "balanced" else None
-    loss_fn = torch.nn.CrossEntropyLoss(weight=None if weights is None else torch.tensor(weights, dtype=torch.float32))
+    if by_verdicts:
+        loss_fn: torch.nn.Module = torch.nn.BCEWithLogitsLoss()
+        tt, tv = (torch.from_numpy(np.asarray(v, dtype=np.float32)) for v in (v_train, v_val))
+    else:
+        loss_fn = torch.nn.CrossEntropyLoss(weight=None if weights is None else torch.tensor(weights,
+                                                                                           dtype=torch.float32))
+        tt, tv = torch.from_numpy(y_train).long(), torch.from_numpy(y_val).long()
     xt, yt = torch.from_numpy(x_train), torch.from_numpy(y_train).long()
     xv, yv = torch.from_numpy(x_val), torch.from_numpy(y_val).long()
     best = (math.inf, 0, {k: v.clone() for k, v in net.state_dict().items()})
@@ -106,13 +127,13 @@ def train_mlp(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val
         for s in range(0, len(xt), cfg.batch_size):
             idx = order[s : s + cfg.batch_size]
             opt.zero_grad()
-            loss = loss_fn(net(xt[idx]), yt[idx])
+            loss = loss_fn(net(xt[idx]), tt[idx])
             loss.backward()
             opt.step()
             total += loss.item() * len(idx)
         net.eval()
         with torch.no_grad():
-            val_loss = float(loss_fn(net(xv), yv))
+            val_loss = float(loss_fn(net(xv), tv))
         history.append({"epoch": epoch, "train_loss": round(total / len(xt), 5), "val_loss": round(val_loss, 5)})
         if val_loss < best[0]:
             best = (val_loss, epoch, {k: v.clone() for k, v in net.state_dict().items()})
@@ -131,8 +152,10 @@ class Router:
     """A trained router: PCA, MLP, label map, costs and the chosen confidence threshold."""
 
     def __init__(self, net: torch.nn.Sequential, pca: Pca, models: Sequence[str], costs: dict[str, float],
-                 window: int, embedder: str, threshold: float | None = None, info: dict | None = None):
-        self.net, self.pca, self.models = net.eval(), pca, list(models)
+                 window: int, embedder: str, threshold: float | None = None, info: dict | None = None,
+                 target: str = "label", cost_weight: float = 0.0):
+        self.net, self.pca, self.models, self.target = net.eval(), pca, list(models), target
+        self.cost_weight = cost_weight
         self.costs, self.window, self.embedder, self.threshold = dict(costs), window, embedder, threshold
         self.info = dict(info or {})
         self.dim = feature_dim(pca.components.shape[0], len(self.models))
@@ -143,19 +166,26 @@ class Router:
         return build_features(self.pca, np.atleast_2d(embeddings), confidences, sessions, self.models, self.window)
 
     def probabilities(self, features: np.ndarray) -> np.ndarray:
-        """(n, models) softmax of the MLP for an (n, dim) or (dim,) feature array."""
+        """(n, models) outputs of the MLP for an (n, dim) or (dim,) feature array: a softmax over the models
+        (target ``label``), or each model's sigmoid, its probability of answering correctly (``verdicts``)."""
         import torch
 
         x = np.atleast_2d(np.asarray(features, dtype=np.float32))
         if x.shape[1] != self.dim:
             raise ValueError(f"features have {x.shape[1]} columns, the router takes {self.dim}")
         with torch.inference_mode():
-            return torch.softmax(self.net(torch.from_numpy(x)), dim=1).numpy()
+            logits = self.net(torch.from_numpy(x))
+            return (torch.sigmoid(logits) if self.target == "verdicts" else torch.softmax(logits, dim=1)).numpy()
+
+    def choose(self, probabilities: np.ndarray) -> np.ndarray:
+        """The route index per row of (n, models) outputs: argmax of outputs - cost_weight x (cost - base cost)."""
+        extra = np.array([self.costs[m] - self.costs[self.models[0]] for m in self.models])
+        return (np.atleast_2d(probabilities) - self.cost_weight * extra).argmax(axis=1)
 
     def route(self, features: np.ndarray) -> tuple[str, np.ndarray]:
-        """(the MLP's model, its probabilities in label-map order) for one query's features."""
+        """(the MLP's model, its outputs in label-map order) for one query's features."""
         p = self.probabilities(features)[0]
-        return self.models[int(np.argmax(p))], p
+        return self.models[int(self.choose(p)[0])], p
 
     def decide(self, features: np.ndarray, threshold: float | None = None) -> tuple[str, np.ndarray]:
         """The thresholded decision: the base when its confidence (the feature after the PCA's) >= the threshold
@@ -180,6 +210,7 @@ class Router:
         manifest = {"format": FORMAT, "models": self.models, "costs": self.costs, "input_dim": self.dim,
                     "hidden": hidden, "dropout": dropout, "pca_dims": dims, "pca_rank": self.pca.rank,
                     "session_window": self.window, "embedder": self.embedder, "threshold": self.threshold,
+                    "target": self.target, "cost_weight": self.cost_weight,
                     "feature_names": feature_names(dims, self.models), **self.info}
         (path / MANIFEST).write_text(json.dumps(manifest, indent=1))
         return path
@@ -199,6 +230,6 @@ class Router:
         net = build_mlp(m["input_dim"], m["hidden"], len(m["models"]), m["dropout"])
         net.load_state_dict({k.removeprefix("net."): v for k, v in tensors.items() if k.startswith("net.")})
         known = {"format", "models", "costs", "input_dim", "hidden", "dropout", "pca_dims", "pca_rank",
-                 "session_window", "embedder", "threshold", "feature_names"}
+                 "session_window", "embedder", "threshold", "feature_names", "target", "cost_weight"}
         return cls(net, pca, m["models"], m["costs"], m["session_window"], m["embedder"], m["threshold"],
-                   {k: v for k, v in m.items() if k not in known})
+                   {k: v for k, v in m.items() if k not in known}, m.get("target", "label"), m.get("cost_weight", 0.0))

@@ -38,11 +38,13 @@ def fit_router(rows: Sequence[VerdictRow], embeddings: np.ndarray, cfg: RouterCo
     train, val, test = (np.flatnonzero(parts == p) for p in ("train", "val", "test"))
     pca = fit_pca(embeddings[train], cfg.pca_dims)
     x = build_features(pca, embeddings, conf, [r.session for r in rows], models, cfg.session_window)
-    net, training = train_mlp(x[train], labels[train], x[val], labels[val], len(models), cfg)
-    router = Router(net, pca, models, dict(cfg.costs), cfg.session_window, cfg.embedder)
-    probs = router.probabilities(x[test])
+    net, training = train_mlp(x[train], labels[train], x[val], labels[val], len(models), cfg, verdicts[train],
+                              verdicts[val])
+    router = Router(net, pca, models, dict(cfg.costs), cfg.session_window, cfg.embedder, target=cfg.target,
+                    cost_weight=cfg.cost_weight)
+    routes = router.choose(router.probabilities(x[test]))
     evaluation = evaluate_policies(
-        models=models, costs=cfg.costs, verdicts=verdicts[test], labels=labels[test], router_probs=probs,
+        models=models, costs=cfg.costs, verdicts=verdicts[test], labels=labels[test], router_routes=routes,
         confidences=conf[test], queries=[rows[i].query for i in test], train_verdicts=verdicts[train],
         keywords=cfg.keywords, thresholds=cfg.thresholds, cost_budget=cfg.cost_budget, bootstrap=cfg.bootstrap,
         seed=cfg.seed)
@@ -52,7 +54,7 @@ def fit_router(rows: Sequence[VerdictRow], embeddings: np.ndarray, cfg: RouterCo
                               "train_accuracy": training.train_accuracy, "class_weights": training.class_weights,
                               "history": training.history}
     evaluation["pca"] = {"dims": cfg.pca_dims, "rank": pca.rank, "explained": float(pca.explained.sum())}
-    evaluation["by_domain"] = _by_domain([rows[i] for i in test], probs.argmax(axis=1), models)
+    evaluation["by_domain"] = _by_domain([rows[i] for i in test], routes, models)
     evaluation["cross_validation"] = cross_validate(rows, embeddings, cfg, labels, verdicts, conf)
     router.threshold = evaluation["chosen"]["threshold"]
     router.info = {"split": counts, "training": {k: v for k, v in evaluation["training"].items() if k != "history"},
@@ -79,7 +81,7 @@ def cross_validate(rows: Sequence[VerdictRow], embeddings: np.ndarray, cfg: Rout
     if k < 2:
         return {"folds": k, "skipped": "cv_folds is 0"}
     fold = np.array([fold_of(r.id, k, cfg.seed) for r in rows])
-    probs = np.zeros((len(rows), len(cfg.models)), dtype=np.float32)
+    routes = np.zeros(len(rows), dtype=np.int64)
     for f in range(k):
         test = np.flatnonzero(fold == f)
         rest = np.flatnonzero(fold != f)
@@ -90,11 +92,13 @@ def cross_validate(rows: Sequence[VerdictRow], embeddings: np.ndarray, cfg: Rout
                                            f"and {len(val)} validation rows: too few to cross-validate"}
         pca = fit_pca(embeddings[train], cfg.pca_dims)
         x = build_features(pca, embeddings, conf, [r.session for r in rows], cfg.models, cfg.session_window)
-        net, _ = train_mlp(x[train], labels[train], x[val], labels[val], len(cfg.models), cfg)
-        probs[test] = Router(net, pca, cfg.models, dict(cfg.costs), cfg.session_window, cfg.embedder).probabilities(
-            x[test])
+        net, _ = train_mlp(x[train], labels[train], x[val], labels[val], len(cfg.models), cfg, verdicts[train],
+                           verdicts[val])
+        router = Router(net, pca, cfg.models, dict(cfg.costs), cfg.session_window, cfg.embedder, target=cfg.target,
+                        cost_weight=cfg.cost_weight)
+        routes[test] = router.choose(router.probabilities(x[test]))
     ev = evaluate_policies(
-        models=cfg.models, costs=cfg.costs, verdicts=verdicts, labels=labels, router_probs=probs, confidences=conf,
+        models=cfg.models, costs=cfg.costs, verdicts=verdicts, labels=labels, router_routes=routes, confidences=conf,
         queries=[r.query for r in rows], train_verdicts=verdicts, keywords=cfg.keywords, thresholds=cfg.thresholds,
         cost_budget=cfg.cost_budget, bootstrap=cfg.bootstrap, seed=cfg.seed)
     return {"folds": k, "n": ev["n"], "best_modifier": ev["best_modifier"],

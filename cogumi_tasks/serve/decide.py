@@ -92,8 +92,8 @@ class Brain:
         if self.confident(cal):
             return Decision("base", "confident", cal, raw)
         probs = self.probabilities(query, cal, turns)
-        return Decision(max(probs, key=lambda m: (probs[m], -self.router.models.index(m))), "router", cal, raw,
-                        probabilities=probs)
+        choice = self.router.models[int(self.router.choose(np.array([list(probs.values())]))[0])]
+        return Decision(choice, "router", cal, raw, probabilities=probs)
 
     def escalation(self, query: str, turns: Sequence[Any]) -> Decision:
         """The stronger choice after a detected dissatisfaction with the previous turn (``turns[-1]``)."""

@@ -63,7 +63,8 @@ def routed_quality(router: Any, embeddings: np.ndarray, raw: np.ndarray, verdict
 
     conf = calibrator(raw)
     probs = router.probabilities(router.features(embeddings, conf.tolist(), [[] for _ in raw]))
-    routes = probs.argmax(axis=1) if threshold is None else threshold_routes(probs.argmax(axis=1), conf, threshold)
+    choice = router.choose(probs)
+    routes = choice if threshold is None else threshold_routes(choice, conf, threshold)
     r = onehot(routes, len(router.models))
     costs = np.array([router.costs.get(m, 1.0) for m in router.models])
     return float((r * verdicts).sum(axis=1).mean()), float((r @ costs).mean()), r.mean(axis=0).round(4).tolist()

@@ -126,9 +126,9 @@ def test_cross_validation_routes_every_query_with_a_router_that_never_trained_on
     seen: list[set[float]] = []
     real = router_steps.train_mlp
 
-    def spy(x_train, y_train, x_val, y_val, n_out, c):
+    def spy(x_train, y_train, x_val, y_val, n_out, c, *verdicts):
         seen.append(set(np.concatenate([x_train, x_val])[:, cfg.pca_dims].tolist()))
-        return real(x_train, y_train, x_val, y_val, n_out, c)
+        return real(x_train, y_train, x_val, y_val, n_out, c, *verdicts)
 
     monkeypatch.setattr(router_steps, "train_mlp", spy)
     labels = np.array([label_of(r.verdicts, MODELS, COSTS) for r in rows])
@@ -256,3 +256,49 @@ def test_balanced_class_weights_undo_a_majority_label():
     assert (pred[36:] == 1).all() and (pred[:36] == 0).all()
     _, plain = train_mlp(x, labels, x, labels, 2, RouterConfig(hidden=[8], max_epochs=2))
     assert plain.class_weights is None
+
+
+def test_verdicts_target_routes_where_the_modifier_is_likelier_right():
+    """Cluster A: base right on 6 of 20, the modifier on 14 (labels: 12 base, 8 code, since the 6 that both fail
+    are labelled base); cluster B: only the base right. The label target learns the majority label, base, for A;
+    the verdicts target learns each model's rate there (0.3 and 0.7) and routes A to the modifier."""
+    from cogumi_tasks.routing.router import train_mlp
+
+    x = np.concatenate([np.ones((20, 4)), -np.ones((20, 4))]).astype(np.float32)
+    a = [(1, 1)] * 6 + [(0, 1)] * 8 + [(0, 0)] * 6
+    verdicts = np.array(a + [(1, 0)] * 20, dtype=np.float32)
+    costs = {"base": 1.0, "code": 1.2}
+    labels = np.array([label_of({"base": bool(b), "code": bool(c)}, ["base", "code"], costs) for b, c in verdicts])
+    assert labels[:20].tolist().count(0) == 12
+    common = {"hidden": [8], "dropout": 0.0, "lr": 1e-2, "max_epochs": 300, "patience": 300, "costs": costs,
+              "keywords": {}}
+    import torch
+
+    by_label, _ = train_mlp(x, labels, x, labels, 2, RouterConfig(**common))
+    by_verdicts, training = train_mlp(x, labels, x, labels, 2, RouterConfig(target="verdicts", **common), verdicts,
+                                      verdicts)
+    with torch.no_grad():
+        routes_label = by_label(torch.from_numpy(x)).argmax(1).numpy()
+        p = torch.sigmoid(by_verdicts(torch.from_numpy(x))).numpy()
+    assert (routes_label == 0).all()
+    assert (p[:20].argmax(1) == 1).all() and (p[20:].argmax(1) == 0).all()
+    np.testing.assert_allclose(p[0], [0.3, 0.7], atol=0.1)
+    np.testing.assert_allclose(p[-1], [1.0, 0.0], atol=0.1)
+    assert training.val_accuracy == pytest.approx(28 / 40)  # against the labels: A's 12 base labels are missed
+    with pytest.raises(ValueError, match="class_weight"):
+        RouterConfig(target="verdicts", class_weight="balanced")
+    with pytest.raises(ValueError, match="verdicts"):
+        train_mlp(x, labels, x, labels, 2, RouterConfig(target="verdicts", **common))
+
+
+def test_verdicts_target_bundle_keeps_sigmoid_outputs(table, tmp_path):
+    rows, emb = table
+    cfg = RouterConfig(target="verdicts", cv_folds=0, max_epochs=30)
+    router, ev = fit_router(rows, emb, cfg)
+    loaded = Router.load(router.save(tmp_path / "bundle"))
+    assert loaded.target == "verdicts"
+    x = router.features(emb, [r.confidence for r in rows], [r.session for r in rows])
+    p = loaded.probabilities(x)
+    np.testing.assert_array_equal(p, router.probabilities(x))
+    assert ((p > 0) & (p < 1)).all() and not np.allclose(p.sum(axis=1), 1.0)  # one sigmoid per model
+    assert ev["policies"]["router"]["quality"] > ev["policies"]["always_base"]["quality"]
