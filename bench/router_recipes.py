@@ -25,6 +25,8 @@ RECIPES = {
     "label_balanced": {"target": "label", "class_weight": "balanced", "cost_weight": 0.0},
     "verdicts": {"target": "verdicts", "class_weight": "none", "cost_weight": 0.0},
     "verdicts_cost_0.25": {"target": "verdicts", "class_weight": "none", "cost_weight": 0.25},
+    "gain_cost_0.25": {"target": "gain", "class_weight": "none", "cost_weight": 0.25},
+    "gain_cost_0.5": {"target": "gain", "class_weight": "none", "cost_weight": 0.5},
 }
 
 

@@ -508,11 +508,13 @@ class RouterConfig(Strict):
     class_weight: Literal["none", "balanced"] = Field(
         "none", description="balanced: each label's cross-entropy weighted by n / (labels x its training count), so "
         "a table where most queries are labelled base does not teach the MLP to answer base for all")
-    target: Literal["label", "verdicts"] = Field(
+    target: Literal["label", "verdicts", "gain"] = Field(
         "label", description="what the MLP learns: label = softmax cross-entropy on the cheapest model that answered "
         "correctly (the plan's); verdicts = one sigmoid per model, binary cross-entropy on every model's verdict, "
         "so each query teaches all four outputs (a query no model answers still says which ones failed) and the "
-        "route is the model most likely to answer correctly")
+        "route is the model most likely to answer correctly; gain = mean squared error against each model's verdict "
+        "minus the base's (0 for the base, -1 / 0 / +1 for a modifier): the outputs are each model's expected "
+        "quality gain over the base, so a query every model answers (no gain) stays on the base")
     cost_weight: float = Field(
         0.0, ge=0, description="the route is the argmax of the outputs less cost_weight x (cost - base cost) per "
         "model: with target verdicts, how much likelier to answer correctly a dearer model must be (0.25 with "
@@ -540,6 +542,11 @@ class RouterConfig(Strict):
                           "query of the table (each scored by a router that never trained on it); 0: off. A small "
                           "table's holdout split alone gives wide, split-dependent figures")
 
+    refit: bool = Field(
+        False, description="ship a router trained on every row of the table (a validation share held out for early "
+        "stopping) instead of the train split's, with the threshold, sweep and route mix from the cross-validation "
+        "(out-of-fold routes of the same recipe); the holdout figures stay those of the split router. Needs cv_folds")
+
     @field_validator("cv_folds")
     @classmethod
     def _folds(cls, v: int) -> int:
@@ -562,8 +569,10 @@ class RouterConfig(Strict):
         unknown = sorted(set(self.keywords) - set(models[1:]))
         if unknown:
             raise ValueError(f"keywords: {unknown} are not modifiers in costs ({models[1:]})")
-        if self.target == "verdicts" and self.class_weight != "none":
-            raise ValueError("class_weight: weights the labels' cross-entropy; with target: verdicts use none")
+        if self.refit and self.cv_folds < 2:
+            raise ValueError("refit: the shipped router's threshold comes from the cross-validation; set cv_folds >= 2")
+        if self.target != "label" and self.class_weight != "none":
+            raise ValueError(f"class_weight: weights the labels' cross-entropy; with target: {self.target} use none")
         if any(not 0 < t <= 1 for t in self.thresholds) or self.thresholds != sorted(set(self.thresholds)):
             raise ValueError(f"thresholds: need distinct increasing values in (0, 1], got {self.thresholds}")
         return self

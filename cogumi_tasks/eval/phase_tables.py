@@ -118,6 +118,16 @@ def _judged(v: Any) -> str:
     return (v or {}).get("verdict", "-") if isinstance(v, dict) else "-"
 
 
+def shipped_text(shipped: dict | None) -> str:
+    """Which router the bundle ships: the train split's, or one refitted on every row of the verdict table."""
+    if not shipped:
+        return ""
+    rows = shipped.get("rows") or {}
+    how = ("refitted on every row" if shipped.get("refit") else "the train split's")
+    return (f"Shipped router: {how} ({rows.get('train')} training + {rows.get('val')} validation rows), threshold "
+            f"{shipped.get('threshold')} from {shipped.get('threshold_from')}.")
+
+
 def phase4_tables(manifests: list[dict]) -> list[dict]:
     """The policies, the threshold sweep, the route mix against the plan and the escalation detector, from
     ``routing.publish``'s table."""
@@ -175,12 +185,14 @@ def phase4_tables(manifests: list[dict]) -> list[dict]:
          "note": cv_note.strip(), "headers": ["policy", "quality", "cost/query", "router minus policy (points)",
                                               "route mix"], "rows": cv_rows},
         {"phase": PHASE4, "id": "threshold-sweep", "title": "Confidence threshold sweep",
-         "note": "The base answers when its calibrated confidence >= t, else the router's choice; chosen by "
-                 f"{(th.get('chosen') or {}).get('objective', '-')} (plan: 0.75 / 0.80 / 0.85 tried, 0.80 expected).",
+         "note": "The base answers when its calibrated confidence >= t, else the router's choice; over "
+                 f"{th.get('over', 'the holdout split')}; chosen by {(th.get('chosen') or {}).get('objective', '-')} "
+                 f"(plan: 0.75 / 0.80 / 0.85 tried, 0.80 expected). {shipped_text(table.get('shipped'))}",
          "headers": ["threshold", "quality", "cost/query", "gain recovered", "route mix", ""], "rows": sweep_rows},
         {"phase": PHASE4, "id": "route-mix", "title": "Route mix at the chosen threshold vs the plan",
-         "note": "Shares of the holdout queries; the tiny world's query mix is set by its held-out suites, not "
-                 "by traffic.", "headers": ["model", "share", "plan", "verdict"], "rows": mix_rows},
+         "note": f"Shares over {th.get('over', 'the holdout split')}; the tiny world's query mix is set by its "
+                 "held-out suites, not by traffic.",
+         "headers": ["model", "share", "plan", "verdict"], "rows": mix_rows},
         {"phase": PHASE4, "id": "escalation", "title": "Escalation detector: teacher and distilled LSTM",
          "note": f"{esc.get('data', '-')}; student accuracy vs 94%: {_judged(esc.get('accuracy_verdict'))}, size vs "
                  f"3 MB: {_judged(esc.get('bytes_verdict'))}, p99 vs 3 ms: {_judged(esc.get('latency_verdict'))}. "

@@ -3,7 +3,9 @@
 Figures (all measured here or by the steps before): the router's holdout accuracy with its interval (plan 97%),
 its decision latency alone and with the query's embedding (plan < 5 ms), every policy's quality and cost, the
 threshold sweep and the chosen threshold (plan: 0.75 / 0.80 / 0.85 tried, 0.80 expected), the route mix at that
-threshold against the plan's ranges, and the escalation detector's teacher and student (plan: 94%, 3 MB, < 3 ms).
+threshold against the plan's ranges (sweep, threshold and mix over the cross-validated routes when the shipped
+router was refitted on every row: ``shipped``), and the escalation detector's teacher and student (plan: 94%,
+3 MB, < 3 ms).
 Whether the router beats always-base and the random router at equal cost is judged on the holdout split and on the
 cross-validation over every query (:func:`beats`).
 """
@@ -29,7 +31,8 @@ ESCALATION_GOALS = {"gap_points": 5.0, "size_ratio": 20.0}
 
 
 def route_mix(evaluation: dict, threshold: float | None) -> dict[str, Any]:
-    """Share of holdout queries per model at ``threshold`` (the sweep's row), each against the plan's range."""
+    """Share of queries per model at ``threshold`` (the sweep's row of ``evaluation``: the holdout split's, or the
+    cross-validation's when the shipped router was refitted), each against the plan's range."""
     models = evaluation["models"]
     row = next((s for s in evaluation["sweep"] if s["threshold"] == threshold), evaluation["policies"]["router"])
     out = {}
@@ -95,7 +98,10 @@ def publish(ctx: StepContext) -> StepOutput:
     esc = json.loads(ctx.fetch(ctx.input("escalation_metrics")).read_text())
     rows = list(iter_jsonl_dicts(ctx.fetch(ctx.input("verdicts"))))
     pol = evaluation["policies"]
-    chosen = evaluation["chosen"]["threshold"]
+    shipped = evaluation.get("shipped") or {"refit": False, "threshold": evaluation["chosen"]["threshold"]}
+    # the shipped router's threshold, sweep and route mix: the cross-validated ones when it was refitted on every row
+    swept = evaluation["cross_validation"] if shipped["refit"] else evaluation
+    chosen = shipped["threshold"]
     latency = router_latency(ctx, [r["query"] for r in rows][:50], [r["confidence"] for r in rows][:50], 200)
     router = pol["router"]
     student, teacher = esc["student"], esc["teacher"]
@@ -115,10 +121,12 @@ def publish(ctx: StepContext) -> StepOutput:
         "beats": beats(evaluation),
         "cross_validation": evaluation.get("cross_validation"),
         "thresholds": {"sweep": [{k: s[k] for k in ("threshold", "quality", "cost", "route_mix", "gain_recovered")}
-                                 for s in evaluation["sweep"]],
-                       "chosen": evaluation["chosen"], "plan_tried": PLAN["thresholds"],
-                       "plan_expected": PLAN["threshold"]},
-        "route_mix": route_mix(evaluation, chosen),
+                                 for s in swept["sweep"]],
+                       "chosen": swept["chosen"], "plan_tried": PLAN["thresholds"],
+                       "plan_expected": PLAN["threshold"],
+                       "over": "cross-validated routes of every query" if shipped["refit"] else "the holdout split"},
+        "route_mix": route_mix(swept, chosen),
+        "shipped": shipped,
         "escalation": {
             "data": esc.get("data"), "examples": esc.get("examples"),
             "teacher": {k: teacher[k] for k in ("accuracy", "ci", "n", "bytes", "parameters") if k in teacher}

@@ -10,7 +10,10 @@ are kept). Same seed, same data and same thread count give the same weights. The
 - ``verdicts``: binary cross-entropy of one sigmoid per model against that model's verdict; the outputs are each
   model's probability of answering correctly. A query labelled base because no model answered it teaches nothing
   under ``label`` but "all four fail" here, and a domain where the modifier answers 70% and the base 35% is learnt
-  as such even when most of its labels are base.
+  as such even when most of its labels are base;
+- ``gain``: mean squared error of each output against that model's verdict minus the base's (the base's target is
+  always 0, a modifier's -1, 0 or +1); the outputs are each model's expected quality gain over the base. A query
+  every model answers teaches "no gain" (under ``verdicts``: four probabilities near 1 whose noise decides).
 
 Either way the route (:meth:`Router.choose`) is the argmax of the outputs less ``cost_weight`` x (the model's
 cost - the base's), ties to label-map order (the base first).
@@ -93,23 +96,27 @@ def balanced_weights(y: np.ndarray, n_out: int) -> np.ndarray:
 def train_mlp(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray, n_out: int,
               cfg: RouterConfig, v_train: np.ndarray | None = None,
               v_val: np.ndarray | None = None) -> tuple[torch.nn.Sequential, Training]:
-    """Train the MLP (see the module docstring) on labels ``y_*`` or, with ``target: verdicts``, on the (n, models)
-    verdicts ``v_*``; accuracies are against the labels either way. Returns it in eval mode with the best
+    """Train the MLP (see the module docstring) on labels ``y_*`` or, with ``target: verdicts`` or ``gain``, on the
+    (n, models) verdicts ``v_*``; accuracies are against the labels either way. Returns it in eval mode with the best
     validation epoch's weights."""
     import torch
 
     if len(x_train) == 0 or len(x_val) == 0:
         raise ValueError(f"router training needs train and validation rows, got {len(x_train)} and {len(x_val)}")
-    by_verdicts = cfg.target == "verdicts"
+    by_verdicts = cfg.target in ("verdicts", "gain")
     if by_verdicts and (v_train is None or v_val is None):
-        raise ValueError("router target `verdicts` needs the training and validation verdicts")
+        raise ValueError(f"router target `{cfg.target}` needs the training and validation verdicts")
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     net = build_mlp(x_train.shape[1], cfg.hidden, n_out, cfg.dropout)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
     weights = balanced_weights(y_train, n_out) if cfg.class_weight == "balanced" else None
-    if by_verdicts:
-        loss_fn: torch.nn.Module = torch.nn.BCEWithLogitsLoss()
+    if cfg.target == "gain":  # each model's verdict minus the base's: 0 for the base, -1 / 0 / +1 for a modifier
+        loss_fn: torch.nn.Module = torch.nn.MSELoss()
+        tt, tv = (torch.from_numpy(np.asarray(v, dtype=np.float32) - np.asarray(v, dtype=np.float32)[:, :1])
+                  for v in (v_train, v_val))
+    elif by_verdicts:
+        loss_fn = torch.nn.BCEWithLogitsLoss()
         tt, tv = (torch.from_numpy(np.asarray(v, dtype=np.float32)) for v in (v_train, v_val))
     else:
         loss_fn = torch.nn.CrossEntropyLoss(weight=None if weights is None else torch.tensor(weights,
@@ -167,7 +174,8 @@ class Router:
 
     def probabilities(self, features: np.ndarray) -> np.ndarray:
         """(n, models) outputs of the MLP for an (n, dim) or (dim,) feature array: a softmax over the models
-        (target ``label``), or each model's sigmoid, its probability of answering correctly (``verdicts``)."""
+        (target ``label``), each model's sigmoid, its probability of answering correctly (``verdicts``), or each
+        model's expected quality gain over the base (``gain``: the raw outputs, the base's near 0)."""
         import torch
 
         x = np.atleast_2d(np.asarray(features, dtype=np.float32))
@@ -175,6 +183,8 @@ class Router:
             raise ValueError(f"features have {x.shape[1]} columns, the router takes {self.dim}")
         with torch.inference_mode():
             logits = self.net(torch.from_numpy(x))
+            if self.target == "gain":
+                return logits.numpy()
             return (torch.sigmoid(logits) if self.target == "verdicts" else torch.softmax(logits, dim=1)).numpy()
 
     def choose(self, probabilities: np.ndarray) -> np.ndarray:

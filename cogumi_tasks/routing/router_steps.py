@@ -5,7 +5,9 @@ by id hash (:func:`cogumi_tasks.routing.router.split_of`), PCA on the training s
 training with early stopping on the validation split, every policy on the holdout split
 (:mod:`cogumi_tasks.routing.policies`) and the threshold chosen by the configured objective, stored in the bundle;
 then :func:`cross_validate` scores every query of the table with a router of the same recipe that never trained on
-it, so the comparison with the baselines rests on the whole table, not on one small holdout split.
+it, so the comparison with the baselines rests on the whole table, not on one small holdout split. With ``refit``
+the shipped router is trained again on every row (:func:`train_on`), its threshold chosen on the cross-validated
+sweep (``evaluation["shipped"]`` says which router ships and where its threshold comes from).
 """
 
 from __future__ import annotations
@@ -20,13 +22,13 @@ from cogumi_tasks.core.config import RouterConfig
 from cogumi_tasks.core.steps import StepContext, StepFailed, StepOutput, step
 from cogumi_tasks.routing.features import VerdictRow, build_features, fit_pca, label_of, load_verdicts
 from cogumi_tasks.routing.policies import evaluate_policies
-from cogumi_tasks.routing.router import Router, split_key, split_of, train_mlp
+from cogumi_tasks.routing.router import Router, Training, split_key, split_of, train_mlp
 
 log = logging.getLogger("cogumi")
 
 
 def fit_router(rows: Sequence[VerdictRow], embeddings: np.ndarray, cfg: RouterConfig) -> tuple[Router, dict]:
-    """(the trained router with its chosen threshold, the evaluation on the holdout split)."""
+    """(the router to ship with its threshold, the evaluation: on the holdout split, cross-validated, ``shipped``)."""
     models = cfg.models
     parts = np.array([split_of(r.id, cfg.holdout, cfg.validation, cfg.seed) for r in rows])
     counts = {p: int((parts == p).sum()) for p in ("train", "val", "test")}
@@ -36,12 +38,7 @@ def fit_router(rows: Sequence[VerdictRow], embeddings: np.ndarray, cfg: RouterCo
     verdicts = np.array([[r.verdicts[m] for m in models] for r in rows], dtype=np.float32)
     conf = np.array([r.confidence for r in rows], dtype=np.float32)
     train, val, test = (np.flatnonzero(parts == p) for p in ("train", "val", "test"))
-    pca = fit_pca(embeddings[train], cfg.pca_dims)
-    x = build_features(pca, embeddings, conf, [r.session for r in rows], models, cfg.session_window)
-    net, training = train_mlp(x[train], labels[train], x[val], labels[val], len(models), cfg, verdicts[train],
-                              verdicts[val])
-    router = Router(net, pca, models, dict(cfg.costs), cfg.session_window, cfg.embedder, target=cfg.target,
-                    cost_weight=cfg.cost_weight)
+    router, x, training = train_on(rows, embeddings, cfg, train, val, labels, verdicts, conf)
     routes = router.choose(router.probabilities(x[test]))
     evaluation = evaluate_policies(
         models=models, costs=cfg.costs, verdicts=verdicts[test], labels=labels[test], router_routes=routes,
@@ -53,15 +50,40 @@ def fit_router(rows: Sequence[VerdictRow], embeddings: np.ndarray, cfg: RouterCo
                               "val_loss": training.val_loss, "val_accuracy": training.val_accuracy,
                               "train_accuracy": training.train_accuracy, "class_weights": training.class_weights,
                               "history": training.history}
-    evaluation["pca"] = {"dims": cfg.pca_dims, "rank": pca.rank, "explained": float(pca.explained.sum())}
+    evaluation["pca"] = {"dims": cfg.pca_dims, "rank": router.pca.rank, "explained": float(router.pca.explained.sum())}
     evaluation["by_domain"] = _by_domain([rows[i] for i in test], routes, models)
-    evaluation["cross_validation"] = cross_validate(rows, embeddings, cfg, labels, verdicts, conf)
-    router.threshold = evaluation["chosen"]["threshold"]
+    evaluation["cross_validation"] = cv = cross_validate(rows, embeddings, cfg, labels, verdicts, conf)
+    shipped = {"refit": False, "rows": {"train": counts["train"], "val": counts["val"]},
+               "threshold": evaluation["chosen"]["threshold"], "threshold_from": "holdout"}
+    if cfg.refit and "chosen" in cv:
+        part = np.array([split_of(r.id, 0.0, cfg.validation, cfg.seed) for r in rows])
+        all_train, all_val = np.flatnonzero(part == "train"), np.flatnonzero(part == "val")
+        router, _, refit = train_on(rows, embeddings, cfg, all_train, all_val, labels, verdicts, conf)
+        shipped = {"refit": True, "rows": {"train": len(all_train), "val": len(all_val)},
+                   "threshold": cv["chosen"]["threshold"], "threshold_from": "cross_validation",
+                   "best_epoch": refit.best_epoch, "val_loss": refit.val_loss}
+    elif cfg.refit:
+        shipped["refit_skipped"] = cv.get("skipped")
+    evaluation["shipped"] = shipped
+    router.threshold = shipped["threshold"]
     router.info = {"split": counts, "training": {k: v for k, v in evaluation["training"].items() if k != "history"},
                    "holdout": {"accuracy": evaluation["policies"]["router"]["accuracy"],
                                "quality": evaluation["policies"]["router"]["quality"]},
-                   "chosen": evaluation["chosen"]}
+                   "chosen": evaluation["chosen"], "shipped": shipped}
     return router, evaluation
+
+
+def train_on(rows: Sequence[VerdictRow], embeddings: np.ndarray, cfg: RouterConfig, train: np.ndarray,
+             val: np.ndarray, labels: np.ndarray, verdicts: np.ndarray,
+             conf: np.ndarray) -> tuple[Router, np.ndarray, Training]:
+    """A router of the configured recipe trained on rows ``train`` (PCA fitted on them), early-stopped on ``val``:
+    (the router, every row's features under its PCA, what training did)."""
+    pca = fit_pca(embeddings[train], cfg.pca_dims)
+    x = build_features(pca, embeddings, conf, [r.session for r in rows], cfg.models, cfg.session_window)
+    net, training = train_mlp(x[train], labels[train], x[val], labels[val], len(cfg.models), cfg, verdicts[train],
+                              verdicts[val])
+    return Router(net, pca, cfg.models, dict(cfg.costs), cfg.session_window, cfg.embedder, target=cfg.target,
+                  cost_weight=cfg.cost_weight), x, training
 
 
 def fold_of(row_id: str, folds: int, seed: int) -> int:
@@ -75,8 +97,9 @@ def cross_validate(rows: Sequence[VerdictRow], embeddings: np.ndarray, cfg: Rout
     :func:`fit_router` trains one (PCA, features, early stopping on a ``validation`` share) and routes that fold,
     so every query of the table is routed by a router that never saw it; every policy is then evaluated on all
     queries, with intervals. ``always_best_modifier`` picks its modifier on the whole table (optimistic for that
-    baseline). Returns ``{"folds", "n", "best_modifier", "policies", "differences"}``, or ``{"folds", "skipped"}``
-    saying why it did not run."""
+    baseline). Returns ``{"folds", "n", "models", "best_modifier", "policies", "differences", "sweep", "chosen"}``
+    (the threshold sweep and choice over the out-of-fold routes), or ``{"folds", "skipped"}`` saying why it did not
+    run."""
     k = cfg.cv_folds
     if k < 2:
         return {"folds": k, "skipped": "cv_folds is 0"}
@@ -90,21 +113,18 @@ def cross_validate(rows: Sequence[VerdictRow], embeddings: np.ndarray, cfg: Rout
         if len(test) == 0 or len(val) == 0 or len(train) < 2:
             return {"folds": k, "skipped": f"fold {f} of {len(rows)} rows has {len(test)} test, {len(train)} train "
                                            f"and {len(val)} validation rows: too few to cross-validate"}
-        pca = fit_pca(embeddings[train], cfg.pca_dims)
-        x = build_features(pca, embeddings, conf, [r.session for r in rows], cfg.models, cfg.session_window)
-        net, _ = train_mlp(x[train], labels[train], x[val], labels[val], len(cfg.models), cfg, verdicts[train],
-                           verdicts[val])
-        router = Router(net, pca, cfg.models, dict(cfg.costs), cfg.session_window, cfg.embedder, target=cfg.target,
-                        cost_weight=cfg.cost_weight)
+        router, x, _ = train_on(rows, embeddings, cfg, train, val, labels, verdicts, conf)
         routes[test] = router.choose(router.probabilities(x[test]))
     ev = evaluate_policies(
         models=cfg.models, costs=cfg.costs, verdicts=verdicts, labels=labels, router_routes=routes, confidences=conf,
         queries=[r.query for r in rows], train_verdicts=verdicts, keywords=cfg.keywords, thresholds=cfg.thresholds,
         cost_budget=cfg.cost_budget, bootstrap=cfg.bootstrap, seed=cfg.seed)
-    return {"folds": k, "n": ev["n"], "best_modifier": ev["best_modifier"],
+    return {"folds": k, "n": ev["n"], "models": ev["models"], "best_modifier": ev["best_modifier"],
             "policies": {name: {key: p[key] for key in ("quality", "quality_ci", "cost", "accuracy", "accuracy_ci",
                                                           "route_mix")} for name, p in ev["policies"].items()},
-            "differences": ev["differences"]}
+            "differences": ev["differences"],
+            "sweep": [{key: s[key] for key in ("threshold", "quality", "cost", "route_mix", "gain_recovered")}
+                      for s in ev["sweep"]], "chosen": ev["chosen"]}
 
 
 def _by_domain(rows: Sequence[VerdictRow], routes: np.ndarray, models: Sequence[str]) -> dict[str, dict]:

@@ -175,7 +175,8 @@ def test_bundle_round_trip_routes_identically(table, fitted, tmp_path):
     loaded = Router.load(router.save(tmp_path / "bundle"))
     manifest = json.loads((tmp_path / "bundle" / "manifest.json").read_text())
     assert manifest["models"] == list(MODELS) and manifest["input_dim"] == 128 and manifest["hidden"] == [64, 32]
-    assert loaded.threshold == fitted[1]["chosen"]["threshold"]
+    assert loaded.threshold == fitted[1]["shipped"]["threshold"]
+    assert (loaded.target, loaded.cost_weight) == ("gain", 0.25)  # tiny's recipe, kept by the manifest
     x = router.features(emb, [r.confidence for r in rows], [r.session for r in rows])
     np.testing.assert_array_equal(loaded.features(emb, [r.confidence for r in rows], [r.session for r in rows]), x)
     np.testing.assert_array_equal(loaded.probabilities(x), router.probabilities(x))
@@ -232,7 +233,7 @@ def test_train_router_step_publishes_bundle_and_evaluation(s3_server, store_for,
                                            "oracle", "router"}
     assert res.metrics["chosen"] == evaluation["chosen"] and res.metrics["rows"] == 90
     local = store.fetch_prefix(res.outputs["router"], tmp_path / "fetched")
-    assert Router.load(local).threshold == evaluation["chosen"]["threshold"]
+    assert Router.load(local).threshold == evaluation["shipped"]["threshold"]
 
 
 def test_balanced_class_weights_undo_a_majority_label():
@@ -302,3 +303,52 @@ def test_verdicts_target_bundle_keeps_sigmoid_outputs(table, tmp_path):
     np.testing.assert_array_equal(p, router.probabilities(x))
     assert ((p > 0) & (p < 1)).all() and not np.allclose(p.sum(axis=1), 1.0)  # one sigmoid per model
     assert ev["policies"]["router"]["quality"] > ev["policies"]["always_base"]["quality"]
+
+
+def test_refit_ships_a_router_trained_on_every_row(table, fitted):
+    """tiny refits: the shipped router's PCA is fitted on every row outside the early-stopping share, its threshold is
+    the cross-validation's choice; without refit it is the train split's router with the holdout's threshold."""
+    from cogumi_tasks.routing.router import split_of
+
+    rows, emb = table
+    router, ev = fitted
+    cfg = load_config("tiny").routing.router
+    shipped = ev["shipped"]
+    train = [i for i, r in enumerate(rows) if split_of(r.id, 0.0, cfg.validation, cfg.seed) == "train"]
+    assert shipped["refit"] and shipped["rows"] == {"train": len(train), "val": len(rows) - len(train)}
+    assert router.threshold == shipped["threshold"] == ev["cross_validation"]["chosen"]["threshold"]
+    np.testing.assert_allclose(router.pca.mean, emb[train].mean(axis=0), rtol=1e-5, atol=1e-6)
+    split_router, split_ev = fit_router(rows, emb, cfg.model_copy(update={"refit": False, "cv_folds": 2}))
+    assert not split_ev["shipped"]["refit"] and split_router.threshold == split_ev["chosen"]["threshold"]
+    split_train = [i for i, r in enumerate(rows) if split_of(r.id, cfg.holdout, cfg.validation, cfg.seed) == "train"]
+    np.testing.assert_allclose(split_router.pca.mean, emb[split_train].mean(axis=0), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="refit"):
+        RouterConfig(refit=True, cv_folds=0)
+
+
+def test_gain_target_keeps_queries_every_model_answers_on_the_base():
+    """Cluster A as above (the modifier gains 8 of 20 over the base, loses none); cluster C: every model right (no
+    gain); cluster B: only the base right. The gain target learns +0.4, 0 and -1 for the modifier (the base's output
+    is trained to 0), so with a cost weight A goes to the modifier and C and B stay on the base."""
+    from cogumi_tasks.routing.router import train_mlp
+
+    x = np.concatenate([np.ones((20, 4)), np.zeros((20, 4)), -np.ones((20, 4))]).astype(np.float32)
+    verdicts = np.array([(1, 1)] * 6 + [(0, 1)] * 8 + [(0, 0)] * 6 + [(1, 1)] * 20 + [(1, 0)] * 20, dtype=np.float32)
+    costs = {"base": 1.0, "code": 1.2}
+    labels = np.array([label_of({"base": bool(b), "code": bool(c)}, ["base", "code"], costs) for b, c in verdicts])
+    cfg = RouterConfig(target="gain", cost_weight=0.25, hidden=[8], dropout=0.0, lr=1e-2, max_epochs=300,
+                       patience=300, costs=costs, keywords={})
+    import torch
+
+    from cogumi_tasks.routing.features import Pca
+
+    net, _ = train_mlp(x, labels, x, labels, 2, cfg, verdicts, verdicts)
+    with torch.no_grad():
+        out = net(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(out[[0, 20, 40]], [[0.0, 0.4], [0.0, 0.0], [0.0, -1.0]], atol=0.1)
+    router = Router(net, Pca(np.zeros(4), np.zeros((1, 4)), np.zeros(1)), ["base", "code"], costs, 5, "x",
+                    target="gain", cost_weight=0.25)
+    assert router.choose(out).tolist() == [1] * 20 + [0] * 40
+    assert Router(router.net, router.pca, router.models, costs, 5, "x", target="gain").choose(
+        np.array([[0.0, 0.04]])).tolist() == [1]  # no cost weight: any gain leaves the base
+    assert router.choose(np.array([[0.0, 0.04]])).tolist() == [0]  # 0.04 < 0.25 x (1.2 - 1.0)

@@ -78,8 +78,12 @@ def test_publish_compares_router_thresholds_mix_and_escalation_with_the_plan(s3_
     assert table["router"]["accuracy"] == router["accuracy"] and table["router"]["accuracy_ci"] == router["accuracy_ci"]
     assert table["router"]["verdict"] in ("met", "not met", "inconclusive")
     assert set(table["router"]["latency"]) == {"mlp", "with_embedding"}
-    chosen = evaluation["chosen"]["threshold"]
-    row = next(s for s in evaluation["sweep"] if s["threshold"] == chosen)
+    # tiny refits the shipped router on every row: threshold, sweep and route mix are the cross-validation's
+    shipped, cv = evaluation["shipped"], evaluation["cross_validation"]
+    assert shipped["refit"] and table["shipped"] == shipped and shipped["threshold_from"] == "cross_validation"
+    chosen = shipped["threshold"]
+    assert chosen == cv["chosen"]["threshold"] and table["thresholds"]["chosen"] == cv["chosen"]
+    row = next(s for s in cv["sweep"] if s["threshold"] == chosen)
     assert [table["route_mix"][m]["share"] for m in MODELS] == row["route_mix"]
     for m in MODELS:  # a share is judged against the plan's range directly (no interval)
         lo, hi = table["route_mix"][m]["plan"]
@@ -114,3 +118,5 @@ def test_publish_compares_router_thresholds_mix_and_escalation_with_the_plan(s3_
     assert "router vs always_base: holdout" in rendered[1]["note"]
     assert len(rendered[2]["rows"]) == len(cfg.routing.router.thresholds)
     assert sum(r[-1] == "chosen" for r in rendered[2]["rows"]) == 1
+    assert "over cross-validated routes of every query" in rendered[2]["note"]
+    assert "Shipped router: refitted on every row (" in rendered[2]["note"]
