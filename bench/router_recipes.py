@@ -13,7 +13,6 @@ the table's per-model correct counts. A quality study, not a timing: one run per
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -31,6 +30,7 @@ RECIPES = {
 
 
 def main() -> None:
+    from bench.figures import emit
     from cogumi_tasks.core.config import load_config
     from cogumi_tasks.routing.features import embed_queries, label_of, load_verdicts
     from cogumi_tasks.routing.router_steps import cross_validate
@@ -66,10 +66,7 @@ def main() -> None:
                   file=sys.stderr)
         out["recipes"][name] = {"config": recipe, "runs": runs}
     out["baselines"] = {k: cv["policies"][k]["quality"] for k in ("always_base", "keyword", "oracle")}
-    text = json.dumps(out, indent=1)
-    if args.out:
-        args.out.write_text(text)
-    print(text)
+    emit(out, args.out)
 
 
 if __name__ == "__main__":

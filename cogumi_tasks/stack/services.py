@@ -127,8 +127,14 @@ def wait_s3(endpoint: str, timeout_s: float = 60, proc: subprocess.Popen | None 
 
 # ---------------------------------------------------------------- llama.cpp
 def start_llama_server(model: str, port: int, log_path: Path, n_ctx: int = 2048, threads: int = 2,
-                       alias: str | None = None) -> subprocess.Popen:
-    """llama.cpp's OpenAI-compatible server for one packaged model, on 127.0.0.1:port."""
+                       alias: str | None = None, prompt_cache_bytes: int = 512 * 2**20) -> subprocess.Popen:
+    """llama.cpp's OpenAI-compatible server for one packaged model, on 127.0.0.1:port.
+
+    ``prompt_cache_bytes`` > 0 turns on llama-cpp-python's RAM prompt cache of that size: the model state after each
+    request is kept (least recently used out first) and a request resumes from the longest cached prefix of its
+    prompt. Without it only the previous request's prefix is reused, so the Phase 3 tiers, whose few-shot prompts
+    share a long prefix per family but arrive interleaved from three modifiers, re-read the examples on every call
+    (``bench/prompt_cache.py`` measures both ways)."""
     if model not in MODELS:
         raise ServiceError(f"unknown local model {model!r}; known: {sorted(MODELS)}")
     if not port_is_free(port):
@@ -142,6 +148,8 @@ def start_llama_server(model: str, port: int, log_path: Path, n_ctx: int = 2048,
         "--model_alias", alias or model, "--host", HOST, "--port", str(port),
         "--n_ctx", str(n_ctx), "--n_threads", str(threads), "--n_threads_batch", str(threads),
     ]
+    if prompt_cache_bytes > 0:
+        cmd += ["--cache", "True", "--cache_size", str(prompt_cache_bytes)]
     proc = spawn(cmd, log_path)
     wait_http(f"http://{HOST}:{port}/v1/models", timeout_s=120, proc=proc)
     return proc

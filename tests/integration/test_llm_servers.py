@@ -279,3 +279,25 @@ def test_batch_trigger_reports_an_unknown_batch_as_an_error_the_task_raises(batc
     task = CogumiStepOperator(task_id="generate", step="data.generate", config_name="tiny")
     with pytest.raises(RuntimeError, match="delete that state object to submit a new batch"):
         task.execute_batch_done({"run_id": "r"}, event=event)
+
+
+def test_the_llama_server_resumes_interleaved_prompts_from_its_prompt_cache(llm, tmp_root):
+    """start_llama_server turns on llama-cpp-python's RAM prompt cache: a prompt sent again after another one
+    resumes from its cached state (the server logs a cache hit) instead of reading its prefix again. The log is
+    the session's llama.cpp server's (tests/conftest.py), shared with other tests, so only the count's rise is
+    checked, and other tests' requests can only add hits."""
+    import httpx
+
+    log = tmp_root / "logs" / "llama.log"
+
+    def hits() -> int:
+        return log.read_text(errors="replace").count("Llama._create_completion: cache hit")
+
+    prefix = "Here are worked examples. " + " ".join(f"Example {i}: {i} plus {i} is {2 * i}." for i in range(40))
+    before = hits()
+    for tail in ("What is 3 plus 3?", "Name a colour.", "What is 4 plus 4?"):
+        content = prefix + " " + tail if "plus" in tail else tail
+        httpx.post(llm + "/chat/completions", timeout=120, json={
+            "model": "smollm2-135m", "max_tokens": 4, "temperature": 0,
+            "messages": [{"role": "user", "content": content}]}).raise_for_status()
+    assert hits() > before

@@ -1,0 +1,99 @@
+"""Benchmark: llama.cpp's server on Phase 3 tier prompts, with and without its RAM prompt cache. Prints JSON.
+
+    python bench/prompt_cache.py [--repeats 5] [--items 8] [--out FILE]
+
+Prompts: what tier 1 sends (:func:`cogumi_tasks.modifiers.cascade.teacher_messages`, tiny.yaml's modifiers, 5 worked
+examples) for ``--items`` held-out instances of two families (reasoning's word_arith, automation's tool_call),
+interleaved as the parallel modifier tasks send them: each family's calls share their examples (most of
+each prompt), but consecutive calls never do. Both ways run the packaged SmolLM2-135M through
+:func:`cogumi_tasks.stack.services.start_llama_server` (2 threads), greedy, ``max_tokens`` 96, one request at a time:
+``prompt_cache_bytes`` 0 (llama-cpp-python reuses only the previous request's prefix) and 512 MiB (the default:
+states kept, a request resumes from its longest cached prefix). Each repeat starts a fresh server per way (start
+not timed) on new instances (seed = repeat), so every repeat pays each family's first prefix once, as a tier does.
+Figures: the median, min and max over repeats of the seconds for all calls, and per call; the share of answers
+equal between the two ways.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+FAMILIES = (("reasoning", "word_arith"), ("automation", "tool_call"))
+WAYS = {"previous_prefix_only": 0, "ram_cache_512mib": 512 * 2**20}
+
+
+def tier_prompts(items: int, seed: int) -> list[list[dict]]:
+    from cogumi_tasks.core.config import load_config
+    from cogumi_tasks.modifiers.cascade import teacher_messages
+    from cogumi_tasks.world import generate
+
+    mods = {m.name: m for m in load_config("tiny").modifiers}
+    per_family = []
+    for name, family in FAMILIES:
+        rows = [{"id": i.id, "messages": [{"role": "user", "content": i.prompt}], "task": i.to_dict()}
+                for i in generate(family, items, seed, part="heldout")]
+        msgs = teacher_messages(rows, mods[name], 1, mods[name].tiers[0].shots)
+        per_family.append([msgs[r["id"]] for r in rows])
+    return [p for pair in zip(*per_family, strict=True) for p in pair]
+
+
+def run_way(cache_bytes: int, prompts: list[list[dict]], log: Path) -> tuple[float, list[str], float]:
+    import httpx
+
+    from cogumi_tasks.stack.services import free_port, start_llama_server, stop
+
+    port = free_port()
+    proc = start_llama_server("smollm2-135m", port, log, prompt_cache_bytes=cache_bytes)
+    try:
+        answers, tokens, t0 = [], 0, time.perf_counter()
+        for messages in prompts:
+            r = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=300, json={
+                "model": "smollm2-135m", "messages": messages, "max_tokens": 96, "temperature": 0.0, "seed": 0})
+            r.raise_for_status()
+            body = r.json()
+            answers.append(body["choices"][0]["message"]["content"])
+            tokens += body["usage"]["prompt_tokens"]
+        return time.perf_counter() - t0, answers, tokens / len(prompts)
+    finally:
+        stop(proc)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--items", type=int, default=8, help="held-out instances per family and repeat")
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    seconds: dict[str, list[float]] = {w: [] for w in WAYS}
+    same, total, prompt_tokens = 0, 0, 0.0
+    with tempfile.TemporaryDirectory() as tmp:
+        for rep in range(args.repeats):
+            prompts = tier_prompts(args.items, seed=rep)
+            got = {}
+            for way, cache_bytes in WAYS.items():
+                dt, got[way], prompt_tokens = run_way(cache_bytes, prompts, Path(tmp) / f"{way}-{rep}.log")
+                seconds[way].append(dt)
+                print(f"repeat {rep} {way}: {dt:.1f} s for {len(prompts)} calls", file=sys.stderr)
+            a, b = got.values()
+            same += sum(x == y for x, y in zip(a, b, strict=True))
+            total += len(a)
+    from bench.figures import emit, summary
+
+    calls = 2 * args.items
+    ways = {w: {"seconds": summary(s, 2), "per_call_median_s": round(statistics.median(s) / calls, 3)}
+            for w, s in seconds.items()}
+    emit({"calls_per_repeat": calls, "repeats": args.repeats, "prompt_tokens_per_call": round(prompt_tokens, 1),
+          "ways": ways, "speedup_median": round(ways["previous_prefix_only"]["seconds"]["median"]
+                                                / ways["ram_cache_512mib"]["seconds"]["median"], 2),
+          "same_answers": f"{same}/{total}"}, args.out)
+
+
+if __name__ == "__main__":
+    main()
