@@ -517,8 +517,8 @@ class RouterConfig(Strict):
         "quality gain over the base, so a query every model answers (no gain) stays on the base")
     cost_weight: float = Field(
         0.0, ge=0, description="the route is the argmax of the outputs less cost_weight x (cost - base cost) per "
-        "model: with target verdicts, how much likelier to answer correctly a dearer model must be (0.25 with "
-        "costs 1.0 / 1.2: 5 points). Where every model answers (general prompts) this sends the query to the base")
+        "model: with target verdicts or gain, how much more likely to be right (verdicts) or how much quality gain "
+        "(gain) a dearer model must show: 0.25 with costs 1.0 / 1.2 is 5 points")
     validation: float = Field(0.15, gt=0, lt=1, description="share of the training split held out for early stopping")
     holdout: float = Field(0.3, gt=0, lt=1, description="share of the verdict table evaluated, never trained on")
     seed: int = 0

@@ -15,7 +15,7 @@ are kept). Same seed, same data and same thread count give the same weights. The
   always 0, a modifier's -1, 0 or +1); the outputs are each model's expected quality gain over the base. A query
   every model answers teaches "no gain" (under ``verdicts``: four probabilities near 1 whose noise decides).
 
-Either way the route (:meth:`Router.choose`) is the argmax of the outputs less ``cost_weight`` x (the model's
+Whatever the target, the route (:meth:`Router.choose`) is the argmax of the outputs less ``cost_weight`` x (the model's
 cost - the base's), ties to label-map order (the base first).
 
 A bundle is a directory: ``router.safetensors`` (the MLP's weights and the PCA's ``pca.mean``, ``pca.components``,
