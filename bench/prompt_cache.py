@@ -7,8 +7,9 @@ examples) for ``--items`` held-out instances of two families (reasoning's word_a
 interleaved as the parallel modifier tasks send them: each family's calls share their examples (most of
 each prompt), but consecutive calls never do. Both ways run the packaged SmolLM2-135M through
 :func:`cogumi_tasks.stack.services.start_llama_server` (2 threads), greedy, ``max_tokens`` 96, one request at a time:
-``prompt_cache_bytes`` 0 (llama-cpp-python reuses only the previous request's prefix) and 512 MiB (the default:
-states kept, a request resumes from its longest cached prefix). Each repeat starts a fresh server per way (start
+``prompt_cache_bytes`` 0 (the default: llama-cpp-python reuses only the previous request's prefix) and 512 MiB
+(states kept, a request resumes from its longest cached prefix; each kept state also holds a 403 MB logits copy
+that the size does not count, see start_llama_server). Each repeat starts a fresh server per way (start
 not timed) on new instances (seed = repeat), so every repeat pays each family's first prefix once, as a tier does.
 Figures: the median, min and max over repeats of the seconds for all calls, and per call; the share of answers
 equal between the two ways.

@@ -127,14 +127,15 @@ def wait_s3(endpoint: str, timeout_s: float = 60, proc: subprocess.Popen | None 
 
 # ---------------------------------------------------------------- llama.cpp
 def start_llama_server(model: str, port: int, log_path: Path, n_ctx: int = 2048, threads: int = 2,
-                       alias: str | None = None, prompt_cache_bytes: int = 512 * 2**20) -> subprocess.Popen:
+                       alias: str | None = None, prompt_cache_bytes: int = 0) -> subprocess.Popen:
     """llama.cpp's OpenAI-compatible server for one packaged model, on 127.0.0.1:port.
 
-    ``prompt_cache_bytes`` > 0 turns on llama-cpp-python's RAM prompt cache of that size: the model state after each
-    request is kept (least recently used out first) and a request resumes from the longest cached prefix of its
-    prompt. Without it only the previous request's prefix is reused, so the Phase 3 tiers, whose few-shot prompts
-    share a long prefix per family but arrive interleaved from three modifiers, re-read the examples on every call
-    (``bench/prompt_cache.py`` measures both ways)."""
+    ``prompt_cache_bytes`` > 0 turns on llama-cpp-python's RAM prompt cache: the model state after each request is
+    kept (least recently used out first) and a request resumes from the longest cached prefix of its prompt, so
+    interleaved few-shot prompts (the Phase 3 tiers) do not re-read their examples (``bench/prompt_cache.py``).
+    Off by default: llama-cpp-python counts only the KV state (1-4 MB here) against the size, while each kept state
+    also holds a copy of the logits buffer (n_ctx x vocabulary floats: 403 MB at 2,048 x 49,152), so memory grows
+    about 100 times past the size given (a server reached 5.5 GB RSS with 512 MiB set)."""
     if model not in MODELS:
         raise ServiceError(f"unknown local model {model!r}; known: {sorted(MODELS)}")
     if not port_is_free(port):

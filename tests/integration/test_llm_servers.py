@@ -281,23 +281,25 @@ def test_batch_trigger_reports_an_unknown_batch_as_an_error_the_task_raises(batc
         task.execute_batch_done({"run_id": "r"}, event=event)
 
 
-def test_the_llama_server_resumes_interleaved_prompts_from_its_prompt_cache(llm, tmp_root):
-    """start_llama_server turns on llama-cpp-python's RAM prompt cache: a prompt sent again after another one
-    resumes from its cached state (the server logs a cache hit) instead of reading its prefix again. The log is
-    the session's llama.cpp server's (tests/conftest.py), shared with other tests, so only the count's rise is
-    checked, and other tests' requests can only add hits."""
+def test_the_llama_server_resumes_interleaved_prompts_from_its_prompt_cache(tmp_root):
+    """With ``prompt_cache_bytes`` set, a prompt sent again after another one resumes from its cached state (the
+    server logs a cache hit) instead of reading its prefix again; without it, llama-cpp-python has no cache."""
     import httpx
 
-    log = tmp_root / "logs" / "llama.log"
-
-    def hits() -> int:
-        return log.read_text(errors="replace").count("Llama._create_completion: cache hit")
+    from cogumi_tasks.stack.services import free_port, start_llama_server, stop
 
     prefix = "Here are worked examples. " + " ".join(f"Example {i}: {i} plus {i} is {2 * i}." for i in range(40))
-    before = hits()
-    for tail in ("What is 3 plus 3?", "Name a colour.", "What is 4 plus 4?"):
-        content = prefix + " " + tail if "plus" in tail else tail
-        httpx.post(llm + "/chat/completions", timeout=120, json={
-            "model": "smollm2-135m", "max_tokens": 4, "temperature": 0,
-            "messages": [{"role": "user", "content": content}]}).raise_for_status()
-    assert hits() > before
+    for cache_bytes in (16 * 2**20, 0):
+        port = free_port()
+        log = tmp_root / "logs" / f"llama-prompt-cache-{cache_bytes}.log"
+        proc = start_llama_server("smollm2-135m", port, log, prompt_cache_bytes=cache_bytes)
+        try:
+            for tail in ("What is 3 plus 3?", "Name a colour.", "What is 4 plus 4?"):
+                content = prefix + " " + tail if "plus" in tail else tail
+                httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=120, json={
+                    "model": "smollm2-135m", "max_tokens": 4, "temperature": 0,
+                    "messages": [{"role": "user", "content": content}]}).raise_for_status()
+        finally:
+            stop(proc)
+        hits = log.read_text(errors="replace").count("Llama._create_completion: cache hit")
+        assert (hits > 0) == (cache_bytes > 0), (cache_bytes, hits)
