@@ -133,9 +133,9 @@ def start_llama_server(model: str, port: int, log_path: Path, n_ctx: int = 2048,
     ``prompt_cache_bytes`` > 0 turns on llama-cpp-python's RAM prompt cache: the model state after each request is
     kept (least recently used out first) and a request resumes from the longest cached prefix of its prompt, so
     interleaved few-shot prompts (the Phase 3 tiers) do not re-read their examples (``bench/prompt_cache.py``).
-    Off by default: llama-cpp-python counts only the KV state (1-4 MB here) against the size, while each kept state
-    also holds a copy of the logits buffer (n_ctx x vocabulary floats: 403 MB at 2,048 x 49,152), so memory grows
-    about 100 times past the size given (a server reached 5.5 GB RSS with 512 MiB set)."""
+    Off by default: llama-cpp-python counts only the KV state (about 24 KB a token here) against the size, while
+    each kept state also holds a copy of the logits buffer (n_ctx x vocabulary floats: 403 MB at 2,048 x 49,152), so
+    memory grows far past the size given (a server reached about 5.5 GB RSS with 512 MiB set)."""
     if model not in MODELS:
         raise ServiceError(f"unknown local model {model!r}; known: {sorted(MODELS)}")
     if not port_is_free(port):
