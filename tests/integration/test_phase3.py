@@ -1,9 +1,13 @@
-"""Phase 3 through Airflow itself (scheduler, dag-processor, api-server of a throwaway local stack), with a backfill.
+"""Phases 3, 4 and 5 through Airflow itself (scheduler, dag-processor, api-server of a throwaway local stack).
 
-One modifier (``code``) on a few tasks. Every teacher sits behind a fault proxy that counts requests; tier 2's
-answers only 500s, so ``code.tier_2`` fails and its modifier's tasks wait. With the teacher healthy again,
-``cogumi backfill phase3 --modifier code --tier 2`` clears it through the REST API: the run finishes, no other tier
-task runs again, and no request that once got a 200 is sent again.
+Phase 3, with a backfill: one modifier (``code``) on a few tasks. Every teacher sits behind a fault proxy that
+counts requests; tier 2's answers only 500s, so ``code.tier_2`` fails and its modifier's tasks wait. With the teacher
+healthy again, ``cogumi backfill phase3 --modifier code --tier 2`` clears it through the REST API: the run finishes,
+no other tier task runs again, and no request that once got a 200 is sent again.
+
+Phases 4 and 5 on what it published: its ``cogumi_phase3`` Asset event schedules ``phase4_routing`` (with a
+``cogumi_phase2`` event posted through the REST API for the calibrator and tokenizer), whose ``cogumi_phase4`` event
+schedules ``phase5_deploy``: the release built from both is validated served and becomes ``current``.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from tests.servers.fault_proxy import proxy_stats
 from tests.servers.stack import throwaway_stack
 
 pytestmark = [pytest.mark.stack, pytest.mark.e2e, pytest.mark.timeout(2400)]
-DAG = "phase3_modifiers"
+DAG, PHASE4, PHASE5 = "phase3_modifiers", "phase4_routing", "phase5_deploy"
 
 
 def _config(llm_proxy: str, tier2_proxy: str, strong_proxy: str) -> dict:
@@ -38,7 +42,33 @@ def _config(llm_proxy: str, tier2_proxy: str, strong_proxy: str) -> dict:
                  "rank": 4, "alpha": 8, "epochs": 1})
     code["tiers"][1] = {"teacher": "teacher-c", "samples": 2, "temperature": 0.8}
     data["modifiers"] = [code]
+    # Phases 4 and 5 on that one modifier, small: 6 held-out code queries + 10 general ones, a quick escalation
+    # detector, no release gate (the gate's refusal is tests/integration/test_deploy.py's)
+    routing = data["routing"]
+    routing["labels"]["general"] = 10
+    routing["router"].update({"costs": {"base": 1.0, "code": 1.2}, "keywords": {"code": ["python", "function"]},
+                              "pca_dims": 4, "validation": 0.25, "cv_folds": 3, "bootstrap": 100, "max_epochs": 60,
+                              "patience": 10})
+    routing["escalation"].update({"generated": 60, "teacher_epochs": 1, "augment": 1, "hidden": 16, "layers": 1,
+                                  "embed_dim": 16, "student_epochs": 2, "latency_messages": 20})
+    data["eval"]["gates"] = {}
     return data
+
+
+def _post_asset_event(api, name: str, outputs: dict[str, str]) -> None:
+    """An event of Asset ``name`` with the extra a phase's publish task sets (what asset inputs read)."""
+    assets = api.request("GET", "/assets", params={"name_pattern": name})["assets"]
+    asset_id = next(a["id"] for a in assets if a["name"] == name)
+    api.request("POST", "/assets/events", json={"asset_id": asset_id, "extra": {"outputs": outputs}})
+
+
+def _asset_run(api, dag_id: str, timeout_s: float = 120) -> str:
+    """The run of ``dag_id`` an upstream Asset event created (the scheduler queues it within seconds)."""
+    deadline = time.monotonic() + timeout_s
+    while (run_id := api.asset_run_since(dag_id, 0)) is None:
+        assert time.monotonic() < deadline, f"no Asset-triggered run of {dag_id} after {timeout_s:.0f}s"
+        time.sleep(3)
+    return run_id
 
 
 def _stats(proxy: str) -> dict:
@@ -60,8 +90,9 @@ def p3(tmp_path_factory, hf_dir):
     from cogumi_tasks.models.packaged import smollm2_gguf
 
     proxied = {"llm": "llm", "tier2": "llm", "strong": "strong"}
-    with throwaway_stack(tmp_path_factory.mktemp("p3"), (DAG,), proxied,
-                         lambda p: _config(p["llm"], p["tier2"], p["strong"])) as stack:
+    # Phase 3 paused until the cogumi_phase2 event below is posted: an unpaused Phase 3 would run on it
+    with throwaway_stack(tmp_path_factory.mktemp("p3"), (DAG, PHASE4, PHASE5), proxied,
+                         lambda p: _config(p["llm"], p["tier2"], p["strong"]), paused=(DAG,)) as stack:
         store = stack.store
         gguf = store.uri("inputs", "base.gguf")
         store.upload(smollm2_gguf(), gguf)
@@ -71,6 +102,12 @@ def p3(tmp_path_factory, hf_dir):
                 for i in range(10)]
         dataset = store.uri("inputs", "dataset.jsonl")
         store.put_bytes(dataset, "".join(json.dumps(r) + "\n" for r in rows).encode())
+        calibrator = store.uri("inputs", "calibrator.json")
+        store.put_bytes(calibrator, json.dumps({"method": "temperature", "t": 1.0}).encode())
+        # what Phase 2's publish would have sent: Phase 4 reads the calibrator and tokenizer from it
+        _post_asset_event(stack.api, "cogumi_phase2", {"gguf": gguf, "pruned": store.uri("inputs", "pruned") + "/",
+                                                       "calibrator": calibrator})
+        stack.api.unpause(DAG)
         yield {"api": stack.api, "settings": stack.settings, "store": store, "password": stack.password,
                "proxies": list(stack.proxies.values()),
                "conf": {"config": "p3", "gguf": gguf, "model": store.uri("inputs", "pruned") + "/",
@@ -116,3 +153,41 @@ def test_failed_tier_is_backfilled_alone_and_pays_nothing_twice(p3, monkeypatch)
     assert cascade["tiers"][-1]["remaining"] == 0  # the strong tier solves every family task it gets
     bundle = p3["store"].get_json(publish["bundle"])
     assert [m["name"] for m in bundle["modifiers"]] == ["code"]
+
+
+def test_phase3s_asset_runs_phase4_whose_asset_runs_phase5(p3):
+    """Phase 3's publish (the backfilled run above; a run of its own when this test runs alone) sends the
+    cogumi_phase3 event; the scheduler runs Phase 4 on it and Phase 5 on Phase 4's, with no trigger of ours."""
+    api, store = p3["api"], p3["store"]
+
+    def succeeded() -> list[dict]:
+        return api.request("GET", f"/dags/{DAG}/dagRuns", params={"state": "success"})["dag_runs"]
+
+    if not succeeded():
+        state, _ = follow(api, DAG, api.trigger(DAG, p3["conf"]), timeout_s=1200)
+        assert state == "success"
+    phase3 = api.xcom(DAG, succeeded()[0]["dag_run_id"], "publish")
+
+    run4 = _asset_run(api, PHASE4)
+    state, tis = follow(api, PHASE4, run4, timeout_s=1200)
+    assert state == "success", {t["task_id"]: t["state"] for t in tis}
+    routing = api.xcom(PHASE4, run4, "publish")
+    table = store.get_json(routing["table"])
+    assert table["models"] == ["base", "code"]
+    # the 6 held-out code queries Phase 3 answered with both models, and 10 general prompts answered here
+    assert (table["labels"]["domain_queries"], table["labels"]["general_queries"]) == (6, 10)
+    assert table["shipped"]["refit"] and table["escalation"]["student"]["n"] > 0
+    bundle = store.get_json(routing["bundle"])
+    assert bundle["calibrator"] == store.uri("inputs", "calibrator.json")  # from the posted cogumi_phase2 event
+    assert bundle["threshold"] == table["thresholds"]["chosen"]["threshold"] == table["shipped"]["threshold"]
+
+    run5 = _asset_run(api, PHASE5)
+    state, tis = follow(api, PHASE5, run5, timeout_s=900)
+    assert state == "success", {t["task_id"]: t["state"] for t in tis}
+    validation = store.get_json(api.xcom(PHASE5, run5, "validate")["validation"])
+    items = [json.loads(line) for line in store.get_bytes(phase3["items"]).decode().splitlines()]
+    assert validation["passed"] and validation["n"] == len({r["id"] for r in items}) == 6
+    assert set(validation["route_mix"]) == {"base", "code"}
+    assert sum(validation["route_mix"].values()) == pytest.approx(1.0)
+    current = store.get_json(store.uri("p3", "releases", "current.json"))
+    assert current["id"] == validation["release"]
