@@ -337,14 +337,16 @@ def test_env_example_lists_every_variable():
 
 
 # ------------------------------------------------------------------------- monitoring provisioning
-def test_serve_and_chat_share_the_cogumi_environment():
+def test_serve_chat_and_the_bucket_job_share_the_cogumi_environment():
     svcs = services()
     common = env_of(svcs["airflow-scheduler"])
-    for name in ("serve", "chat"):
+    for name in ("serve", "chat", "minio-init"):
         env = env_of(svcs[name])
         for key in ("COGUMI_S3_ENDPOINT", "COGUMI_CONFIG", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
             assert env[key] == common[key], (name, key)
-        assert svcs[name]["entrypoint"] == ["/usr/bin/dumb-init", "--"], name  # not the image's `airflow ...`
+        if name != "minio-init":
+            assert svcs[name]["entrypoint"] == ["/usr/bin/dumb-init", "--"], name  # not the image's `airflow ...`
+    assert "$$COGUMI_S3_ENDPOINT" in command_of(svcs["minio-init"])  # the bucket made where every service looks
     assert command_of(svcs["serve"]).startswith("cogumi serve ")
     assert command_of(svcs["chat"]).startswith("cogumi chat ")
     assert "http://serve:8400/v1" in command_of(svcs["chat"])
