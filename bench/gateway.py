@@ -38,7 +38,6 @@ import secrets
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -199,12 +198,11 @@ def main() -> int:
     args = p.parse_args()
     levels = [int(x) for x in args.load.split(",") if x.strip()]
 
-    import uvicorn
-
     from cogumi_tasks.core.config import ServeConfig
     from cogumi_tasks.serve.engine import XllamacppEngine
     from cogumi_tasks.serve.gateway import create_app
     from cogumi_tasks.serve.release import load_release
+    from cogumi_tasks.serve.threaded import ThreadedServer
 
     release = load_release(Path(args.release))
     if args.model not in release.models:
@@ -218,12 +216,8 @@ def main() -> int:
     llama_run, llama_info = llama_cpp_arm(release, args.model, args.threads, args.max_tokens)
     with tempfile.TemporaryDirectory() as tmp:
         app = create_app(release, config, engine, keys=[key], memory_path=f"{tmp}/memory.sqlite")
-        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        while not server.started:
-            time.sleep(0.05)
-        url = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}/v1/chat/completions"
+        server = ThreadedServer(app, stop_timeout_s=30).start()
+        url = f"{server.url}/v1/chat/completions"
         scales = app.state.gateway.scales(args.model)
         engine_headers = {"Authorization": f"Bearer {engine.key}"}
         arms = {
@@ -243,8 +237,7 @@ def main() -> int:
             out["load"] = load_test(url, key, args.model, release.models, messages, args.max_tokens, levels,
                                     args.load_requests)
             out["load"]["rate_limit"] = {"rate_per_minute": config.rate_per_minute, "rate_burst": config.rate_burst}
-        server.should_exit = True
-        thread.join(timeout=30)
+        server.stop()
     engine.stop()
     text = json.dumps(out, indent=1)
     print(text)

@@ -22,7 +22,6 @@ import hashlib
 import json
 import logging
 import statistics
-import threading
 import time
 from typing import Any
 
@@ -110,10 +109,9 @@ class LocalGateway:
         self.url = ""
 
     def __enter__(self) -> LocalGateway:
-        import uvicorn
-
         from cogumi_tasks.serve.engine import XllamacppEngine
         from cogumi_tasks.serve.gateway import create_app
+        from cogumi_tasks.serve.threaded import ThreadedServer
 
         rel, cfg = self.release, self.ctx.config.serve
         self.engine = XllamacppEngine.for_release(rel, cfg)
@@ -121,23 +119,16 @@ class LocalGateway:
         memory = self.ctx.config.routing.memory if self.ctx.config.routing else None
         app = create_app(rel, cfg, self.engine, keys=[self.key], memory_config=memory,
                          memory_path=str(self.ctx.tmp_dir / "sessions.sqlite"))
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 120
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                self.__exit__()
-                raise StepFailed("serve.validate: the gateway did not start on 127.0.0.1")
-            time.sleep(0.05)
-        port = self.server.servers[0].sockets[0].getsockname()[1]  # port 0: the OS picked a free one
-        self.url = f"http://127.0.0.1:{port}"
+        self.server = ThreadedServer(app, stop_timeout_s=30)
+        try:
+            self.url = self.server.start().url
+        except RuntimeError:
+            self.engine.stop()
+            raise StepFailed("serve.validate: the gateway did not start on 127.0.0.1") from None
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if getattr(self, "server", None) is not None:
-            self.server.should_exit = True
-            self.thread.join(timeout=30)
+        self.server.stop()
         self.engine.stop()
 
 

@@ -416,10 +416,10 @@ def cli_demo(argv: list[str] | None = None) -> int:
     return 0
 
 
-def schedule_recalibration(log=print) -> None:
+def schedule_recalibration(log=print, settings: local.Settings | None = None) -> None:
     """Unpause DAG ``recalibrate`` (the deployment config's cron schedule) and print when it runs next and where
     to watch it; a stack without that DAG or a config without its section is reported, not an error."""
-    s = local.Settings.from_env()
+    s = settings or local.Settings.from_env()
     try:
         api = AirflowREST(s.airflow_url, "admin", local.load_secrets(s)["COGUMI_AIRFLOW_PASSWORD"])
         api.wait_for_dag(RECALIBRATE_DAG)

@@ -8,13 +8,16 @@ the traffic must refit it, find a lower ECE and publish a calibration release, w
 in without a restart. The same interval run again changes nothing (every step is a cache hit). A backfill over three
 earlier intervals runs three runs, each reading only its own interval's logs.
 
-The gateway stamps its log lines through ``now_iso``; the test points that clock into the intervals it checks (the
-lines are still written by the serving API's query log, batched to the stack's S3).
+The gateway serves on a free 127.0.0.1 port (uvicorn in a thread of the test's process) and stamps its log lines
+through ``now_iso``; the test points that clock into the intervals it checks (the lines are still written by the
+serving API's query log, batched to the stack's S3). What ``make demo`` runs last unpauses the schedule and says
+when it runs next; ``cogumi backfill recalibrate`` makes the backfill.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import time
 from datetime import UTC, datetime, timedelta
 
@@ -76,15 +79,16 @@ def stack(tmp_path_factory):
 
 
 def test_the_scheduler_recalibrates_on_served_logs_and_backfills_missed_intervals(stack, serve_world, tmp_path,
-                                                                                  monkeypatch):
-    from fastapi.testclient import TestClient
+                                                                                  monkeypatch, capsys):
+    import httpx
 
     from cogumi_tasks.core.config import load_config
     from cogumi_tasks.serve import gateway
     from cogumi_tasks.serve.release import load_release, resolve_release
+    from cogumi_tasks.serve.threaded import ThreadedServer
     from cogumi_tasks.stack import local
-    from cogumi_tasks.stack.backfill import create_backfill
-    from cogumi_tasks.stack.demo import follow
+    from cogumi_tasks.stack.backfill import cli_backfill
+    from cogumi_tasks.stack.demo import follow, schedule_recalibration
     from cogumi_tasks.world import generate
     from tests.serve_release import phase_bundles
 
@@ -137,7 +141,7 @@ def test_the_scheduler_recalibrates_on_served_logs_and_backfills_missed_interval
         assert r.status_code == 200, r.text
         return r.json()
 
-    with TestClient(app) as client:
+    with ThreadedServer(app) as server, httpx.Client(base_url=server.url, timeout=120, trust_env=False) as client:
         answered = [ask(p, start + timedelta(minutes=5 + i)) for i, p in enumerate(prompts[:SCHEDULED_N])]
         assert {a["cogumi"]["route"] for a in answered} == {"base"}  # overconfident: the base always answers
         stamps.append((start + timedelta(minutes=50)).isoformat())
@@ -150,8 +154,14 @@ def test_the_scheduler_recalibrates_on_served_logs_and_backfills_missed_interval
                 ask(next(rest), s + timedelta(minutes=10 + i))
         assert app.state.gateway.querylog.flush()  # written to the stack's S3 now, not at the next batch
 
-        # the scheduler runs the interval once the DAG is unpaused
-        api.unpause(DAG)
+        # the scheduler runs the interval once the DAG is unpaused, by what `make demo` runs last, which says when
+        told: list[str] = []
+        schedule_recalibration(log=told.append, settings=stack.settings)
+        assert len(told) == 1 and f"runs on {api.dag(DAG)['timetable_summary']!r}" in told[0], told
+        # the interval it names: the one above, or the next day's when the scheduler already made that run
+        named = re.search(r"traffic of (\S+) \.\. (\S+)", told[0])
+        assert named and _utc(named[1]) >= start and _utc(named[2]) - _utc(named[1]) == timedelta(days=1), told
+        assert f"see it in the UI: {stack.settings.airflow_url}/dags/{DAG}" in told[0]
         runs = _wait(api, lambda rs: any(_utc(r["data_interval_start"]) == start for r in rs))
         scheduled = next(r for r in runs if _utc(r["data_interval_start"]) == start)
         assert scheduled["run_type"] == "scheduled" and scheduled["state"] == "success"
@@ -187,13 +197,18 @@ def test_the_scheduler_recalibrates_on_served_logs_and_backfills_missed_interval
         assert releases == {live.id, new_id, "current.json"}
 
         # three missed intervals filled by a backfill: three runs, each reading only its interval's logs
-        backfill = create_backfill(api, DAG, earlier[0][0].isoformat(), earlier[-1][0].isoformat())
+        monkeypatch.setenv("COGUMI_AIRFLOW_URL", stack.settings.airflow_url)
+        monkeypatch.setenv("COGUMI_AIRFLOW_PASSWORD", stack.password)
+        capsys.readouterr()
+        assert cli_backfill(["recalibrate", "--from", earlier[0][0].isoformat(),
+                             "--to", earlier[-1][0].isoformat()]) == 0
+        assert f"of {DAG}: {earlier[0][0].isoformat()} .. " in capsys.readouterr().out
         # on SQLite a create answered 503 can leave the scheduler a half-made run it exits on (docs/operations.md):
         # `cogumi stack up` restarts what is not running, as the runbook says
         local.up(stack.settings, timeout_s=600)
         runs = _wait(api, lambda rs: sum(r["run_type"] == "backfill" for r in rs) == 3)
         filled = sorted((r for r in runs if r["run_type"] == "backfill"), key=lambda r: r["data_interval_start"])
-        assert backfill["dag_id"] == DAG and [r["state"] for r in filled] == ["success"] * 3
+        assert [r["state"] for r in filled] == ["success"] * 3
         for run, (s, e), n in zip(filled, earlier, BACKFILL_NS, strict=True):
             assert (_utc(run["data_interval_start"]), _utc(run["data_interval_end"])) == (s, e)
             decision, traffic = _decision(api, store, run["dag_run_id"])

@@ -5,8 +5,6 @@ limits refused OpenAI-style while serving goes on, escalation on a follow-up, /m
 from __future__ import annotations
 
 import json
-import threading
-import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
@@ -26,29 +24,16 @@ def world(serve_world):
 
 
 def _serve(world, name: str, **kw):
-    """The app on a free port in a uvicorn thread; returns (base URL, gateway state, a function that stops it)."""
-    import uvicorn
-
+    """The app on a free port in a uvicorn thread; returns (base URL, gateway state, a function that stops it: the
+    app's shutdown runs the query log's last flush, while S3 still runs)."""
     from cogumi_tasks.serve.gateway import create_app
-    from cogumi_tasks.stack.services import free_port
+    from cogumi_tasks.serve.threaded import ThreadedServer
 
     prefix = world["store"].uri(name, "query-logs")
     app = create_app(world["release"], world["config"], world["engine"], store=world["store"], log_prefix=prefix,
                      keys=[KEY], memory_path=str(world["tmp"] / f"{name}.sqlite"), embedder=world["embedder"], **kw)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline, "gateway did not start"
-        time.sleep(0.05)
-
-    def stop() -> None:  # uvicorn's shutdown runs the app's: the query log's last flush, while S3 still runs
-        server.should_exit = True
-        thread.join(timeout=60)
-
-    return f"http://127.0.0.1:{port}", app.state.gateway, stop
+    server = ThreadedServer(app, timeout_s=30).start()
+    return server.url, app.state.gateway, server.stop
 
 
 @pytest.fixture(scope="module")

@@ -23,8 +23,6 @@ import base64
 import hashlib
 import json
 import secrets
-import threading
-import time
 from pathlib import Path
 
 import yaml
@@ -227,20 +225,12 @@ class HubServer:
 
     # ------------------------------------------------------------------ lifecycle
     def __enter__(self) -> HubServer:
-        import uvicorn
+        from cogumi_tasks.serve.threaded import ThreadedServer
 
         self.root.mkdir(parents=True, exist_ok=True)
-        self._server = uvicorn.Server(uvicorn.Config(self.app(), host="127.0.0.1", port=0, log_level="warning"))
-        self._thread = threading.Thread(target=self._server.run, daemon=True)
-        self._thread.start()
-        deadline = time.monotonic() + 30
-        while not self._server.started:
-            if time.monotonic() > deadline or not self._thread.is_alive():
-                raise RuntimeError("the Hub stand-in did not start on 127.0.0.1")
-            time.sleep(0.02)
-        self.url = f"http://127.0.0.1:{self._server.servers[0].sockets[0].getsockname()[1]}"
+        self._server = ThreadedServer(self.app(), timeout_s=30, stop_timeout_s=10).start()
+        self.url = self._server.url
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._server.should_exit = True
-        self._thread.join(timeout=10)
+        self._server.stop()

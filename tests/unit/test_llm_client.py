@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import threading
 import time
 from typing import Any
 
@@ -79,22 +78,12 @@ class Stub:
 
 @pytest.fixture(scope="module")
 def stub():
-    import uvicorn
-
-    from cogumi_tasks.stack.services import free_port
+    from cogumi_tasks.serve.threaded import ThreadedServer
 
     s = Stub()
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(s.app(), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.02)
-    s.base_url = f"http://127.0.0.1:{port}/v1"
-    yield s
-    server.should_exit = True
-    thread.join(5)
+    with ThreadedServer(s.app(), timeout_s=10, stop_timeout_s=5) as server:
+        s.base_url = f"{server.url}/v1"
+        yield s
 
 
 class MemoryStore:
