@@ -258,6 +258,10 @@ class EvalConfig(Strict):
     suites: list[SuiteConfig]
     student: ModelRef
     reference: EndpointConfig
+    reference_shots: int = Field(
+        0, ge=0, description="worked examples (train-part tasks of the item's family, prompt and reference answer) "
+        "before each tiny-world item the reference is asked; 0: the bare prompt, as the student gets it. A 135M "
+        "stand-in for the plan's GPT-4 needs them to answer in the family's format")
     judge_pairwise: bool = True
     max_tokens: int = 256
     batch_size: int = 4

@@ -54,7 +54,7 @@ def run_eval(ctx: StepContext) -> StepOutput:
     from cogumi_tasks.eval.backends import EndpointBackend, load_backend
     from cogumi_tasks.eval.judge import judge_pairs, order_agreement, win_rate
     from cogumi_tasks.eval.stats import pct_of_reference
-    from cogumi_tasks.eval.suites import load_suite, score_items
+    from cogumi_tasks.eval.suites import load_suite, reference_conversations, score_items
     from cogumi_tasks.eval.tables import domain_table
     from cogumi_tasks.llm.step_calls import make_client, make_ledger
     from cogumi_tasks.world.sandbox import Limits, check_available
@@ -87,7 +87,7 @@ def run_eval(ctx: StepContext) -> StepOutput:
         student.close()
     reference = EndpointBackend(cfg.reference, ctx.config.llm, ledger, cache, step=ctx.spec.name)
     try:
-        theirs = reference.generate(conversations, cfg.max_tokens)
+        theirs = reference.generate(reference_conversations(items, cfg.reference_shots, cfg.seed), cfg.max_tokens)
     finally:
         reference.close()
 
@@ -107,7 +107,7 @@ def run_eval(ctx: StepContext) -> StepOutput:
         })
 
     summary: dict = {"items": len(rows), "student": student_ref.model_dump(), "student_runtime": student.name,
-                     "reference": cfg.reference.model}
+                     "reference": cfg.reference.model, "reference_shots": cfg.reference_shots}
     suites: dict = {}
     for row in rows:
         s = suites.setdefault(row["suite"], {"n": 0, "ours": 0.0, "reference": 0.0, "errors": 0})

@@ -180,6 +180,29 @@ def world_items(cfg: SuiteConfig) -> list[Item]:
     return items[: cfg.limit] if cfg.limit else items
 
 
+def worked_examples(family: str, shots: int, seed: int,
+                    exclude: set[str] | frozenset[str] = frozenset()) -> list[dict[str, str]]:
+    """``shots`` solved train-part tasks of a tiny-world ``family`` as chat turns (user prompt, assistant
+    reference): what a few-shot prompt puts before a task. Never a held-out task, nor one whose key is in
+    ``exclude``."""
+    from cogumi_tasks.world import generate
+
+    return [turn for ex in generate(family, shots, seed, exclude=exclude, part="train")
+            for turn in ({"role": "user", "content": ex.prompt}, {"role": "assistant", "content": ex.reference})]
+
+
+def reference_conversations(items: list[Item], shots: int, seed: int) -> list[list[dict]]:
+    """The messages the reference gets per item (``eval.reference_shots``): with ``shots`` > 0, a world item's
+    bare prompt comes after that many worked examples of its family (:func:`worked_examples`,
+    train-part tasks, the same ``seed`` and so the same examples before every item of a family); other items, and
+    every item when ``shots`` is 0, keep their own messages."""
+    if not shots:
+        return [i.messages for i in items]
+    families = sorted({i.target["task"]["family"] for i in items if i.target.get("task")})
+    turns = {fam: worked_examples(fam, shots, seed) for fam in families}
+    return [turns[i.target["task"]["family"]] + i.messages if i.target.get("task") else i.messages for i in items]
+
+
 def load_suite(cfg: SuiteConfig, fetch: Callable[[str], Path]) -> list[Item]:
     """Every item of one suite, in file order (the first ``cfg.limit`` when set); any bad line raises SuiteError.
     A ``world`` suite is generated (:func:`world_items`)."""

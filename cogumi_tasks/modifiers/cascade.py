@@ -73,15 +73,13 @@ def teacher_messages(rows: list[dict], mod: Any, tier_k: int, shots: int) -> dic
     families = sorted({r["task"]["family"] for r in rows if r.get("task")})
     if not shots or not families:
         return {r["id"]: r["messages"] for r in rows}
+    from cogumi_tasks.eval.suites import worked_examples
     from cogumi_tasks.world import Instance, generate, keys_of
 
     known = [Instance.from_dict(r["task"]) for r in rows if r.get("task")]
     if mod.tasks.kind == "world":
         known += generate(mod.tasks.family, mod.tasks.n, mod.tasks.seed, part="train")
-    taken = keys_of(known)
-    turns = {fam: [m for ex in generate(fam, shots, tier_k, exclude=taken, part="train")
-                   for m in ({"role": "user", "content": ex.prompt}, {"role": "assistant", "content": ex.reference})]
-             for fam in families}
+    turns = {fam: worked_examples(fam, shots, tier_k, exclude=keys_of(known)) for fam in families}
     return {r["id"]: turns[r["task"]["family"]] + r["messages"] if r.get("task") else r["messages"] for r in rows}
 
 

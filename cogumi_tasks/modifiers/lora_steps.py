@@ -28,7 +28,8 @@ EVAL_CODE = ("cogumi_tasks.eval.backends", "cogumi_tasks.eval.suites", "cogumi_t
              "cogumi_tasks.world.answers", "cogumi_tasks.world.automation", "cogumi_tasks.world.base",
              "cogumi_tasks.world.code", "cogumi_tasks.world.judge", "cogumi_tasks.world.reasoning",
              "cogumi_tasks.world.sandbox")
-EVAL_READS = ("eval.reference", "eval.max_tokens", "eval.sandbox", "eval.bootstrap", "eval.seed", "llm")
+EVAL_READS = ("eval.reference", "eval.reference_shots", "eval.max_tokens", "eval.sandbox", "eval.bootstrap",
+              "eval.seed", "llm")
 
 
 def _eval_cfg(ctx: StepContext) -> Any:
@@ -115,6 +116,7 @@ def reference_answers(ctx: StepContext, items: list) -> tuple[list[str], list[An
     """The reference endpoint's answers to ``items`` (response cache first) and their scores; sets ``ctx.cost``."""
     from cogumi_tasks.core.ledger import ResponseCache
     from cogumi_tasks.eval.backends import EndpointBackend
+    from cogumi_tasks.eval.suites import reference_conversations
     from cogumi_tasks.llm.step_calls import make_ledger
 
     cfg = _eval_cfg(ctx)
@@ -122,7 +124,7 @@ def reference_answers(ctx: StepContext, items: list) -> tuple[list[str], list[An
     backend = EndpointBackend(cfg.reference, ctx.config.llm, ledger, ResponseCache(ctx.store, ctx.llm_cache_prefix),
                               step=ctx.spec.name)
     try:
-        gens = backend.generate([i.messages for i in items], cfg.max_tokens)
+        gens = backend.generate(reference_conversations(items, cfg.reference_shots, cfg.seed), cfg.max_tokens)
     finally:
         backend.close()
         ledger.flush()

