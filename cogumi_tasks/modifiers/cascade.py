@@ -133,7 +133,7 @@ def test_base(ctx: StepContext) -> StepOutput:
 @step("modifiers.tier", version=1, reads=("modifiers", "teachers", "judge", "llm", "dataset.score"),
       inputs=("remaining",), outputs=("solved", "remaining"),
       code=("cogumi_tasks.modifiers", "cogumi_tasks.llm.client", "cogumi_tasks.llm.step_calls",
-            "cogumi_tasks.train.distill_tasks",
+            "cogumi_tasks.train.distill_tasks", "cogumi_tasks.eval.suites",
             *WORLD_CODE))
 def tier(ctx: StepContext) -> StepOutput:
     """Tier K of a modifier's cascade (params ``modifier``, ``tier``: K, from 1): its teacher answers the first
