@@ -63,11 +63,11 @@ def _post_asset_event(api, name: str, outputs: dict[str, str]) -> None:
 
 
 def _asset_run(api, dag_id: str, timeout_s: float = 120) -> str:
-    """The run of ``dag_id`` an upstream Asset event created (the scheduler queues it within seconds)."""
-    deadline = time.monotonic() + timeout_s
-    while (run_id := api.asset_run_since(dag_id, 0)) is None:
-        assert time.monotonic() < deadline, f"no Asset-triggered run of {dag_id} after {timeout_s:.0f}s"
-        time.sleep(3)
+    """The run of ``dag_id`` an upstream Asset event created (make demo's wait for it)."""
+    from cogumi_tasks.stack.demo import _wait_asset_run
+
+    run_id = _wait_asset_run(api, dag_id, since=0, timeout_s=timeout_s)
+    assert run_id is not None, f"no Asset-triggered run of {dag_id} after {timeout_s:.0f}s"
     return run_id
 
 
