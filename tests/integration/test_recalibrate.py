@@ -10,8 +10,9 @@ earlier intervals runs three runs, each reading only its own interval's logs.
 
 The gateway serves on a free 127.0.0.1 port (uvicorn in a thread of the test's process) and stamps its log lines
 through ``now_iso``; the test points that clock into the intervals it checks (the lines are still written by the
-serving API's query log, batched to the stack's S3). What ``make demo`` runs last unpauses the schedule and says
-when it runs next; ``cogumi backfill recalibrate`` makes the backfill.
+serving API's query log, batched to the stack's S3). The gateway's release watcher runs as it does under
+``cogumi serve`` (a thread polling the registry's pointer, here every second). What ``make demo`` runs last
+unpauses the schedule and says when it runs next; ``cogumi backfill recalibrate`` makes the backfill.
 """
 
 from __future__ import annotations
@@ -127,7 +128,8 @@ def test_the_scheduler_recalibrates_on_served_logs_and_backfills_missed_interval
     monkeypatch.setattr(gateway, "now_iso", lambda: stamps.pop(0) if stamps else datetime.now(UTC).isoformat())
     prompts = [i.prompt for i in generate("word_arith", SCHEDULED_N + sum(BACKFILL_NS), seed=7)]
     key = "k-recal"
-    serve_cfg = cfg.serve.model_copy(update={"state_dir": str(tmp_path / "state")})
+    # reload_s 1: the gateway's watcher thread (started with the server) reads the registry's pointer every second
+    serve_cfg = cfg.serve.model_copy(update={"state_dir": str(tmp_path / "state"), "reload_s": 1.0})
     app = gateway.create_app(live, serve_cfg, serve_world["engine"], store=store,
                              log_prefix=store.uri(NAME, "query-logs"), keys=[key],
                              memory_path=str(tmp_path / "memory.sqlite"), embedder=serve_world["embedder"],
@@ -181,8 +183,12 @@ def test_the_scheduler_recalibrates_on_served_logs_and_backfills_missed_interval
             OVERCONFIDENT
         assert published.manifest["lineage"]["recalibrated_from"] == live.id
 
-        # the serving gateway follows the pointer without a restart, and says which release answered
-        assert app.state.watcher.check() == new_id
+        # the serving gateway's watcher thread follows the pointer without a restart; answers say which release
+        deadline = time.monotonic() + 120
+        while app.state.gateway.release.id != new_id:
+            assert time.monotonic() < deadline, f"still serving {app.state.gateway.release.id}, not {new_id}"
+            time.sleep(0.5)
+        assert app.state.watcher.check() is None  # the thread swapped it in; nothing left for a poll to do
         after = ask(prompts[0], datetime.now(UTC))
         assert after["cogumi"]["release"] == new_id
 
