@@ -65,15 +65,22 @@ def test_release_validate_and_promote_only_when_validation_passed(s3_server, sto
     assert store.get_json(f"{registry}/current.json")["id"] == rid == promoted.metrics["id"]
     assert resolve_release("current", tmp_path / "fetched", store, registry).id == rid
 
-    # a gate no release can pass: validation fails, promote refuses, the pointer stays
+    # another release (other calibrator) under a gate no release can pass: validation fails, promote refuses, and
+    # the pointer object stays exactly as it was
+    pointer = store.get_json(f"{registry}/current.json")
     strict = load_config(_config(tmp_path, {"code": 1000}))
-    failed = run_step("serve.validate", strict, {"release": built.outputs["release"], "items": str(items)},
+    other = run_step("serve.release", strict, phase_bundles(serve_world["tmp"], tmp_path / "other",
+                                                            {"method": "platt", "a": 1.0, "b": -6.0}), store=store)
+    assert other.metrics["id"] != rid
+    failed = run_step("serve.validate", strict, {"release": other.outputs["release"], "items": str(items)},
                       store=store)
+    assert failed.metrics["release"] == other.metrics["id"]
     assert not failed.metrics["passed"] and failed.metrics["gates"][0]["verdict"] in ("not met", "undefined")
     with pytest.raises(StepFailed, match=f"not promoted; current stays {rid}"):
-        run_step("serve.promote", strict, {"release": built.outputs["release"],
+        run_step("serve.promote", strict, {"release": other.outputs["release"],
                                            "validation": failed.outputs["validation"]}, store=store)
-    assert store.get_json(f"{registry}/current.json")["id"] == rid
+    assert store.get_json(f"{registry}/current.json") == pointer
+    assert resolve_release("current", tmp_path / "fetched-after", store, registry).id == rid
 
 
 def test_make_demo_serving_starts_the_current_release_and_down_stops_it(s3_server, store_for, bundles, tmp_path):
