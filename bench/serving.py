@@ -4,6 +4,10 @@ a Q5_K_M GGUF in llama.cpp, on the same prompts in the same run. Prints one JSON
 
     python bench/serving.py [--prompts 4] [--new-tokens 32] [--repeats 5] [--threads 2] [--work DIR] [--out F]
 
+Serving through Phase 5's gateway against the bare engine and bare llama-cpp-python, with a load test, is the
+other part of serving's bench: ``python bench/serving.py gateway --release DIR ...`` runs bench/gateway.py (its
+docstring says what it measures).
+
 Each model runs in a fresh process (its peak RSS is its own; the GGUF ones import no torch): load
 time, prefill tokens/s (prompt tokens over the time to the first new token), decode tokens/s (the
 other new tokens over the rest), peak resident memory, weights (file size; for transformers the
@@ -149,6 +153,11 @@ def _spread(values: list[float]) -> dict:
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["gateway"]:  # Phase 5's serving bench: bench/gateway.py, whose arguments follow
+        from gateway import main as gateway_main  # this script's folder is on sys.path
+
+        sys.argv = [f"{sys.argv[0]} gateway", *sys.argv[2:]]
+        sys.exit(gateway_main())
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--prompts", type=int, default=4)
     p.add_argument("--new-tokens", type=int, default=32)
