@@ -164,8 +164,12 @@ def phase4_tables(manifests: list[dict]) -> list[dict]:
                 points_text((cv.get("differences") or {}).get(f"router_minus_{name}")) if name != "router" else "-",
                 _mix(models, p.get("route_mix"))]
                for name, p in (cv.get("policies") or {}).items()]
+    def judged(v: dict) -> str:  # the verdict, and its why (routing.publish.why_not_better) when not met
+        why = str(v.get("reason") or "").partition("; why: ")[2]
+        return f"{v.get('verdict', '-')}" + (f" ({why})" if why else "")
+
     verdicts = "; ".join(f"router vs {name}: holdout {v.get('holdout', {}).get('verdict', '-')}, cross-validated "
-                         f"{v.get('cross_validation', {}).get('verdict', '-')}" for name, v in beat.items())
+                         f"{judged(v.get('cross_validation', {}))}" for name, v in beat.items())
     cv_note = (f"{cv.get('folds')}-fold: each of the {cv.get('n')} queries routed by a router of the same recipe "
                f"trained on the other folds, never on it; always_best_modifier ({cv.get('best_modifier')}) is "
                f"picked on the whole table. {verdicts}" if cv.get("policies") else

@@ -64,21 +64,55 @@ def router_latency(ctx: StepContext, queries: list[str], confidences: list[float
     return {"mlp": latency_ms(decide, queries, n), "with_embedding": latency_ms(embed_and_decide, queries, n)}
 
 
+def why_not_better(ev: dict, d: dict, n: int | None) -> str:
+    """Why "router minus a policy > 0" is not met on one evaluation, from its own figures: how many paired queries
+    there were and, for a positive difference, about how many would put the lower bound above 0 were the difference
+    to hold (the interval's width shrinks as 1/sqrt(n)); the headroom (the oracle, each query to the cheapest model
+    that was right, over always-base); the fixed policies that did better than the router on the same queries."""
+    import math
+
+    from cogumi_tasks.core.verdict import num
+
+    points, low = float(d["points"]), float(d["ci"][0])
+    why = []
+    if points > 0 and n:
+        need = math.ceil(n * ((points - low) / points) ** 2)
+        why.append(f"{n} paired queries; were the difference to hold, about {need} would put the lower bound above 0")
+    elif points <= 0:
+        why.append(f"on these {n or 'few'} queries the router did not do better")
+    pol = ev.get("policies") or {}
+    quality = {k: p.get("quality") for k, p in pol.items() if isinstance(p.get("quality"), int | float)}
+    if "oracle" in quality and "always_base" in quality:
+        why.append(f"headroom: the oracle {num(round(100 * quality['oracle'], 1))}% vs always-base "
+                   f"{num(round(100 * quality['always_base'], 1))}%")
+    if "router" in quality:
+        above = [f"{k} {num(round(100 * q, 1))}%" for k, q in quality.items()
+                 if k not in ("router", "oracle") and q > quality["router"]]
+        if above:
+            why.append(f"above the router's {num(round(100 * quality['router'], 1))}%: {', '.join(above)}")
+    return "why: " + "; ".join(why)
+
+
 def beats(evaluation: dict) -> dict:
     """Does the router beat always-base and the random router at equal cost? Per comparison and per evaluation (the
     holdout split; the cross-validation on every query, when it ran): the verdict on "router minus policy > 0
-    points", met only when the paired interval's lower bound clears 0."""
+    points", met only when the paired interval's lower bound clears 0; otherwise the reason ends with
+    :func:`why_not_better`."""
     out: dict[str, dict] = {}
-    for where, ev in (("holdout", evaluation), ("cross_validation", evaluation.get("cross_validation") or {})):
+    cv = evaluation.get("cross_validation") or {}
+    for where, ev, n in (("holdout", evaluation, (evaluation.get("split") or {}).get("test")),
+                         ("cross_validation", cv, cv.get("n"))):
         for name in ("always_base", "random_same_cost"):
             d = (ev.get("differences") or {}).get(f"router_minus_{name}")
             if d:
-                out.setdefault(name, {})[where] = {"points": d["points"], "ci": d["ci"],
-                                                   **judge(d["points"], ">", 0, d["ci"]).as_dict()}
+                v = judge(d["points"], ">", 0, d["ci"])
+                reason = v.reason if v.met else f"{v.reason}; {why_not_better(ev, d, n)}"
+                out.setdefault(name, {})[where] = {"points": d["points"], "ci": d["ci"], "verdict": v.verdict,
+                                                   "reason": reason}
     return out
 
 
-@step("routing.publish", version=2, reads=("routing.router.costs",),
+@step("routing.publish", version=3, reads=("routing.router.costs",),
       inputs=("router", "evaluation", "verdicts", "stats", "escalation", "escalation_metrics", "calibrator"),
       outputs=("table", "bundle"),
       code=("cogumi_tasks.routing.escalation", "cogumi_tasks.routing.router", "cogumi_tasks.routing.features",

@@ -114,9 +114,34 @@ def test_publish_compares_router_thresholds_mix_and_escalation_with_the_plan(s3_
             got = table["beats"][name][where]
             assert (got["points"], got["ci"]) == (d["points"], d["ci"])
             assert got["verdict"] == ("met" if d["ci"][0] > 0 else "not met" if d["ci"][1] <= 0 else "inconclusive")
+            assert ("; why: " in got["reason"]) == (got["verdict"] != "met")
     assert sorted(r[0] for r in rendered[1]["rows"]) == sorted(cv["policies"])
     assert "router vs always_base: holdout" in rendered[1]["note"]
     assert len(rendered[2]["rows"]) == len(cfg.routing.router.thresholds)
     assert sum(r[-1] == "chosen" for r in rendered[2]["rows"]) == 1
     assert "over cross-validated routes of every query" in rendered[2]["note"]
     assert "Shipped router: refitted on every row (" in rendered[2]["note"]
+
+
+def test_a_comparison_not_met_says_why_from_its_own_figures():
+    from cogumi_tasks.routing.publish import beats
+
+    pol = {"router": {"quality": 0.6}, "always_base": {"quality": 0.55}, "keyword": {"quality": 0.675},
+           "oracle": {"quality": 0.7625}, "random_same_cost": {"quality": 0.58}}
+    cv = {"n": 80, "policies": pol, "differences": {
+        "router_minus_always_base": {"points": 5.0, "ci": [-2.5, 12.5]},
+        "router_minus_random_same_cost": {"points": -1.0, "ci": [-6.0, 4.0]}}}
+    holdout = {"split": {"test": 20}, "policies": pol, "differences": {
+        "router_minus_always_base": {"points": 10.0, "ci": [2.0, 18.0]}}, "cross_validation": cv}
+    got = beats(holdout)
+    assert got["always_base"]["holdout"]["verdict"] == "met" and "why" not in got["always_base"]["holdout"]["reason"]
+    base = got["always_base"]["cross_validation"]
+    assert base["verdict"] == "inconclusive"
+    # the lower bound sits 7.5 points under 5.0: 80 x (7.5 / 5)^2 = 180 queries would narrow it to 5
+    assert "why: 80 paired queries; were the difference to hold, about 180 would put the lower bound above 0" in \
+        base["reason"]
+    assert "headroom: the oracle 76.2% vs always-base 55%" in base["reason"]
+    assert "above the router's 60%: keyword 67.5%" in base["reason"]
+    rand = got["random_same_cost"]["cross_validation"]
+    assert rand["verdict"] == "inconclusive" and "why: on these 80 queries the router did not do better" in \
+        rand["reason"]
