@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from cogumi_tasks.core.verdict import num
+
 PHASE3 = "Phase 3: modifiers"
 
 
@@ -185,6 +187,11 @@ def phase4_tables(manifests: list[dict]) -> list[dict]:
                  f"{_judged(router.get('latency_verdict'))}). APGR {_pct(table.get('apgr'))}.",
          "headers": ["policy", "quality", "cost/query", "accuracy", "gain recovered", "route mix"],
          "rows": policy_rows},
+        {"phase": PHASE4, "id": "router-confusion", "title": "Router confusion matrix on the holdout",
+         "note": f"Rows: the label (the cheapest model that answered correctly, base counted cheapest); columns: the "
+                 f"model the router sent the query to; {router.get('n')} holdout queries.",
+         "headers": ["label \\ routed to", *models],
+         "rows": [[m, *(num(v) for v in row)] for m, row in zip(models, router.get("confusion") or [], strict=False)]},
         {"phase": PHASE4, "id": "routing-cv", "title": "Routing policies, cross-validated over every query",
          "note": cv_note.strip(), "headers": ["policy", "quality", "cost/query", "router minus policy (points)",
                                               "route mix"], "rows": cv_rows},

@@ -325,6 +325,35 @@ def _reliability_plot(title: str, rel: dict) -> str:
     return _png(fig)
 
 
+def _quality_cost_plot(data: dict) -> str:
+    """Routing: the threshold sweep as a quality-cost curve (each point a threshold, the chosen one marked) and
+    every policy of the same evaluation as a labelled point."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.5, 4.0))
+    ax = fig.add_subplot()
+    sweep = data["sweep"]
+    ax.plot([p[0] for p in sweep], [100 * p[1] for p in sweep], marker=".", color="#4a7bb7",
+            label="router + base-confidence threshold")
+    at: dict[tuple[float, float], list[str]] = {}  # thresholds that land on the same point share one label
+    for cost, quality, t in sweep:
+        at.setdefault((round(cost, 4), round(quality, 4)), []).append(
+            f"[{t:g}]" if t == data.get("chosen") else f"{t:g}")
+    for i, ((cost, quality), names) in enumerate(at.items()):
+        ax.annotate("/".join(names), (cost, 100 * quality), fontsize=7, xytext=(2, 3 + 8 * (i % 2)),
+                    textcoords="offset points")
+    for name, (cost, quality) in data["policies"].items():
+        ax.scatter([cost], [100 * quality], s=18, color="#c0504d" if name == "router" else "#555")
+        ax.annotate(name, (cost, 100 * quality), fontsize=7, xytext=(3, -9), textcoords="offset points")
+    gain = data.get("gain_recovered")
+    ax.set(title=f"Quality against cost per query, {data['over']}; thresholds on the curve, [chosen] recovers "
+                 f"{'-' if gain is None else f'{100 * gain:.1f}%'} of the oracle's gain",
+           xlabel="cost per query (base = 1)", ylabel="answered correctly (%)")
+    ax.title.set_fontsize(9)
+    ax.legend(fontsize=7, loc="lower right")
+    return _png(fig)
+
+
 def _find_key(obj: Any, key: str, path: str = "") -> list[tuple[str, Any]]:
     if not isinstance(obj, dict):
         return []
@@ -410,6 +439,19 @@ def make_plots(manifests: list[dict]) -> list[dict]:
         sizes = {r["stage"]: r["gb"] for r in table if r.get("gb") is not None}
         add("compression_sizes", "compress.publish", "Size of each compression stage (GB on disk)", sizes,
             lambda: _bar("Bytes on disk per stage (GB)", sizes, "stage", "GB"))
+    routing = last.get("routing.publish", {}).get("metrics", {})
+    th = routing.get("thresholds") or {}
+    if th.get("sweep"):  # the policies of the evaluation the sweep was made on
+        over = str(th.get("over") or "the holdout split")
+        pols = ((routing.get("cross_validation") or {}).get("policies") if "cross-validated" in over
+                else routing.get("policies")) or {}
+        chosen = (th.get("chosen") or {}).get("threshold")
+        qc = {"over": over, "chosen": chosen,
+              "gain_recovered": next((s.get("gain_recovered") for s in th["sweep"] if s["threshold"] == chosen), None),
+              "sweep": [[s["cost"], s["quality"], s["threshold"]] for s in th["sweep"]],
+              "policies": {k: [p["cost"], p["quality"]] for k, p in pols.items()}}
+        add("routing_quality_cost", "routing.publish", "Routing: quality against cost", qc,
+            lambda: _quality_cost_plot(qc))
     for m in manifests:
         for p, rel in _find_key(m["metrics"], "reliability"):
             if isinstance(rel, dict) and rel.get("accuracy") and rel.get("confidence"):

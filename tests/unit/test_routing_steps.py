@@ -102,8 +102,19 @@ def test_publish_compares_router_thresholds_mix_and_escalation_with_the_plan(s3_
     rendered = phase4_tables([{"step": "routing.publish", "metrics": stored}])
     base_row = next(r for r in rendered[0]["rows"] if r[0] == "always_base")
     assert base_row[-1] == "base 100.0% / code 0.0% / reasoning 0.0% / automation 0.0%"
-    assert [t["id"] for t in rendered] == ["routing-policies", "routing-cv", "threshold-sweep", "route-mix",
-                                           "escalation"]
+    assert [t["id"] for t in rendered] == ["routing-policies", "router-confusion", "routing-cv", "threshold-sweep",
+                                           "route-mix", "escalation"]
+    rendered = {t["id"]: t for t in rendered}
+    confusion = rendered.pop("router-confusion")  # rows: label, columns: routed to; every holdout query once
+    assert confusion["headers"][1:] == MODELS and [r[0] for r in confusion["rows"]] == MODELS
+    assert sum(float(v) for r in confusion["rows"] for v in r[1:]) == table["router"]["n"]
+    rendered = list(rendered.values())
+    from cogumi_tasks.eval.report import make_plots  # the Phase 4 section's quality-cost curve
+
+    (curve,) = make_plots([{"step": "routing.publish", "metrics": stored}])
+    assert curve["id"] == "routing_quality_cost" and curve["png"] and curve["phase"] == "Phase 4: routing"
+    assert [t for _, _, t in curve["data"]["sweep"]] == [s["threshold"] for s in table["thresholds"]["sweep"]]
+    assert curve["data"]["policies"].keys() == table["cross_validation"]["policies"].keys()  # the sweep's evaluation
     assert ("Teacher minus student: +5.0 (CI +1.0 to +9.0) points (paired) vs within 5: inconclusive; 36.0x smaller"
             " than the teacher vs >= 20x: met") in rendered[-1]["note"]
     cv = evaluation["cross_validation"]
