@@ -621,7 +621,10 @@ class ServeConfig(Strict):
     default_max_tokens: int = Field(256, ge=1, description="max_tokens when a request gives none")
     rate_per_minute: float = Field(60.0, gt=0, description="requests per minute per API key (token bucket refill)")
     rate_burst: int = Field(10, ge=1, description="requests a key may send at once before the rate applies")
-    parallel: int = Field(2, ge=1, description="engine slots: requests decoded at once")
+    parallel: int = Field(2, ge=1, description="engine slots: requests decoded at once. llama.cpp never batches "
+                          "requests with unequal adapters, but it does batch those with equal ones, and its kernels "
+                          "are not batch-invariant: with more than 1 slot a greedy answer can differ from the same "
+                          "request made alone at a near-tie; 1 slot: every answer equals it")
     context: int = Field(2048, ge=256, description="engine context per slot, tokens")
     prompt_cache: bool = Field(False, description="let the engine reuse a slot's KV of a shared prompt prefix: faster "
                                "prefill of long repeated prefixes, but an answer then depends on the requests before "
