@@ -5,8 +5,9 @@ query logs the serving API wrote on loopback.
 release with an overconfident calibrator (every answer at ~1.0 while the tiny world's reasoning answers of an
 untrained 135M model are wrong). That live release serves traffic; the scheduled run of the interval that holds
 the traffic must refit it, find a lower ECE and publish a calibration release, which the serving gateway then swaps
-in without a restart. The same interval run again changes nothing (every step is a cache hit). A backfill over three
-earlier intervals runs three runs, each reading only its own interval's logs.
+in without a restart. The same interval run again changes nothing (every step is a cache hit); the same traffic
+over other bounds is labelled and refitted anew, equals the live release and publishes nothing. A backfill over
+three earlier intervals runs three runs, each reading only its own interval's logs.
 
 The gateway serves on a free 127.0.0.1 port (uvicorn in a thread of the test's process) and stamps its log lines
 through ``now_iso``; the test points that clock into the intervals it checks (the lines are still written by the
@@ -201,6 +202,18 @@ def test_the_scheduler_recalibrates_on_served_logs_and_backfills_missed_interval
         assert store.get_json(registry + "/current.json") == pointer
         releases = {u.split("/releases/")[1].split("/")[0] for u in store.list(registry + "/")}
         assert releases == {live.id, new_id, "current.json"}
+
+        # the same traffic over other bounds (the interval's first half): labelled anew and refitted, against the
+        # live release that was fitted on these very labels: no change, so nothing is published
+        half = api.trigger(DAG, {"start": start.isoformat(), "end": (start + timedelta(hours=12)).isoformat()})
+        _wait(api, lambda rs: any(r["dag_run_id"] == half for r in rs))
+        assert api.run_state(DAG, half) == "success"
+        decision, traffic = _decision(api, store, half)
+        assert traffic["requests"] == SCHEDULED_N and decision["labelled"] == SCHEDULED_N
+        assert decision["live"] == new_id and decision["published"] is None
+        assert decision["reason"] == "the refit equals the live release's calibrator and threshold", decision
+        assert decision["ece"]["new"] == decision["ece"]["live"]
+        assert store.get_json(registry + "/current.json") == pointer
 
         # three missed intervals filled by a backfill: three runs, each reading only its interval's logs
         monkeypatch.setenv("COGUMI_AIRFLOW_URL", stack.settings.airflow_url)
