@@ -140,6 +140,8 @@ def phase4_tables(manifests: list[dict]) -> list[dict]:
     # the label map's order: manifests are stored with sorted keys, so label_mix's own order is alphabetical
     models = table.get("models") or list((router.get("label_mix") or {}).keys())
     policy_rows = [[name, _acc({"accuracy": p.get("quality"), "ci": p.get("quality_ci")}), f"{p.get('cost'):.3f}",
+                    points_text((table.get("differences") or {}).get(f"router_minus_{name}"))
+                    if name != "router" else "-",
                     _acc({"accuracy": p.get("accuracy"), "ci": p.get("accuracy_ci")}), _pct(p.get("gain_recovered")),
                     _mix(models, p.get("route_mix"))]
                    for name, p in (table.get("policies") or {}).items()]
@@ -170,7 +172,7 @@ def phase4_tables(manifests: list[dict]) -> list[dict]:
         why = str(v.get("reason") or "").partition("; why: ")[2]
         return f"{v.get('verdict', '-')}" + (f" ({why})" if why else "")
 
-    verdicts = "; ".join(f"router vs {name}: holdout {v.get('holdout', {}).get('verdict', '-')}, cross-validated "
+    verdicts = "; ".join(f"router vs {name}: holdout {judged(v.get('holdout', {}))}, cross-validated "
                          f"{judged(v.get('cross_validation', {}))}" for name, v in beat.items())
     cv_note = (f"{cv.get('folds')}-fold: each of the {cv.get('n')} queries routed by a router of the same recipe "
                f"trained on the other folds, never on it; always_best_modifier ({cv.get('best_modifier')}) is "
@@ -185,7 +187,8 @@ def phase4_tables(manifests: list[dict]) -> list[dict]:
                  f"{_ms((lat.get('mlp') or {}).get('p99_ms'))}, with the query embedding "
                  f"{_ms((lat.get('with_embedding') or {}).get('p99_ms'))} (plan < 5 ms: "
                  f"{_judged(router.get('latency_verdict'))}). APGR {_pct(table.get('apgr'))}.",
-         "headers": ["policy", "quality", "cost/query", "accuracy", "gain recovered", "route mix"],
+         "headers": ["policy", "quality", "cost/query", "router minus policy (points)", "accuracy", "gain recovered",
+                     "route mix"],
          "rows": policy_rows},
         {"phase": PHASE4, "id": "router-confusion", "title": "Router confusion matrix on the holdout",
          "note": f"Rows: the label (the cheapest model that answered correctly, base counted cheapest); columns: the "

@@ -76,7 +76,7 @@ def why_not_better(ev: dict, d: dict, n: int | None) -> str:
     points, low = float(d["points"]), float(d["ci"][0])
     why = []
     if points > 0 and n:
-        need = math.ceil(n * ((points - low) / points) ** 2)
+        need = max(n + 1, math.ceil(n * ((points - low) / points) ** 2))  # a lower bound at 0 needs more than n
         why.append(f"{n} paired queries; were the difference to hold, about {need} would put the lower bound above 0")
     elif points <= 0:
         why.append(f"on these {n or 'few'} queries the router did not do better")

@@ -102,6 +102,9 @@ def test_publish_compares_router_thresholds_mix_and_escalation_with_the_plan(s3_
     rendered = phase4_tables([{"step": "routing.publish", "metrics": stored}])
     base_row = next(r for r in rendered[0]["rows"] if r[0] == "always_base")
     assert base_row[-1] == "base 100.0% / code 0.0% / reasoning 0.0% / automation 0.0%"
+    from cogumi_tasks.eval.phase_tables import points_text
+
+    assert base_row[3] == points_text(evaluation["differences"]["router_minus_always_base"])  # router minus it
     assert [t["id"] for t in rendered] == ["routing-policies", "router-confusion", "routing-cv", "threshold-sweep",
                                            "route-mix", "escalation"]
     rendered = {t["id"]: t for t in rendered}
@@ -153,6 +156,9 @@ def test_a_comparison_not_met_says_why_from_its_own_figures():
         base["reason"]
     assert "headroom: the oracle 76.2% vs always-base 55%" in base["reason"]
     assert "above the router's 60%: keyword 67.5%" in base["reason"]
+    at_zero = beats({"split": {"test": 20}, "policies": pol, "differences": {
+        "router_minus_always_base": {"points": 7.5, "ci": [0.0, 16.2]}}})["always_base"]["holdout"]
+    assert at_zero["verdict"] == "inconclusive" and "about 21 would put the lower bound above 0" in at_zero["reason"]
     rand = got["random_same_cost"]["cross_validation"]
     assert rand["verdict"] == "inconclusive" and "why: on these 80 queries the router did not do better" in \
         rand["reason"]
