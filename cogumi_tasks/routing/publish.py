@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from typing import Any
 
 from cogumi_tasks.core.records import iter_jsonl_dicts
 from cogumi_tasks.core.steps import StepContext, StepFailed, StepOutput, step
-from cogumi_tasks.core.verdict import judge
+from cogumi_tasks.core.verdict import judge, num
 
 log = logging.getLogger("cogumi")
 
@@ -69,10 +70,6 @@ def why_not_better(ev: dict, d: dict, n: int | None) -> str:
     there were and, for a positive difference, about how many would put the lower bound above 0 were the difference
     to hold (the interval's width shrinks as 1/sqrt(n)); the headroom (the oracle, each query to the cheapest model
     that was right, over always-base); the fixed policies that did better than the router on the same queries."""
-    import math
-
-    from cogumi_tasks.core.verdict import num
-
     points, low = float(d["points"]), float(d["ci"][0])
     why = []
     if points > 0 and n:
