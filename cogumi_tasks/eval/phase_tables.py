@@ -120,6 +120,12 @@ def _judged(v: Any) -> str:
     return (v or {}).get("verdict", "-") if isinstance(v, dict) else "-"
 
 
+def _judged_why(v: Any) -> str:
+    """The verdict, and its why (``routing.publish.why_not_better``) when its reason carries one."""
+    why = str((v or {}).get("reason") or "").partition("; why: ")[2] if isinstance(v, dict) else ""
+    return _judged(v) + (f" ({why})" if why else "")
+
+
 def shipped_text(shipped: dict | None) -> str:
     """Which router the bundle ships: the train split's, or one refitted on every row of the verdict table."""
     if not shipped:
@@ -168,12 +174,8 @@ def phase4_tables(manifests: list[dict]) -> list[dict]:
                 points_text((cv.get("differences") or {}).get(f"router_minus_{name}")) if name != "router" else "-",
                 _mix(models, p.get("route_mix"))]
                for name, p in (cv.get("policies") or {}).items()]
-    def judged(v: dict) -> str:  # the verdict, and its why (routing.publish.why_not_better) when not met
-        why = str(v.get("reason") or "").partition("; why: ")[2]
-        return f"{v.get('verdict', '-')}" + (f" ({why})" if why else "")
-
-    verdicts = "; ".join(f"router vs {name}: holdout {judged(v.get('holdout', {}))}, cross-validated "
-                         f"{judged(v.get('cross_validation', {}))}" for name, v in beat.items())
+    verdicts = "; ".join(f"router vs {name}: holdout {_judged_why(v.get('holdout'))}, cross-validated "
+                         f"{_judged_why(v.get('cross_validation'))}" for name, v in beat.items())
     cv_note = (f"{cv.get('folds')}-fold: each of the {cv.get('n')} queries routed by a router of the same recipe "
                f"trained on the other folds, never on it; always_best_modifier ({cv.get('best_modifier')}) is "
                f"picked on the whole table. {verdicts}" if cv.get("policies") else

@@ -79,14 +79,13 @@ def why_not_better(ev: dict, d: dict, n: int | None) -> str:
         why.append(f"on these {n or 'few'} queries the router did not do better")
     pol = ev.get("policies") or {}
     quality = {k: p.get("quality") for k, p in pol.items() if isinstance(p.get("quality"), int | float)}
+    pct = {k: f"{num(round(100 * q, 1))}%" for k, q in quality.items()}
     if "oracle" in quality and "always_base" in quality:
-        why.append(f"headroom: the oracle {num(round(100 * quality['oracle'], 1))}% vs always-base "
-                   f"{num(round(100 * quality['always_base'], 1))}%")
+        why.append(f"headroom: the oracle {pct['oracle']} vs always-base {pct['always_base']}")
     if "router" in quality:
-        above = [f"{k} {num(round(100 * q, 1))}%" for k, q in quality.items()
-                 if k not in ("router", "oracle") and q > quality["router"]]
+        above = [f"{k} {pct[k]}" for k, q in quality.items() if k not in ("router", "oracle") and q > quality["router"]]
         if above:
-            why.append(f"above the router's {num(round(100 * quality['router'], 1))}%: {', '.join(above)}")
+            why.append(f"above the router's {pct['router']}: {', '.join(above)}")
     return "why: " + "; ".join(why)
 
 

@@ -141,9 +141,8 @@ def test_one_slot_answers_as_alone_whatever_runs_beside_it(world):
     requests made alone."""
     from cogumi_tasks.serve.engine import XllamacppEngine
 
-    release = world["release"]
-    engine = XllamacppEngine(release.base, {"recovery": release.recovery, **release.modifiers},
-                             fixed={"recovery": 1.0}, parallel=1, context=1024, threads=1)
+    one_slot = world["config"].model_copy(update={"parallel": 1, "context": 1024, "threads": 1})
+    engine = XllamacppEngine.for_release(world["release"], one_slot)
     engine.start()
     url, _, stop = _serve({**world, "engine": engine}, f"one-slot-{uuid.uuid4().hex[:6]}")
     try:
