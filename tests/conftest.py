@@ -37,6 +37,15 @@ os.environ.update(
         "TRANSFORMERS_OFFLINE": "1",
     }
 )
+# Threads per xdist worker: the cores shared out. llama.cpp's threads (in process and in the llama.cpp servers) and
+# torch's OpenMP threads wait by spinning, so more of them than cores slows everything beside them several times
+# over (docs/operations.md). Set before anything imports torch; inherited by the servers and Airflow task processes
+# a worker starts. A variable already set wins.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 1)
+if _WORKERS > 1:
+    _THREADS = str(max(1, (os.cpu_count() or 2) // _WORKERS))
+    for _name in ("OMP_NUM_THREADS", "COGUMI_GGUF_THREADS", "COGUMI_LLAMA_SERVER_THREADS"):
+        os.environ.setdefault(_name, _THREADS)
 (_TMP / "airflow").mkdir(parents=True, exist_ok=True)
 for path in (str(REPO), str(REPO / "plugins")):
     if path not in sys.path:

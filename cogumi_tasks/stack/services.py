@@ -126,9 +126,10 @@ def wait_s3(endpoint: str, timeout_s: float = 60, proc: subprocess.Popen | None 
 
 
 # ---------------------------------------------------------------- llama.cpp
-def start_llama_server(model: str, port: int, log_path: Path, n_ctx: int = 2048, threads: int = 2,
+def start_llama_server(model: str, port: int, log_path: Path, n_ctx: int = 2048, threads: int | None = None,
                        alias: str | None = None, prompt_cache_bytes: int = 0) -> subprocess.Popen:
-    """llama.cpp's OpenAI-compatible server for one packaged model, on 127.0.0.1:port.
+    """llama.cpp's OpenAI-compatible server for one packaged model, on 127.0.0.1:port, with ``threads`` threads
+    (default: ``COGUMI_LLAMA_SERVER_THREADS``, else 2; the test suite gives each xdist worker one, tests/conftest.py).
 
     ``prompt_cache_bytes`` > 0 turns on llama-cpp-python's RAM prompt cache: the model state after each request is
     kept (least recently used out first) and a request resumes from the longest cached prefix of its prompt, so
@@ -144,6 +145,7 @@ def start_llama_server(model: str, port: int, log_path: Path, n_ctx: int = 2048,
         path = MODELS[model]()
     except ModelMissing as exc:
         raise ServiceError(str(exc)) from exc
+    threads = threads or int(os.environ.get("COGUMI_LLAMA_SERVER_THREADS") or 2)
     cmd = [
         sys.executable, "-m", "llama_cpp.server", "--model", str(path),
         "--model_alias", alias or model, "--host", HOST, "--port", str(port),
