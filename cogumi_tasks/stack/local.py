@@ -187,6 +187,11 @@ def env(settings: Settings | None = None) -> dict[str, str]:
         "COGUMI_LLM_URL": s.llm_url,
         "COGUMI_STRONG_URL": s.strong_url,
         "COGUMI_CONFIG_DIR": str(s.config_dir),
+        # A step's in-process llama.cpp gets every core (gguf_threads() leaves one to the llama.cpp server): the
+        # stack's CPU steps take turns in one pool (tiny.yaml's cogumi_cpu, tier calls included) and eval.run asks
+        # the reference after its student, so the server is idle meanwhile. 1.29x faster with 2 threads than 1 on
+        # 2 cores beside the idle stack, same answers (docs/operations.md). A value already set wins (the tests').
+        "COGUMI_GGUF_THREADS": os.environ.get("COGUMI_GGUF_THREADS") or str(os.cpu_count() or 1),
         "NO_PROXY": "127.0.0.1,localhost",
         "no_proxy": "127.0.0.1,localhost",
     })
