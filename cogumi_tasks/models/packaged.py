@@ -43,14 +43,25 @@ def builtin_gguf(path: str) -> Path:
     return Path(MODELS[name]())
 
 
+def _env_threads(name: str, default: int) -> int:
+    import os
+
+    value = os.environ.get(name)
+    return max(1, int(value)) if value else max(1, default)
+
+
 def gguf_threads() -> int:
     """Threads for llama.cpp in a task's own process: ``COGUMI_GGUF_THREADS``, else every core but one. The core
     left over serves the rest of the stack (the llama.cpp teacher server, Airflow, S3): llama.cpp's threads wait by
     spinning, so when they outnumber the free cores decoding slows by 10-40x (measured on 2 cores: 6 answers took
-    28 s with one thread, and were unfinished after 9 minutes with two, while other work ran)."""
+    28 s with one thread, and were unfinished after 9 minutes with two, while other work ran). The local stack sets
+    every core, since its CPU steps take turns (``cogumi_tasks.stack.local.env``)."""
     import os
 
-    env = os.environ.get("COGUMI_GGUF_THREADS")
-    if env:
-        return max(1, int(env))
-    return max(1, (os.cpu_count() or 2) - 1)
+    return _env_threads("COGUMI_GGUF_THREADS", (os.cpu_count() or 2) - 1)
+
+
+def llama_server_threads() -> int:
+    """Threads for a llama.cpp server process: ``COGUMI_LLAMA_SERVER_THREADS``, else 2 (the test suite gives each
+    xdist worker its share of the cores, tests/conftest.py)."""
+    return _env_threads("COGUMI_LLAMA_SERVER_THREADS", 2)

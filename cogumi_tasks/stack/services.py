@@ -18,7 +18,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from cogumi_tasks.models.packaged import MODELS, ModelMissing
+from cogumi_tasks.models.packaged import MODELS, ModelMissing, llama_server_threads
 
 HOST = "127.0.0.1"
 
@@ -129,7 +129,7 @@ def wait_s3(endpoint: str, timeout_s: float = 60, proc: subprocess.Popen | None 
 def start_llama_server(model: str, port: int, log_path: Path, n_ctx: int = 2048, threads: int | None = None,
                        alias: str | None = None, prompt_cache_bytes: int = 0) -> subprocess.Popen:
     """llama.cpp's OpenAI-compatible server for one packaged model, on 127.0.0.1:port, with ``threads`` threads
-    (default: ``COGUMI_LLAMA_SERVER_THREADS``, else 2; the test suite gives each xdist worker one, tests/conftest.py).
+    (default: :func:`~cogumi_tasks.models.packaged.llama_server_threads`).
 
     ``prompt_cache_bytes`` > 0 turns on llama-cpp-python's RAM prompt cache: the model state after each request is
     kept (least recently used out first) and a request resumes from the longest cached prefix of its prompt, so
@@ -145,7 +145,7 @@ def start_llama_server(model: str, port: int, log_path: Path, n_ctx: int = 2048,
         path = MODELS[model]()
     except ModelMissing as exc:
         raise ServiceError(str(exc)) from exc
-    threads = threads or int(os.environ.get("COGUMI_LLAMA_SERVER_THREADS") or 2)
+    threads = threads or llama_server_threads()
     cmd = [
         sys.executable, "-m", "llama_cpp.server", "--model", str(path),
         "--model_alias", alias or model, "--host", HOST, "--port", str(port),
