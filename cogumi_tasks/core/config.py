@@ -304,6 +304,8 @@ class SFTConfig(Strict):
     checkpoint_every: int = 50
     seed: int = 0
     bf16: bool = False
+    # batches of examples of similar length (transformers' LengthGroupedSampler, still shuffled): less padding
+    group_by_length: bool = True
 
 
 class FailureAnalysisConfig(Strict):

@@ -233,6 +233,7 @@ def train_sft(model_dir: Path, rows: list[dict], out_dir: Path, cfg: SFTConfig, 
         args = TRLSFTConfig(
             output_dir=str(checkpoint_dir), max_steps=total, per_device_train_batch_size=cfg.batch_size,
             per_device_eval_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
+            train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
             learning_rate=cfg.lr, weight_decay=0.0, lr_scheduler_type="linear", warmup_steps=0.03, max_grad_norm=1.0,
             seed=cfg.seed, bf16=cfg.bf16 or method == "qlora", use_cpu=device == "cpu", gradient_checkpointing=False,
             max_length=None, logging_steps=1, logging_nan_inf_filter=False, save_strategy="steps",
