@@ -62,11 +62,14 @@ def _latest(manifests: list[dict], step: str) -> dict:
 
 
 def phase3_tables(manifests: list[dict]) -> list[dict]:
-    """The tier table, the sizes per sparsity level and the scores, from ``modifiers.publish``'s table."""
+    """The tier table, the sizes per sparsity level and the held-out scores by domain, from ``modifiers.publish``'s
+    table."""
     table = _latest(manifests, "modifiers.publish").get("metrics") or {}
     mods = table.get("modifiers") or {}
+    scores = _scores_table(table.get("scores") or {})
+    scores_out = [scores] if scores["rows"] else []
     if not mods:
-        return []
+        return scores_out
     tier_rows, size_rows = [], []
     for name, m in mods.items():
         c = m.get("cascade") or {}
@@ -106,7 +109,38 @@ def phase3_tables(manifests: list[dict]) -> list[dict]:
                     "plan's rows give its 8B figure and the arithmetic of a LoRA of that rank on Llama-3.1-8B.",
             "headers": ["modifier", "sparsity", "rank", "GGUF", "safetensors", "domain accuracy", "% of reference",
                         "vs base", "passes gate", ""], "rows": size_rows}]
-    return out
+    return out + scores_out
+
+
+def _scores_table(scores: dict) -> dict:
+    """``modifiers.evaluate``'s accuracies per (model, domain), each against the base, with each modifier's verdict
+    on its own domain (raised or not, and why) and on the others (does it hurt them?)."""
+    models, verdicts = scores.get("table") or {}, scores.get("verdicts") or {}
+    order = [m for m in ("base", *(x for name in verdicts for x in (name, f"{name}/alone"))) if m in models]
+    rows = []
+    for model in order + [m for m in models if m not in order]:
+        by_domain = models[model]
+        name = model.partition("/")[0]
+        own = (verdicts.get(name) or {}).get("domain")
+        for domain, e in by_domain.items():
+            if model == "base" or model.endswith("/alone"):
+                verdict = "-"
+            elif domain == own:
+                v = verdicts[name].get("raises_domain") or {}
+                verdict = f"raises its domain: {v.get('verdict', '-')} ({v.get('reason', '-')})"
+            else:
+                hurts = ((verdicts.get(name) or {}).get("others") or {}).get(domain, {}).get("hurts")
+                verdict = "-" if hurts is None else ("hurts this domain" if hurts else "does not hurt this domain")
+            rows.append([model, domain, _acc(e.get("accuracy")), _acc(e.get("reference")),
+                         _pct_ref(e.get("pct_of_reference")), points_text(e.get("vs_base")), verdict])
+    return {"phase": PHASE3, "id": "modifier-scores", "title": "Held-out scores by domain: base and modifiers",
+            "note": "modifiers.evaluate: base = Phase 2's GGUF with its recovery LoRA; <modifier> adds the modifier at "
+                    "its scale; <modifier>/alone is the modifier without the recovery LoRA, on its own domain. Greedy "
+                    "answers checked by the family's checker; 95% bootstrap intervals; vs base is paired, in points. "
+                    "A modifier raises its domain only when that interval excludes zero; it hurts another domain "
+                    "when the whole interval is below zero.",
+            "headers": ["model", "domain", "accuracy", "reference", "% of reference", "vs base (points)", "verdict"],
+            "rows": rows}
 
 
 PHASE4 = "Phase 4: routing"

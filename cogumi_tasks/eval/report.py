@@ -163,7 +163,7 @@ def evaluate_targets(manifests: list[dict], targets: dict) -> list[dict]:
             row.update(measured=value, source=f"{m['step']} ({'configured' if path[0] == 'config' else 'measured'})",
                        ci=ci if isinstance(ci, list) and len(ci) == 2 else None, unit=parent.get("unit"),
                        status=NO_CHECK)
-            check, why = t.get("check"), parent.get("error")
+            check, why = t.get("check"), parent.get("error") or parent.get("why")
             if parent.get("verdict") in VERDICTS and parent.get("reason"):
                 row.update(status=parent["verdict"], reason=parent["reason"], check=parent.get("check") or check)
             elif check:
@@ -278,6 +278,32 @@ def _pct_plot(pct: dict, gates: dict) -> str:
     note = f"\n(undefined, the reference scored 0: {', '.join(undefined)})" if undefined else ""
     ax.set(title="% of reference by domain" + note, ylabel="% of reference")
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2, frameon=False)
+    return _png(fig)
+
+
+def _modifier_scores_plot(models: dict) -> str:
+    """Phase 3: held-out accuracy per domain of the base, the base with each modifier (and the recovery LoRA) and the
+    reference, with 95% intervals (``modifiers.evaluate``'s table)."""
+    from matplotlib.figure import Figure
+
+    names = sorted((m for m in models if "/" not in m), key=lambda m: (m != "base", m))
+    domains = sorted({d for m in names for d in models[m]})
+    ref = {d: next(models[m][d]["reference"] for m in names if d in models[m]) for d in domains}
+    bars = [("base" if m == "base" else f"base + {m}", {d: e["accuracy"] for d, e in models[m].items()})
+            for m in names] + [("reference", ref)]
+    fig = Figure(figsize=(7, 3.6))
+    ax = fig.add_subplot()
+    width = 0.8 / len(bars)
+    for k, (label, acc) in enumerate(bars):
+        ds = [d for d in domains if d in acc]
+        vals = [100 * acc[d]["accuracy"] for d in ds]
+        err = [[max(0.0, v - 100 * acc[d]["ci"][0]) for v, d in zip(vals, ds, strict=True)],
+               [max(0.0, 100 * acc[d]["ci"][1] - v) for v, d in zip(vals, ds, strict=True)]]
+        ax.bar([domains.index(d) + k * width for d in ds], vals, width=width, yerr=err, capsize=3, label=label,
+               color="#999999" if label == "reference" else None)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(domains))], domains)
+    ax.set(title="Phase 3: held-out accuracy by domain (95% CI)", ylabel="% correct", ylim=(0, 105))
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=len(bars), frameon=False, fontsize=8)
     return _png(fig)
 
 
@@ -439,6 +465,10 @@ def make_plots(manifests: list[dict]) -> list[dict]:
         sizes = {r["stage"]: r["gb"] for r in table if r.get("gb") is not None}
         add("compression_sizes", "compress.publish", "Size of each compression stage (GB on disk)", sizes,
             lambda: _bar("Bytes on disk per stage (GB)", sizes, "stage", "GB"))
+    models = last.get("modifiers.publish", {}).get("metrics", {}).get("scores", {}).get("table")
+    if models:
+        add("modifier_scores", "modifiers.publish", "Phase 3: held-out accuracy by domain, base and modifiers", models,
+            lambda: _modifier_scores_plot(models))
     routing = last.get("routing.publish", {}).get("metrics", {})
     th = routing.get("thresholds") or {}
     if th.get("sweep"):  # the policies of the evaluation the sweep was made on

@@ -309,3 +309,48 @@ def test_phase5_targets_read_serve_validates_figures():
     speed = by_id["release_decode_speed"]
     assert speed["measured"] == metrics["tokens_per_s"]["decode"] < 80 and speed["ci"][1] < 80
     assert speed["status"] == "met" and speed["check"] == {"op": ">=", "value": 60}  # 40 tokens in 0.5-0.59 s
+
+
+def test_phase3_section_reads_modifiers_publish():
+    """The Phase 3 targets, the scores table and the bar chart read what modifiers.publish records (modifiers.evaluate's
+    table under ``scores``, built here with the helpers that step uses; the cascade's saving), so a renamed key shows
+    up here as "not measured"."""
+    from cogumi_tasks.core.verdict import judge
+    from cogumi_tasks.eval.tables import accuracy, paired_difference, pct_entry
+
+    domains = ("code", "reasoning", "automation")
+    base = {d: [float(i % 3 == 0) for i in range(20)] for d in domains}  # 7 of 20
+    ref = [float(i % 5 == 0) for i in range(20)]  # 4 of 20
+
+    def entry(scores: list[float], versus: list[float] | None = None) -> dict:
+        e = {"n": 20, "accuracy": accuracy(scores, 200, 0), "reference": accuracy(ref, 200, 0),
+             "pct_of_reference": pct_entry(scores, ref, 200, 0)}
+        return e | ({"vs_base": paired_difference(scores, versus, 200, 0)} if versus is not None else {})
+
+    table = {"base": {d: entry(base[d]) for d in domains}}
+    for d in domains:  # each modifier solves its whole domain and leaves the others as the base answers them
+        table[d] = {o: entry([1.0] * 20 if o == d else base[o], base[o]) for o in domains}
+    verdicts = {d: {"domain": d, "raises_domain": judge(table[d][d]["vs_base"]["points"], ">", 0,
+                                                        table[d][d]["vs_base"]["ci"]).as_dict(),
+                    "others": {o: {**table[d][o]["vs_base"], "hurts": False} for o in domains if o != d}}
+                for d in domains}
+    metrics = {"modifiers": {}, "cascade": {"saving": 0.4}, "scores": {"table": table, "verdicts": verdicts}}
+    pub = manifest("b", "modifiers.publish", "k7", "run-4", 800.0, metrics)
+    page, data = build_report({"pipeline": "pipe", "run_id": "run-4", "manifests": [pub], "ledger": {}},
+                              load_targets(TARGETS))
+    by_id = {t["id"]: t for t in data["targets"]}
+    for domain, plan in (("code", 115), ("reasoning", 100), ("automation", 105)):
+        pct = by_id[f"modifier_{domain}_vs_reference"]
+        assert pct["measured"] == table[domain][domain]["pct_of_reference"]["pct"] == 500.0
+        assert pct["check"]["value"] == plan and pct["ci"] is not None and pct["status"] == "met"
+        raised = by_id[f"modifier_{domain}_raises_domain"]
+        assert raised["measured"] == 65.0 and raised["status"] == "met"  # 20 of 20 against 7 of 20
+    assert by_id["cascade_saving"]["measured"] == 0.4 and by_id["cascade_saving"]["status"] == "not met"
+    scores = next(t for t in data["tables"] if t["id"] == "modifier-scores")
+    assert [r[0] for r in scores["rows"][:3]] == ["base"] * 3 and len(scores["rows"]) == 3 + 3 * 3
+    code = next(r for r in scores["rows"] if r[:2] == ["code", "code"])
+    assert code[2] == "100.0% (CI 100.0%-100.0%)" and code[6].startswith("raises its domain: met (")
+    assert next(r for r in scores["rows"] if r[:2] == ["code", "reasoning"])[6] == "does not hurt this domain"
+    plot = next(p for p in data["plots"] if p["id"] == "modifier_scores")
+    assert "error" not in plot and plot["phase"] == "Phase 3: modifiers"  # drawn (the JSON leaves the PNG out)
+    assert html.escape(plot["title"]) in page and "raises its domain: met" in page
