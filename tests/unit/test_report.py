@@ -28,6 +28,13 @@ def manifest(bucket: str, step: str, key: str, run_id: str, t: float, metrics: d
             "cost": cost or {}, "files": {"out.jsonl": {"sha256": "0" * 64, "size": 10}}, "published_at": t}
 
 
+def report_of(*manifests: dict) -> tuple[str, dict, dict]:
+    """The report (HTML, JSON) of a run of ``manifests`` against the plan's targets, and its targets by id."""
+    page, data = build_report({"pipeline": "pipe", "run_id": manifests[-1]["run_id"], "manifests": list(manifests),
+                               "ledger": {}}, load_targets(TARGETS))
+    return page, data, {t["id"]: t for t in data["targets"]}
+
+
 def fake_run(bucket: str = "b") -> dict:
     score = manifest(bucket, "data.score", "k1", "old-run", 100.0,
                      {"judged": 40, "passed_judge": 31, "rejected_by_judge": 9, "judge_quarantined": 1,
@@ -207,9 +214,7 @@ def test_a_size_beside_an_accuracy_and_its_interval_is_compared_directly():
     3.5 MB, 3.5 ms student read as "0.9 clears <= 3 MB" was reported met)."""
     pub = manifest("b", "routing.publish", "k5", "run-5", 400.0, {"escalation": {"student": {
         "accuracy": 0.84, "ci": [0.76, 0.9], "n": 100, "bytes": 3_500_000, "p99_ms": 3.5}}})
-    _, data = build_report({"pipeline": "pipe", "run_id": "run-5", "manifests": [pub], "ledger": {}},
-                           load_targets(TARGETS))
-    by_id = {t["id"]: t for t in data["targets"]}
+    _, data, by_id = report_of(pub)
     assert by_id["escalation_accuracy"]["ci"] == [0.76, 0.9] and by_id["escalation_accuracy"]["status"] == "not met"
     for tid in ("escalation_size", "escalation_latency"):
         assert by_id[tid]["ci"] is None and by_id[tid]["status"] == "not met", by_id[tid]
@@ -256,9 +261,7 @@ def test_pct_target_against_a_reference_that_solved_nothing_is_judged_on_the_sco
                       "error": "reasoning: reference scored 0; % of reference undefined"},
         "automation": {"ours": 0.0, "reference": 0.0, "pct": None, "ci": None, "n": 20, "score_ci": [0.0, 0.0],
                        "error": "automation: reference scored 0; % of reference undefined"}}})
-    _, data = build_report({"pipeline": "pipe", "run_id": "run-4", "manifests": [ev], "ledger": {}},
-                           load_targets(TARGETS))
-    by_id = {t["id"]: t for t in data["targets"]}
+    _, data, by_id = report_of(ev)
     assert by_id["eval_reasoning"]["status"] == "met" and by_id["eval_reasoning"]["measured"] is None
     assert "reference scored 0" in by_id["eval_reasoning"]["reason"]
     assert "score in % 60 (95% CI 40-80): the lower bound 40 clears > 0" in by_id["eval_reasoning"]["reason"]
@@ -275,9 +278,7 @@ def test_ece_target_is_judged_by_the_calibrate_step_with_the_floor_in_its_reason
     report = calibrate([{"confidence": c} for c in conf], (rng.uniform(size=96) < conf).tolist(), target=0.05)
     report["ece_gate"] = ece_gate(report, 0.05)
     cal = manifest("b", "compress.calibrate", "k8", "run-3", 500.0, report)
-    page, data = build_report({"pipeline": "pipe", "run_id": "run-3", "manifests": [cal], "ledger": {}},
-                              load_targets(TARGETS))
-    by_id = {t["id"]: t for t in data["targets"]}
+    page, data, by_id = report_of(cal)
     for tid in ("calibration_ece_phase2", "calibration_ece"):
         row = by_id[tid]
         assert (row["measured"], row["ci"]) == (report["ece_after"], report["ece_after_ci"])
@@ -298,10 +299,7 @@ def test_phase5_targets_read_serve_validates_figures():
             for d in ("code", "reasoning", "automation") for i in range(12)]
     answers = [{"completion_tokens": 41, "seconds": 1.0, "decode_s": 0.5 + 0.01 * i} for i in range(10)]
     metrics = {"pct_of_reference": pct_of_reference(rows), "tokens_per_s": decode_rate(answers)}
-    val = manifest("b", "serve.validate", "k9", "run-3", 700.0, metrics)
-    _, data = build_report({"pipeline": "pipe", "run_id": "run-3", "manifests": [val], "ledger": {}},
-                           load_targets(TARGETS))
-    by_id = {t["id"]: t for t in data["targets"]}
+    _, _, by_id = report_of(manifest("b", "serve.validate", "k9", "run-3", 700.0, metrics))
     for domain, gate in (("code", 72), ("reasoning", 70), ("automation", 75)):
         row = by_id[f"release_{domain}"]
         assert row["measured"] == metrics["pct_of_reference"][domain]["pct"] and row["check"]["value"] == gate
@@ -335,10 +333,7 @@ def test_phase3_section_reads_modifiers_publish():
                     "others": {o: {**table[d][o]["vs_base"], "hurts": False} for o in domains if o != d}}
                 for d in domains}
     metrics = {"modifiers": {}, "cascade": {"saving": 0.4}, "scores": {"table": table, "verdicts": verdicts}}
-    pub = manifest("b", "modifiers.publish", "k7", "run-4", 800.0, metrics)
-    page, data = build_report({"pipeline": "pipe", "run_id": "run-4", "manifests": [pub], "ledger": {}},
-                              load_targets(TARGETS))
-    by_id = {t["id"]: t for t in data["targets"]}
+    page, data, by_id = report_of(manifest("b", "modifiers.publish", "k7", "run-4", 800.0, metrics))
     for domain, plan in (("code", 115), ("reasoning", 100), ("automation", 105)):
         pct = by_id[f"modifier_{domain}_vs_reference"]
         assert pct["measured"] == table[domain][domain]["pct_of_reference"]["pct"] == 500.0
