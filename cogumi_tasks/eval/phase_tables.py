@@ -136,9 +136,9 @@ def _scores_table(scores: dict) -> dict:
     return {"phase": PHASE3, "id": "modifier-scores", "title": "Held-out scores by domain: base and modifiers",
             "note": "modifiers.evaluate: base = Phase 2's GGUF with its recovery LoRA; <modifier> adds the modifier at "
                     "its scale; <modifier>/alone is the modifier without the recovery LoRA, on its own domain. Greedy "
-                    "answers checked by the family's checker; 95% bootstrap intervals; vs base is paired, in points. "
-                    "A modifier raises its domain only when that interval excludes zero; it hurts another domain "
-                    "when the whole interval is below zero.",
+                    "answers scored as the evaluation harness scores them; 95% bootstrap intervals; vs base is "
+                    "paired, in points. A modifier raises its domain only when that interval lies above zero; it "
+                    "hurts another domain when the whole interval is below zero.",
             "headers": ["model", "domain", "accuracy", "reference", "% of reference", "vs base (points)", "verdict"],
             "rows": rows}
 
