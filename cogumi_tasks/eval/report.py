@@ -281,49 +281,43 @@ def _pct_plot(pct: dict, gates: dict) -> str:
     return _png(fig)
 
 
-def _modifier_scores_plot(models: dict) -> str:
-    """Phase 3: held-out accuracy per domain of the base, the base with each modifier (and the recovery LoRA) and the
-    reference, with 95% intervals (``modifiers.evaluate``'s table)."""
+def _accuracy_bars(title: str, series: list[tuple[str, dict, str | None]]) -> str:
+    """Grouped bars of accuracy by domain, one bar per series ``(label, {domain: {"accuracy", "ci"}}, colour)``, in %
+    with their 95% intervals."""
     from matplotlib.figure import Figure
 
-    names = sorted((m for m in models if "/" not in m), key=lambda m: (m != "base", m))
-    domains = sorted({d for m in names for d in models[m]})
-    ref = {d: next(models[m][d]["reference"] for m in names if d in models[m]) for d in domains}
-    bars = [("base" if m == "base" else f"base + {m}", {d: e["accuracy"] for d, e in models[m].items()})
-            for m in names] + [("reference", ref)]
+    domains = sorted({d for _, acc, _ in series for d in acc})
     fig = Figure(figsize=(7, 3.6))
     ax = fig.add_subplot()
-    width = 0.8 / len(bars)
-    for k, (label, acc) in enumerate(bars):
+    width = 0.8 / len(series)
+    for k, (label, acc, colour) in enumerate(series):
         ds = [d for d in domains if d in acc]
         vals = [100 * acc[d]["accuracy"] for d in ds]
         err = [[max(0.0, v - 100 * acc[d]["ci"][0]) for v, d in zip(vals, ds, strict=True)],
                [max(0.0, 100 * acc[d]["ci"][1] - v) for v, d in zip(vals, ds, strict=True)]]
         ax.bar([domains.index(d) + k * width for d in ds], vals, width=width, yerr=err, capsize=3, label=label,
-               color="#999999" if label == "reference" else None)
+               color=colour)
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(domains))], domains)
-    ax.set(title="Phase 3: held-out accuracy by domain (95% CI)", ylabel="% correct", ylim=(0, 105))
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=len(bars), frameon=False, fontsize=8)
+    ax.set(title=title, ylabel="% correct", ylim=(0, 105))
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=len(series), frameon=False, fontsize=8)
     return _png(fig)
+
+
+def _modifier_scores_plot(models: dict) -> str:
+    """Phase 3: held-out accuracy per domain of the base, the base with each modifier (and the recovery LoRA) and the
+    reference, with 95% intervals (``modifiers.evaluate``'s table)."""
+    names = sorted((m for m in models if "/" not in m), key=lambda m: (m != "base", m))
+    ref = {d: e["reference"] for m in reversed(names) for d, e in models[m].items()}
+    series = [("base" if m == "base" else f"base + {m}", {d: e["accuracy"] for d, e in models[m].items()}, None)
+              for m in names]
+    return _accuracy_bars("Phase 3: held-out accuracy by domain (95% CI)", [*series, ("reference", ref, "#999999")])
 
 
 def _accuracy_plot(domains: dict) -> str:
     """Student and reference accuracy per domain with 95% intervals (defined even where % of reference is not)."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(6.5, 3.6))
-    ax = fig.add_subplot()
-    names = sorted(domains)
-    for k, (who, colour) in enumerate((("ours", "#4a7bb7"), ("reference", "#999999"))):
-        vals = [100 * domains[d][who]["accuracy"] for d in names]
-        lo = [max(0.0, v - 100 * domains[d][who]["ci"][0]) for v, d in zip(vals, names, strict=True)]
-        hi = [max(0.0, 100 * domains[d][who]["ci"][1] - v) for v, d in zip(vals, names, strict=True)]
-        ax.bar([i + 0.4 * k for i in range(len(names))], vals, width=0.4, yerr=[lo, hi], capsize=4, color=colour,
-               label="student" if who == "ours" else "reference")
-    ax.set_xticks([i + 0.2 for i in range(len(names))], names)
-    ax.set(title="Accuracy by domain (95% CI)", ylabel="% correct", ylim=(0, 105))
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2, frameon=False)
-    return _png(fig)
+    return _accuracy_bars("Accuracy by domain (95% CI)", [
+        (label, {d: domains[d][who] for d in domains}, colour)
+        for who, label, colour in (("ours", "student", "#4a7bb7"), ("reference", "reference", "#999999"))])
 
 
 def _curve_plot(title: str, curves: dict[str, list], xlabel: str, ylabel: str) -> str:
