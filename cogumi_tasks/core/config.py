@@ -264,7 +264,9 @@ class EvalConfig(Strict):
         "stand-in for the plan's GPT-4 needs them to answer in the family's format")
     judge_pairwise: bool = True
     max_tokens: int = 256
-    batch_size: int = 4
+    batch_size: int = Field(4, ge=1, description="conversations the student decodes together: a transformers batch, "
+                            "or llama.cpp sequences of a float GGUF (a quantized one goes one at a time: "
+                            "eval.backends.GGUFBackend)")
     hf_runtime: Literal["transformers", "llama_cpp"] = Field(
         "transformers", description="how an HF model directory is run: in transformers, or converted to an f16 "
         "GGUF and run in llama.cpp (faster on CPU: bench/serving.py, its figures in docs/phase2.md)")

@@ -156,6 +156,48 @@ def test_hf_dir_run_in_llama_cpp_answers_as_transformers_does(hf_dir, tmp_path):
         load_backend(ref, hf_runtime="vllm", **kw)
 
 
+@pytest.mark.stack
+def test_float_gguf_decodes_conversations_together(hf_dir, tmp_path):
+    """An f16 GGUF decodes conversations in one batch: the same answers for the same batch, ``max_tokens`` and
+    ``n_ctx`` kept, and answers like one-at-a-time decoding's and another order's and slot count's (batched
+    products round otherwise and may flip a near-tie: 84 of 90 equal in bench/eval_decode.py, so at least half
+    must be equal here; mixing up sequences would leave none). A quantized GGUF is decoded one at a time."""
+    from cogumi_tasks.core.config import SuiteConfig
+    from cogumi_tasks.eval.backends import GGUFBackend
+    from cogumi_tasks.eval.suites import world_items
+    from cogumi_tasks.models.convert import convert_hf_to_gguf
+    from cogumi_tasks.models.packaged import smollm2_gguf
+
+    f16 = convert_hf_to_gguf(hf_dir, tmp_path / "f16.gguf", "f16", "smollm")
+    convs = [i.messages for fam in ("list_fn", "word_arith", "tool_call")
+             for i in world_items(SuiteConfig(kind="world", family=fam, n=3, seed=0))] + PROMPTS
+    too_long = [{"role": "user", "content": "word " * 400}]
+
+    def answers(parallel: int, conversations: list) -> list:
+        backend = GGUFBackend(f16, parallel=parallel, n_ctx=384)
+        try:
+            assert (backend.decoder is not None) == (parallel > 1)
+            return backend.generate(conversations, 24)
+        finally:
+            backend.close()
+
+    batched = answers(4, [*convs, too_long])
+    assert batched[-1].text == "" and "exceed context window of 384" in batched[-1].error
+    batched = batched[:-1]
+    assert all(g.error is None and g.text and 0 < g.completion_tokens <= 24 and g.prompt_tokens > 10
+               for g in batched)
+    assert [g.text for g in answers(4, convs)] == [g.text for g in batched]
+    for other in (answers(1, convs), answers(3, convs[::-1])[::-1]):
+        same = sum(x.text == y.text for x, y in zip(batched, other, strict=True))
+        log.info("batched vs one at a time / reversed with 3 slots: %d of %d answers equal", same, len(convs))
+        assert same >= len(convs) / 2
+    quantized = GGUFBackend(smollm2_gguf())
+    try:
+        assert quantized.decoder is None
+    finally:
+        quantized.close()
+
+
 def _common_prefix(a: list[str], b: list[str]) -> list[str]:
     out = []
     for x, y in zip(a, b, strict=False):
