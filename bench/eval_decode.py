@@ -5,9 +5,9 @@
 Models: the packaged SmolLM2-135M as an f16 GGUF (converted through an HF directory, as eval.run does with
 ``hf_runtime: llama_cpp``; untrained, so its answers run long) and the packaged Q4_1 GGUF itself (quantized).
 Prompts: ``--items`` held-out instances of each world family (code, reasoning, automation), new instances per
-repeat (seed = repeat), ``max_tokens`` 96, 2 threads. Ways: ``one_at_a_time`` is the baseline, llama-cpp-python's
-``create_chat_completion`` per conversation, temperature 0, reusing the previous prompt's prefix (what
-:class:`cogumi_tasks.eval.backends.GGUFBackend` does with ``parallel=1``); ``batched`` decodes ``--parallel``
+repeat (seed = repeat), ``max_tokens`` 96, 2 threads. Ways: ``one_at_a_time`` is the baseline,
+:class:`cogumi_tasks.eval.backends.GGUFBackend` with ``parallel=1`` (llama-cpp-python's ``create_chat_completion``
+per conversation, temperature 0, reusing the previous prompt's prefix); ``batched`` decodes ``--parallel``
 conversations together (:class:`cogumi_tasks.eval.llama_batch.BatchDecoder`). Model load is not timed.
 Figures: per model and way the median, min and max seconds over repeats; the speed-up of the medians; how many
 batched answers equal the baseline's, and how many equal the same conversations batched in reverse order with
@@ -34,10 +34,8 @@ def conversations(items: int, seed: int) -> list[list[dict]]:
     return [[{"role": "user", "content": i.prompt}] for f in FAMILIES for i in generate(f, items, seed, part="heldout")]
 
 
-def one_at_a_time(llm, convs: list[list[dict]]) -> list[str]:
-    return [(llm.create_chat_completion(messages=c, max_tokens=96, temperature=0.0, top_k=1, top_p=1.0, min_p=0.0,
-                                        repeat_penalty=1.0, seed=0)["choices"][0]["message"]["content"] or "").strip()
-            for c in convs]
+def one_at_a_time(backend, convs: list[list[dict]]) -> list[str]:
+    return [g.text for g in backend.generate(convs, 96)]
 
 
 def batched(decoder, convs: list[list[dict]]) -> list[str]:
@@ -53,6 +51,7 @@ def batched(decoder, convs: list[list[dict]]) -> list[str]:
 def main() -> None:
     from llama_cpp import Llama
 
+    from cogumi_tasks.eval.backends import GGUFBackend
     from cogumi_tasks.eval.llama_batch import BatchDecoder
     from cogumi_tasks.models.convert import convert_hf_to_gguf, hf_dir_from_gguf
     from cogumi_tasks.models.packaged import smollm2_gguf
@@ -68,6 +67,7 @@ def main() -> None:
         f16 = convert_hf_to_gguf(hf_dir_from_gguf(smollm2_gguf(), Path(tmp) / "hf"), Path(tmp) / "f16.gguf", "f16",
                                  "smollm")
         for label, path in (("f16", f16), ("q4_1", smollm2_gguf())):
+            baseline = GGUFBackend(path, parallel=1, n_threads=2)  # create_chat_completion, one at a time
             llm = Llama(model_path=str(path), n_ctx=4096, n_threads=2, n_threads_batch=2, seed=0, verbose=False)
             decoder = BatchDecoder(llm, parallel=args.parallel, n_threads=2)
             small = BatchDecoder(llm, parallel=3, n_threads=2)
@@ -77,9 +77,8 @@ def main() -> None:
                 for rep in range(args.repeats):
                     convs = conversations(args.items, rep)
                     t0 = time.perf_counter()
-                    base = one_at_a_time(llm, convs)
+                    base = one_at_a_time(baseline, convs)
                     seconds["one_at_a_time"].append(time.perf_counter() - t0)
-                    llm.reset()
                     t0 = time.perf_counter()
                     got = batched(decoder, convs)
                     seconds["batched"].append(time.perf_counter() - t0)
@@ -93,6 +92,7 @@ def main() -> None:
                 small.close()
                 decoder.close()
                 llm.close()
+                baseline.close()
             from bench.figures import summary
 
             results[label] = {
