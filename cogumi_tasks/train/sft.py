@@ -1,12 +1,13 @@
 """Supervised fine-tuning with LoRA (CPU or GPU) or QLoRA (CUDA only) through TRL's ``SFTTrainer``.
 
 ``train_sft`` tokenizes the rows itself (:func:`build_examples`: the loss only on the answer and its end-of-turn
-token) and hands TRL the ``input_ids``/``labels`` as they are. The Trainer checkpoints the adapter, optimizer,
-scheduler, RNG and step every ``checkpoint_every`` steps into ``checkpoint_dir/checkpoint-N`` (its trainer state
-written last: a folder without it is never resumed from), and each checkpoint goes to ``on_checkpoint`` (the step
-uploads it to S3). A run resumes from the latest and continues the step count, stops early on the held-out loss
-(restoring the best adapter), and writes ``adapter/``, ``merged/`` (LoRA merged onto the base loaded fresh in fp32,
-never onto 4-bit weights) and ``metrics.json``.
+token) and hands TRL the ``input_ids``/``labels`` as they are. On CPU the loss applies the LM head only from the
+batch's first answer position on (:func:`answer_window_loss`; ``bench/sft_loss.py``). The Trainer checkpoints the
+adapter, optimizer, scheduler, RNG and step every ``checkpoint_every`` steps into ``checkpoint_dir/checkpoint-N``
+(its trainer state written last: a folder without it is never resumed from), and each checkpoint goes to
+``on_checkpoint`` (the step uploads it to S3). A run resumes from the latest and continues the step count, stops
+early on the held-out loss (restoring the best adapter), and writes ``adapter/``, ``merged/`` (LoRA merged onto the
+base loaded fresh in fp32, never onto 4-bit weights) and ``metrics.json``.
 """
 
 from __future__ import annotations
@@ -181,6 +182,32 @@ def _callback(total: int, progress: bool, on_checkpoint: Callable[[Path, int], N
 
 
 # ---------------------------------------------------------------- training
+def answer_window_loss(model: Any, inputs: dict, num_items_in_batch: Any = None) -> Any:
+    """The causal LM loss of a collated batch (:func:`collate`) with the LM head applied only from the position before
+    the batch's first labelled token on: the logits of earlier positions would only predict prompt tokens, which the
+    loss ignores. Same value as the model's own loss over the whole sequence. Returns the model's output."""
+    labels = inputs["labels"]
+    labelled = (labels != IGNORE).any(dim=0).nonzero()
+    start = max(int(labelled[0]) - 1, 0) if len(labelled) else labels.shape[1] - 1
+    return model(**{k: v for k, v in inputs.items() if k != "labels"}, labels=labels[:, start:],
+                 logits_to_keep=labels.shape[1] - start, use_cache=False, num_items_in_batch=num_items_in_batch)
+
+
+def _answer_window_trainer(base: type) -> type:
+    """``base`` (TRL's SFTTrainer) with :func:`answer_window_loss` as its loss. TRL's fused head scores only the
+    labelled positions where Triton runs (CUDA) and every position elsewhere; on CPU each prompt position (about
+    two thirds of a tiny-world example) would cost a product with the 49,152-token head, its softmax, entropy and
+    top-1. TRL's entropy and token-accuracy metrics are not logged."""
+
+    class AnswerWindowTrainer(base):
+        def compute_loss(self, model: Any, inputs: dict, return_outputs: bool = False,
+                         num_items_in_batch: Any = None) -> Any:
+            outputs = answer_window_loss(model, inputs, num_items_in_batch)
+            return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+    return AnswerWindowTrainer
+
+
 def _split(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
@@ -239,12 +266,14 @@ def train_sft(model_dir: Path, rows: list[dict], out_dir: Path, cfg: SFTConfig, 
             max_length=None, logging_steps=1, logging_nan_inf_filter=False, save_strategy="steps",
             save_steps=cfg.checkpoint_every, save_total_limit=KEEP_CHECKPOINTS,
             eval_strategy="steps" if evals else "no", eval_steps=cfg.checkpoint_every, load_best_model_at_end=evals,
+            prediction_loss_only=True,  # else each evaluation recomputes and gathers every position's logits
             metric_for_best_model="eval_loss", greater_is_better=False, restore_callback_states_from_checkpoint=True,
             report_to="none", disable_tqdm=True)
         callbacks = [_callback(total, progress, on_checkpoint)]
         if evals:
             callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience))
-        trainer = SFTTrainer(model=model, args=args, processing_class=tokenizer, callbacks=callbacks,
+        trainer_class = SFTTrainer if device == "cuda" else _answer_window_trainer(SFTTrainer)
+        trainer = trainer_class(model=model, args=args, processing_class=tokenizer, callbacks=callbacks,
                              data_collator=lambda batch: collate(batch, pad_id),
                              train_dataset=Dataset.from_list(train_ex),
                              eval_dataset=Dataset.from_list(eval_ex) if evals else None)

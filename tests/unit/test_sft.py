@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from cogumi_tasks.core.config import SFTConfig
-from cogumi_tasks.train.sft import IGNORE, build_examples, choose_method, collate
+from cogumi_tasks.train.sft import IGNORE, answer_window_loss, build_examples, choose_method, collate
 
 REPO = Path(__file__).resolve().parents[2]
 ROWS = [{"prompt": f"What is {i} plus {i}?", "response": f"{i} plus {i} is {2 * i}."} for i in range(20)]
@@ -103,6 +103,31 @@ def test_collate_masks_padding(tokenizer):
         _, _, answer = _answer_positions(tokenizer, rows[i])
         assert [j for j, t in enumerate(batch["labels"][i].tolist()) if t != IGNORE] == list(answer)
     assert len(examples[1]["input_ids"]) < width  # the second row really was padded
+
+
+def test_answer_window_loss_equals_the_full_loss_and_its_gradient(tokenizer, hf_dir):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    rows = [{"prompt": "A much longer question, with many words before the answer starts?", "response": "Yes."},
+            {"prompt": "Short?", "response": "A longer answer of several words."}]
+    batch = collate(build_examples(tokenizer, rows, max_len=512), pad_id=0)
+    torch.manual_seed(0)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], init_lora_weights=False)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32), lora)
+    losses, grads = [], []
+    for loss_of in (lambda: model(**batch, use_cache=False).loss, lambda: answer_window_loss(model, batch).loss):
+        model.zero_grad()
+        loss = loss_of()
+        loss.backward()
+        losses.append(loss.item())
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad]))
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+    assert torch.allclose(grads[1], grads[0], rtol=1e-4, atol=1e-6)
+    first = min(j for row in batch["labels"].tolist() for j, t in enumerate(row) if t != IGNORE)
+    window = answer_window_loss(model, batch).logits.shape[1]
+    assert window == batch["labels"].shape[1] - first + 1  # the head ran on the answer window, not the prompt
 
 
 # ---------------------------------------------------------------- method

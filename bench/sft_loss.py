@@ -1,0 +1,91 @@
+"""Benchmark: one LoRA SFT step (loss, backward) on CPU with TRL's fused LM head or the answer window. Prints JSON.
+
+    python bench/sft_loss.py [--repeats 5] [--steps 8] [--out FILE]
+
+Model: the packaged SmolLM2-135M converted to an fp32 HF directory, with tiny.yaml's ``train.sft`` LoRA (rank 16,
+every linear layer). Batches: 4 training rows each of the tiny world's Phase 0 mix (30 / 100 / 80 list_fn /
+word_arith / tool_call instances with their reference answers), collated as ``train_sft`` does, the same
+``--steps`` batches in every repeat; gradients are zeroed and never applied, so every repeat does the same work.
+Ways: ``trl_fused_head`` is the baseline, TRL's own CPU path (``add_fused_lm_head`` with the outputs SFTTrainer
+asks for, called with ``fused_lm_head=True``: every position through the head in chunks); ``answer_window`` is
+:func:`cogumi_tasks.train.sft.answer_window_loss` (the head only from the batch's first answer position). Figures:
+seconds per step (median, min, max over repeats), the speed-up of the medians, and the largest relative
+difference between the two losses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+COUNTS = {"list_fn": 30, "word_arith": 100, "tool_call": 80}
+
+
+def main() -> None:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl.trainer.utils import add_fused_lm_head
+
+    from bench.figures import emit, summary
+    from bench.tiny_world_learning import sft_config
+    from cogumi_tasks import world
+    from cogumi_tasks.models.convert import hf_dir_from_gguf
+    from cogumi_tasks.models.packaged import smollm2_gguf
+    from cogumi_tasks.train.sft import answer_window_loss, build_examples, collate
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=8, help="batches per repeat")
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    cfg = sft_config(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml", [])
+    with tempfile.TemporaryDirectory() as tmp:
+        hf = hf_dir_from_gguf(smollm2_gguf(), Path(tmp) / "hf")
+        tok = AutoTokenizer.from_pretrained(str(hf))
+        rows = [{"prompt": i.prompt, "response": i.reference}
+                for f, n in COUNTS.items() for i in world.generate(f, n, 0, part="train")]
+        examples = build_examples(tok, rows, cfg.max_seq_len)
+        examples.sort(key=lambda ex: len(ex["input_ids"]))  # batches of similar length, as group_by_length makes
+        stride = len(examples) // args.steps
+        batches = [collate(examples[k * stride:k * stride + cfg.batch_size], tok.pad_token_id)
+                   for k in range(args.steps)]
+        model = AutoModelForCausalLM.from_pretrained(str(hf), dtype=torch.float32)
+        add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))  # as SFTTrainer does
+        model = get_peft_model(model, LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=0.0,
+                                                 target_modules=list(cfg.target_modules), init_lora_weights=False))
+        model.train()
+        ways = {"trl_fused_head": lambda b: model(**b, use_cache=False, fused_lm_head=True).loss,
+                "answer_window": lambda b: answer_window_loss(model, b).loss}
+        seconds: dict[str, list[float]] = {w: [] for w in ways}
+        losses: dict[str, list[float]] = {w: [] for w in ways}
+        for rep in range(args.repeats):
+            for way, loss_of in ways.items():
+                t0 = time.perf_counter()
+                for b in batches:
+                    model.zero_grad()
+                    loss = loss_of(b)
+                    loss.backward()
+                    if rep == 0:
+                        losses[way].append(loss.item())
+                seconds[way].append((time.perf_counter() - t0) / len(batches))
+            print(f"repeat {rep}: " + ", ".join(f"{w} {s[-1]:.2f} s/step" for w, s in seconds.items()),
+                  file=sys.stderr)
+    diff = max(abs(a - b) / abs(a) for a, b in zip(losses["trl_fused_head"], losses["answer_window"], strict=True))
+    emit({"repeats": args.repeats, "steps": args.steps, "batch_size": cfg.batch_size, "threads": 2,
+          "tokens_per_step": round(statistics.mean(int(b["attention_mask"].sum()) for b in batches), 1),
+          "baseline": "trl_fused_head", "seconds_per_step": {w: summary(s, 3) for w, s in seconds.items()},
+          "speedup_median": round(statistics.median(seconds["trl_fused_head"])
+                                  / statistics.median(seconds["answer_window"]), 2),
+          "max_relative_loss_difference": diff}, args.out)
+
+
+if __name__ == "__main__":
+    main()
