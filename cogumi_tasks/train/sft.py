@@ -274,9 +274,9 @@ def train_sft(model_dir: Path, rows: list[dict], out_dir: Path, cfg: SFTConfig, 
             callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience))
         trainer_class = SFTTrainer if device == "cuda" else _answer_window_trainer(SFTTrainer)
         trainer = trainer_class(model=model, args=args, processing_class=tokenizer, callbacks=callbacks,
-                             data_collator=lambda batch: collate(batch, pad_id),
-                             train_dataset=Dataset.from_list(train_ex),
-                             eval_dataset=Dataset.from_list(eval_ex) if evals else None)
+                                data_collator=lambda batch: collate(batch, pad_id),
+                                train_dataset=Dataset.from_list(train_ex),
+                                eval_dataset=Dataset.from_list(eval_ex) if evals else None)
         trainer.remove_callback(PrinterCallback)  # our callback prints progress
         trainer.train(resume_from_checkpoint=str(found[0]) if found else None)
         state, model = trainer.state, trainer.model
