@@ -49,7 +49,7 @@ class Brain:
     def __init__(self, release: Release, embedder: Any = None, threshold: float | None = None) -> None:
         """Sets this process's torch to one thread: the router, detector and MiniLM are small, and the engine's
         llama.cpp threads need the cores (serve.validate on 2 cores decoded 37.6 tokens/s with torch's default
-        threads beside them, 70.5 with one; docs/phase5.md)."""
+        threads beside them, 73.3 with one; docs/phase5.md)."""
         import torch
 
         from cogumi_tasks.routing.escalation import EscalationDetector
