@@ -47,15 +47,9 @@ class Brain:
     """The release's router, escalation detector and calibrator, and the query embedder."""
 
     def __init__(self, release: Release, embedder: Any = None, threshold: float | None = None) -> None:
-        """Sets this process's torch to one thread: the router, detector and MiniLM are small, and the engine's
-        llama.cpp threads need the cores (serve.validate on 2 cores decoded 37.6 tokens/s with torch's default
-        threads beside them, 73.3 with one; docs/phase5.md)."""
-        import torch
-
         from cogumi_tasks.routing.escalation import EscalationDetector
         from cogumi_tasks.routing.router import Router
 
-        torch.set_num_threads(1)
         self.router = Router.load(release.router_dir)
         self.detector = EscalationDetector(release.escalation_dir)
         self.calibrator = release.calibrator()

@@ -254,9 +254,14 @@ def create_app(release: "Release", config: "ServeConfig", engine: "Engine", *, s
     ``config.api_keys_file``); ``store`` and ``log_prefix`` (``s3://<bucket>/<config name>/query-logs``): where the
     query log goes (none: not written); ``threshold``: overrides the release's; ``registry``
     (``s3://<bucket>/<config name>/releases``, with ``store``): follow its ``current`` pointer every
-    ``config.reload_s`` seconds (:mod:`cogumi_tasks.serve.watch`)."""
+    ``config.reload_s`` seconds (:mod:`cogumi_tasks.serve.watch`).
+
+    Sets this process's torch to one thread: the router, detector and MiniLM are small, and the engine's llama.cpp
+    threads need the cores (serve.validate on 2 cores decoded 37.6 tokens/s with torch's default threads beside
+    them, 73.3 with one; docs/phase5.md)."""
     from pathlib import Path
 
+    import torch
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, Response, StreamingResponse
 
@@ -265,6 +270,7 @@ def create_app(release: "Release", config: "ServeConfig", engine: "Engine", *, s
     from cogumi_tasks.serve.access import ApiKeys, read_keys
     from cogumi_tasks.serve.querylog import QueryLog
 
+    torch.set_num_threads(1)
     mcfg = memory_config or MemoryConfig()
     mem_path = Path(memory_path or Path(config.state_dir).expanduser() / "memory.sqlite")
     memory = SessionMemory(mem_path, mcfg)
