@@ -85,9 +85,8 @@ def train(ctx: StepContext) -> StepOutput:
     model_dir = ctx.fetch_dir(ctx.input("model"))
     log.info("modifiers.train %s: %d solved rows (by tier %s) + %d replayed, rank %d on %s", mod.name, len(solved),
              by_tier, n_replay, cfg.rank, ",".join(cfg.target_modules))
-    training = train_lora(ctx, model_dir, [{"prompt": r["prompt"], "response": r["response"]} for r in mix], cfg)
-    shutil.rmtree(ctx.out_dir / "merged", ignore_errors=True)  # served as base GGUF + adapters, never merged
-    training.pop("model", None)  # the merged copy's stats: it is not kept
+    training = train_lora(ctx, model_dir, [{"prompt": r["prompt"], "response": r["response"]} for r in mix], cfg,
+                          merge=False)  # served as base GGUF + adapters, never merged
     convert_lora_to_gguf(ctx.out_dir / "adapter", model_dir, ctx.out("adapter.gguf"))
     metrics = {"modifier": mod.name, "domain": mod.domain, "solved_rows": len(solved), "solved_by_tier": by_tier,
                "replay_rows": n_replay, "rows": len(mix), "rank": cfg.rank, "alpha": cfg.alpha,

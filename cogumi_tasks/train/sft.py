@@ -217,8 +217,9 @@ def _split(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict], li
 
 def train_sft(model_dir: Path, rows: list[dict], out_dir: Path, cfg: SFTConfig, *, checkpoint_dir: Path,
               on_checkpoint: Callable[[Path, int], None] | None = None, resume: bool = True,
-              progress: bool = True) -> dict:
-    """LoRA/QLoRA SFT of the model in ``model_dir`` on ``rows``; see the module docstring. Returns the metrics."""
+              progress: bool = True, merge: bool = True) -> dict:
+    """LoRA/QLoRA SFT of the model in ``model_dir`` on ``rows``; see the module docstring. Returns the metrics.
+    ``merge=False`` writes the adapter only (no ``merged/`` copy of the model)."""
     import torch
     from datasets import Dataset
     from peft import set_peft_model_state_dict
@@ -294,7 +295,8 @@ def train_sft(model_dir: Path, rows: list[dict], out_dir: Path, cfg: SFTConfig, 
     model.save_pretrained(str(adapter_dir))
     tokenizer.save_pretrained(str(adapter_dir))
     del model
-    merge_adapter(model_dir, adapter_dir, out_dir / "merged")
+    if merge:
+        merge_adapter(model_dir, adapter_dir, out_dir / "merged")
 
     metrics = {"steps": state.global_step, "train_loss_curve": train_curve, "eval_loss_curve": eval_curve,
                "final_eval_loss": state.best_metric, "best_step": state.best_global_step,
