@@ -229,6 +229,8 @@ class SuiteConfig(Strict):
     seed: int = 0
     limit: int | None = None
     max_record_bytes: int = Field(1024 * 1024, ge=1, description="a longer line is a bad line (never read whole)")
+    max_tokens: int | None = Field(None, ge=1, description="answer length for this suite's items; empty: "
+                                   "eval.max_tokens")
 
     @model_validator(mode="after")
     def _fields_of_kind(self) -> SuiteConfig:

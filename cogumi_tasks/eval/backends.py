@@ -66,6 +66,22 @@ class _Progress:
                      self.done / elapsed, self.tokens / elapsed)
 
 
+def generate_budgeted(backend: ModelBackend, conversations: list[list[dict]],
+                      budgets: Sequence[int]) -> list[Generation]:
+    """``backend.generate`` with an answer length per conversation (an item's suite ``max_tokens``): one call per
+    distinct length, conversations in their order within it, the answers back in the input order."""
+    if len(budgets) != len(conversations):
+        raise ValueError(f"{len(budgets)} answer lengths for {len(conversations)} conversations")
+    groups: dict[int, list[int]] = {}
+    for i, n in enumerate(budgets):
+        groups.setdefault(n, []).append(i)
+    out: list[Generation | None] = [None] * len(conversations)
+    for n, idx in groups.items():
+        for i, g in zip(idx, backend.generate([conversations[i] for i in idx], n), strict=True):
+            out[i] = g
+    return out  # type: ignore[return-value]
+
+
 # ---------------------------------------------------------------- transformers
 class HFBackend:
     """A causal LM checkpoint directory (and optional peft adapter directory) on CPU.

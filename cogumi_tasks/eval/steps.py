@@ -51,7 +51,7 @@ def run_eval(ctx: StepContext) -> StepOutput:
     other suites on rows of their own, judge).
     """
     from cogumi_tasks.core.ledger import ResponseCache
-    from cogumi_tasks.eval.backends import EndpointBackend, load_backend
+    from cogumi_tasks.eval.backends import EndpointBackend, generate_budgeted, load_backend
     from cogumi_tasks.eval.judge import judge_pairs, order_agreement, win_rate
     from cogumi_tasks.eval.stats import pct_of_reference
     from cogumi_tasks.eval.suites import load_suite, reference_conversations, score_items
@@ -78,16 +78,17 @@ def run_eval(ctx: StepContext) -> StepOutput:
     ledger = make_ledger(ctx)
     cache = ResponseCache(ctx.store, ctx.llm_cache_prefix)
     conversations = [i.messages for i in items]
+    budgets = [i.max_tokens or cfg.max_tokens for i in items]
     student = load_backend(student_ref, endpoints=_endpoints(ctx), llm=ctx.config.llm, ledger=ledger, cache=cache,
                            fetch=fetch, batch_size=cfg.batch_size, step=ctx.spec.name, hf_runtime=cfg.hf_runtime,
                            pre_tokenizer=cfg.hf_pre_tokenizer, work_dir=ctx.tmp_dir)
     try:
-        ours = student.generate(conversations, cfg.max_tokens)
+        ours = generate_budgeted(student, conversations, budgets)
     finally:
         student.close()
     reference = EndpointBackend(cfg.reference, ctx.config.llm, ledger, cache, step=ctx.spec.name)
     try:
-        theirs = reference.generate(reference_conversations(items, cfg.reference_shots, cfg.seed), cfg.max_tokens)
+        theirs = generate_budgeted(reference, reference_conversations(items, cfg.reference_shots, cfg.seed), budgets)
     finally:
         reference.close()
 

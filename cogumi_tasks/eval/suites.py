@@ -13,7 +13,7 @@ import json
 import re
 import textwrap
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
@@ -46,6 +46,7 @@ class Item:
     domain: str
     messages: list[dict]
     target: dict
+    max_tokens: int | None = None  # the suite's answer length; None: eval.max_tokens
 
 
 @dataclass
@@ -204,12 +205,15 @@ def reference_conversations(items: list[Item], shots: int, seed: int) -> list[li
 
 
 def load_suite(cfg: SuiteConfig, fetch: Callable[[str], Path]) -> list[Item]:
-    """Every item of one suite, in file order (the first ``cfg.limit`` when set); any bad line raises SuiteError.
-    A ``world`` suite is generated (:func:`world_items`)."""
+    """Every item of one suite, in file order (the first ``cfg.limit`` when set), each carrying the suite's
+    ``max_tokens``; any bad line raises SuiteError. A ``world`` suite is generated (:func:`world_items`)."""
+    items = world_items(cfg) if cfg.kind == "world" else _file_items(cfg, fetch)
+    return [replace(i, max_tokens=cfg.max_tokens) for i in items] if cfg.max_tokens else items
+
+
+def _file_items(cfg: SuiteConfig, fetch: Callable[[str], Path]) -> list[Item]:
     import tempfile
 
-    if cfg.kind == "world":
-        return world_items(cfg)
     path = resolve_source(cfg.source, fetch)
     with tempfile.TemporaryDirectory(prefix="cogumi-suite-") as tmp:
         local = path

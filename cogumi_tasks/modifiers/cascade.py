@@ -108,7 +108,7 @@ def test_base(ctx: StepContext) -> StepOutput:
     backend = GGUFBackend(ctx.fetch(ctx.input("gguf")), ctx.fetch(str(lora)) if lora else None,
                           name=f"base/{mod.name}")
     try:
-        answers = backend.generate([r["messages"] for r in rows], ctx.config.eval.max_tokens)
+        answers = backend.generate([r["messages"] for r in rows], mod.tasks.max_tokens or ctx.config.eval.max_tokens)
     finally:
         backend.close()
     verdicts, judge_cost = judged_by_id(ctx, [{**r, "response": g.text} for r, g in zip(rows, answers, strict=True)],

@@ -114,7 +114,7 @@ def scored(ctx: StepContext, items: list, texts: list[str]) -> list[Any]:
 def reference_answers(ctx: StepContext, items: list) -> tuple[list[str], list[Any]]:
     """The reference endpoint's answers to ``items`` (response cache first) and their scores; sets ``ctx.cost``."""
     from cogumi_tasks.core.ledger import ResponseCache
-    from cogumi_tasks.eval.backends import EndpointBackend
+    from cogumi_tasks.eval.backends import EndpointBackend, generate_budgeted
     from cogumi_tasks.eval.suites import reference_conversations
     from cogumi_tasks.llm.step_calls import make_ledger
 
@@ -123,7 +123,8 @@ def reference_answers(ctx: StepContext, items: list) -> tuple[list[str], list[An
     backend = EndpointBackend(cfg.reference, ctx.config.llm, ledger, ResponseCache(ctx.store, ctx.llm_cache_prefix),
                               step=ctx.spec.name)
     try:
-        gens = backend.generate(reference_conversations(items, cfg.reference_shots, cfg.seed), cfg.max_tokens)
+        gens = generate_budgeted(backend, reference_conversations(items, cfg.reference_shots, cfg.seed),
+                                 [i.max_tokens or cfg.max_tokens for i in items])
     finally:
         backend.close()
         ledger.flush()
@@ -135,8 +136,11 @@ def reference_answers(ctx: StepContext, items: list) -> tuple[list[str], list[An
 def answer_rows(ctx: StepContext, backend: Any, adapters: list[tuple[Path, float]], items: list,
                 ref: tuple[list[str], list[Any]], **extra: Any) -> list[dict]:
     """Greedy answers of the base with ``adapters`` to ``items``, scored, beside the reference's."""
+    from cogumi_tasks.eval.backends import generate_budgeted
+
     backend.set_adapters(adapters)
-    gens = backend.generate([i.messages for i in items], _eval_cfg(ctx).max_tokens)
+    gens = generate_budgeted(backend, [i.messages for i in items],
+                             [i.max_tokens or _eval_cfg(ctx).max_tokens for i in items])
     scores = scored(ctx, items, [g.text for g in gens])
     return [{**extra, "id": it.id, "suite": it.suite, "domain": it.domain, "prompt": it.messages[-1]["content"],
              "answer": g.text, "score": s.score, "error": s.error or g.error, "reason": s.detail.get("reason"),

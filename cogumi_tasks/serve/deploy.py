@@ -133,7 +133,8 @@ class LocalGateway:
 
 
 def ask_all(url: str, key: str, items: list, max_tokens: int) -> list[dict]:
-    """Each item's answer from ``cogumi-auto`` with the gateway's route and timings."""
+    """Each item's answer from ``cogumi-auto`` with the gateway's route and timings; an item's suite
+    ``max_tokens`` before ``max_tokens``."""
     import httpx
 
     out = []
@@ -141,7 +142,8 @@ def ask_all(url: str, key: str, items: list, max_tokens: int) -> list[dict]:
         for i, item in enumerate(items):
             t0 = time.perf_counter()
             r = client.post("/v1/chat/completions", json={"model": "cogumi-auto", "messages": item.messages,
-                                                          "max_tokens": max_tokens, "temperature": 0,
+                                                          "max_tokens": item.max_tokens or max_tokens,
+                                                          "temperature": 0,
                                                           "user": f"validate-{i}"})
             seconds = time.perf_counter() - t0
             if r.status_code != 200:

