@@ -9,7 +9,11 @@ UV := $(VENV)/bin/uv
 # with .pyc), paid by each Airflow task and test process. So uv compiles each package it installs.
 UV_INSTALL := $(UV) pip install --python $(PY) -q --compile-bytecode
 WHEELS ?= $(HOME)/.cache/cogumi/wheels
-FIND_LINKS := --find-links $(WHEELS) $(if $(PIP_FIND_LINKS),--find-links $(PIP_FIND_LINKS),)
+# llama-cpp-python is built for this CPU's instruction sets, AMX excepted (tools/llama_cmake_args.sh says why); its
+# wheel is kept per set of build arguments, so a machine with other ones (or the older native build) builds anew.
+LLAMA_CMAKE_ARGS = $(shell tools/llama_cmake_args.sh)
+LLAMA_WHEELS = $(WHEELS)/llama-$(shell echo '$(LLAMA_CMAKE_ARGS)' | sha256sum | cut -c1-12)
+FIND_LINKS = --find-links $(LLAMA_WHEELS) $(if $(PIP_FIND_LINKS),--find-links $(PIP_FIND_LINKS),)
 LLAMA_CPP := llama-cpp-python==0.3.36
 STAMP := $(VENV)/.installed
 CONVERT := $(VENV)/share/llama-convert
@@ -26,7 +30,7 @@ COMPOSE ?= $(shell docker compose version >/dev/null 2>&1 && echo "docker compos
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml requirements.lock
+$(STAMP): pyproject.toml requirements.lock tools/llama_cmake_args.sh
 	@# Debian packages: docker-compose validates docker-compose.yaml (no engine needed); bubblewrap is
 	@# the sandbox that runs model-written code in the evaluation harness; chromium is the real browser of the
 	@# UI tests; prometheus scrapes the serving gateway (promtool checks its config and rules)
@@ -35,15 +39,16 @@ $(STAMP): pyproject.toml requirements.lock
 	  >/dev/null; } || echo "note: install the Debian packages $(APT_PACKAGES); tests that need them will fail"
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@test -x $(UV) || $(VENV)/bin/pip install -q uv==0.13.9
-	@mkdir -p $(WHEELS)
+	@mkdir -p $(WHEELS) $(LLAMA_WHEELS)
 	@# torch first, from the local CPU wheel, so nothing pulls a CUDA build
 	$(UV_INSTALL) $(FIND_LINKS) torch==2.13.0
 	@# llama-cpp-python has no wheel on the index: keep its sdist (it also holds llama.cpp's GGUF converter)
 	@# and build the wheel from it once (~10 min on 2 cores)
 	@ls $(LLAMA_SDIST) >/dev/null 2>&1 || $(VENV)/bin/pip download -q --no-deps --no-binary :all: $(LLAMA_CPP) -d $(WHEELS)
-	@ls $(WHEELS)/llama_cpp_python-0.3.36-*.whl >/dev/null 2>&1 || \
-	  (echo "building $(LLAMA_CPP) (once, ~10 minutes)..." && $(VENV)/bin/pip wheel -q --no-deps $(LLAMA_SDIST) -w $(WHEELS))
-	$(UV_INSTALL) $(FIND_LINKS) -c requirements.lock -e ".[ml,airflow,serve,dev]"
+	@ls $(LLAMA_WHEELS)/llama_cpp_python-0.3.36-*.whl >/dev/null 2>&1 || \
+	  (echo "building $(LLAMA_CPP) (once, ~10 minutes) with $(LLAMA_CMAKE_ARGS)..." && \
+	   CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(VENV)/bin/pip wheel -q --no-deps $(LLAMA_SDIST) -w $(LLAMA_WHEELS))
+	$(UV_INSTALL) $(FIND_LINKS) --reinstall-package llama-cpp-python -c requirements.lock -e ".[ml,airflow,serve,dev]"
 	@# llama.cpp's HF-to-GGUF converter is not in the wheel: extract it from the sdist next to the venv
 	@test -f $(CONVERT)/convert_hf_to_gguf.py || { mkdir -p $(CONVERT) && tar xzf $(LLAMA_SDIST) -C $(CONVERT) \
 	  --strip-components=3 $(foreach f,convert_hf_to_gguf.py convert_lora_to_gguf.py conversion gguf-py,\

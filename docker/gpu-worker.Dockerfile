@@ -23,8 +23,11 @@ ARG BITSANDBYTES_VERSION=0.50.2
 # llmcompressor 0.14.0.1 pins transformers to 5.15-5.17; the ml extra pins 5.17.0.
 ARG LLMCOMPRESSOR_VERSION=0.14.0.1
 # GGUF export: llama-cpp-python (built from its sdist) quantizes and checks the GGUF; the HF-to-GGUF
-# converter ships only in that sdist, so it is extracted to /opt/cogumi/llama-convert.
+# converter ships only in that sdist, so it is extracted to /opt/cogumi/llama-convert. Built for any x86-64 host
+# with AVX2 rather than for the build host's CPU (GGML_NATIVE=OFF): the image runs elsewhere, and a native build
+# on a host that reports AMX crashes where AMX is not usable (tools/llama_cmake_args.sh).
 ARG LLAMA_CPP_VERSION=0.3.36
+ARG LLAMA_CMAKE_ARGS="-DGGML_NATIVE=OFF"
 
 ENV DEBIAN_FRONTEND=noninteractive \
     PYTHONUNBUFFERED=1 \
@@ -67,7 +70,7 @@ RUN pip install \
     && python -c "import cogumi_tasks, torch, transformers, peft, bitsandbytes, llmcompressor, airflow.providers.edge3" \
     && cogumi --help >/dev/null
 RUN pip download --no-deps --no-binary :all: "llama-cpp-python==${LLAMA_CPP_VERSION}" -d /tmp/llama \
-    && pip install /tmp/llama/llama_cpp_python-${LLAMA_CPP_VERSION}.tar.gz \
+    && CMAKE_ARGS="${LLAMA_CMAKE_ARGS}" pip install /tmp/llama/llama_cpp_python-${LLAMA_CPP_VERSION}.tar.gz \
     && mkdir -p /opt/cogumi/llama-convert \
     && tar xzf /tmp/llama/llama_cpp_python-${LLAMA_CPP_VERSION}.tar.gz -C /opt/cogumi/llama-convert --strip-components=3 \
         $(for f in convert_hf_to_gguf.py convert_lora_to_gguf.py conversion gguf-py; do \
