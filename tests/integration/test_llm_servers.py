@@ -227,8 +227,9 @@ def test_a_step_waiting_on_a_batch_defers_and_resumes_without_resubmitting(batch
     path = write_config(f"batchdefer-{uuid.uuid4().hex[:6]}", {
         "dataset.prompts.limit": 3, "dataset.prompts.world.families": {}, "dataset.prompts.shards": 1,
         "dataset.generate.max_tokens": 16, "llm.batch_poll_s": 0.2,
-        "teachers.0.base_url": batch_server, "teachers.0.batch": True,
-        "teachers.1.base_url": batch_server, "teachers.1.batch": True, "teachers.1.families": "null"})
+        "teachers.0.base_url": batch_server, "teachers.0.batch": True, "teachers.0.weight": 0.5,
+        "teachers.1.base_url": batch_server, "teachers.1.batch": True, "teachers.1.families": "null",
+        "teachers.1.weight": 0.5})  # each teacher gets some of the 3 prompts, whatever tiny.yaml's weights
     config = load_config(path)
     store_for(config)
     shard = run_step("data.prompts", config, run_id="batchdefer").outputs["shards"][0]
