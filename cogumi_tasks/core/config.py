@@ -438,6 +438,8 @@ class ModifierConfig(Strict):
                                   "(stored at the reduced rank that keeps 1 - sparsity of the parameters)")
     gate_pct: float = Field(100.0, gt=0, description="domain gate: held-out score in % of the reference's")
     adapter_scale: float = Field(1.0, gt=0, description="the modifier's scale beside the recovery LoRA (1.0)")
+    alone: bool = Field(True, description="modifiers.evaluate also answers the domain's held-out items with the "
+                        "modifier without the recovery LoRA (rows <name>/alone): what the recovery adds underneath")
 
     @model_validator(mode="after")
     def _check(self) -> ModifierConfig:

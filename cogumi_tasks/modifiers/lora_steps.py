@@ -323,11 +323,11 @@ def evaluate(ctx: StepContext) -> StepOutput:
 
     Models: ``base`` (Phase 2's GGUF with its recovery LoRA), ``<name>`` (base + recovery + the modifier at its
     ``adapter_scale``) on every domain (does a modifier hurt the others?), and ``<name>/alone`` (base + the
-    modifier without the recovery LoRA) on its own domain; the reference once per item. Per (model, domain):
-    accuracy and the reference's with intervals, % of reference, the difference to the base in points with a
-    paired interval (``alone`` also to the modifier with recovery), and per modifier the verdict on "raises its
-    domain over the base" (met only when the interval of the difference excludes zero). Answers that
-    ``modifiers.compress`` already made with the same model are reused (:func:`known_answers`).
+    modifier without the recovery LoRA; modifiers with ``alone`` set) on its own domain; the reference once per
+    item. Per (model, domain): accuracy and the reference's with intervals, % of reference, the difference to the
+    base in points with a paired interval (``alone`` also to the modifier with recovery), and per modifier the
+    verdict on "raises its domain over the base" (met only when the interval of the difference excludes zero).
+    Answers that ``modifiers.compress`` already made with the same model are reused (:func:`known_answers`).
 
     Inputs: ``gguf``, ``lora`` (optional: recovery), ``modifiers`` (each modifier's chosen GGUF LoRA, in the
     config's modifier order), ``known`` (optional: each modifier's compress ``items``, same order). Outputs:
@@ -358,7 +358,7 @@ def evaluate(ctx: StepContext) -> StepOutput:
         rows += answer_or_reuse(ctx, backend, rec, items, ref, memo, "base")
         for m, path in zip(mods, adapters, strict=True):
             rows += answer_or_reuse(ctx, backend, [*rec, (path, m.adapter_scale)], items, ref, memo, m.name)
-            if rec:
+            if rec and m.alone:
                 own = [i for i, it in enumerate(items) if it.domain == m.domain]
                 rows += answer_rows(ctx, backend, [(path, m.adapter_scale)], [items[i] for i in own],
                                     ([ref[0][i] for i in own], [ref[1][i] for i in own]), model=f"{m.name}/alone")

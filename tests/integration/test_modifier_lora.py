@@ -201,6 +201,15 @@ def test_evaluate_tables_every_model_on_every_domain(trained, compressed):
     items = _rows(trained["store"], result.outputs["items"])
     assert len(items) == 12 and {r["model"] for r in items} == set(summary["models"])
 
+    config = trained["config"]  # alone: false -> base and modifier only, 8 answers
+    config = config.model_copy(update={"modifiers": [config.modifiers[0].model_copy(update={"alone": False})]})
+    result = run_step("modifiers.evaluate", config,
+                      {"gguf": str(smollm2_gguf()), "lora": str(recovery),
+                       "modifiers": [compressed.outputs["lora_gguf"]], "known": [compressed.outputs["items"]]},
+                      store=trained["store"])
+    summary = json.loads(trained["store"].get_bytes(result.outputs["summary"]))
+    assert summary["models"] == ["base", "reasoning"] and summary["answers"] == {"generated": 8, "reused": 0}
+
 
 def test_evaluate_reuses_what_compress_answered_with_the_same_models(trained, compressed):
     from cogumi_tasks.models.packaged import smollm2_gguf
