@@ -35,7 +35,7 @@ def test_mistyped_value_is_reported():
 def test_overrides_set_single_values_and_skip_empty():
     cfg = load_config("tiny", parse_set_flags(["dataset.prompts.limit=7", "llm.budget_usd=0.5"]))
     assert cfg.dataset.prompts.limit == 7 and cfg.llm.budget_usd == 0.5
-    assert load_config("tiny", {"dataset.prompts.limit": None}).dataset.prompts.limit == 40
+    assert load_config("tiny", {"dataset.prompts.limit": None}).dataset.prompts.limit == 20
     assert load_config("tiny", {"teachers.1.weight": "0.9"}).teachers[1].weight == 0.9
 
 
