@@ -6,6 +6,7 @@ collection time, before any test module imports it.
 
 from __future__ import annotations
 
+import atexit
 import os
 import secrets
 import shutil
@@ -18,6 +19,12 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 _TMP = Path(tempfile.mkdtemp(prefix="cogumi-tests-"))
+# Each pytest process (the xdist controller and every worker) has its own: the S3 server's data (several GB by the
+# end of a session), Airflow's home, the servers' logs. Removed when the process exits, after the session fixtures
+# stopped the servers; COGUMI_KEEP_TEST_TMP=1 keeps it to read the logs. Left behind, a few sessions filled the disk
+# and the S3 server refused writes ("no free volumes left") in every test that uploads.
+if not os.environ.get("COGUMI_KEEP_TEST_TMP"):
+    atexit.register(shutil.rmtree, _TMP, ignore_errors=True)
 
 os.environ.update(
     {
