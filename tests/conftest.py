@@ -25,6 +25,10 @@ _TMP = Path(tempfile.mkdtemp(prefix="cogumi-tests-"))
 # and the S3 server refused writes ("no free volumes left") in every test that uploads.
 if not os.environ.get("COGUMI_KEEP_TEST_TMP"):
     atexit.register(shutil.rmtree, _TMP, ignore_errors=True)
+# The processes the tests start (xdist workers, steps, Airflow tasks, servers) make their temporary files in it too:
+# a step killed on purpose (the resume tests) cannot remove its own, and SeaweedFS leaves its sockets behind.
+(_TMP / "tmp").mkdir()
+os.environ["TMPDIR"] = str(_TMP / "tmp")
 
 os.environ.update(
     {
@@ -82,7 +86,8 @@ def s3_server(tmp_root: Path):
 
     access, secret = "cogumi-test", secrets.token_hex(16)
     port = pick_base_port(lo=20000, hi=22000)
-    proc = start_s3(tmp_root / "s3", port, access, secret, tmp_root / "logs" / "s3.log")
+    # a session's workers wrote about 6.5 GB in all, S3 data and tmp_path folders (make test, 2026-12-06)
+    proc = start_s3(tmp_root / "s3", port, access, secret, tmp_root / "logs" / "s3.log", min_free_gib=4)
     os.environ.update({"AWS_ACCESS_KEY_ID": access, "AWS_SECRET_ACCESS_KEY": secret,
                        "COGUMI_S3_ENDPOINT": f"http://127.0.0.1:{port}"})
     yield S3Server(f"http://127.0.0.1:{port}", access, secret)
