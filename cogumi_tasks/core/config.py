@@ -272,7 +272,8 @@ class EvalConfig(Strict):
     hf_runtime: Literal["transformers", "llama_cpp"] = Field(
         "transformers", description="how an HF model directory is run: in transformers, or converted to an f16 "
         "GGUF and run in llama.cpp (faster on CPU: bench/serving.py, its figures in docs/phase2.md)")
-    hf_pre_tokenizer: str | None = Field(None, description="llama_cpp: BPE pre-tokenizer for a trimmed vocabulary")
+    hf_pre_tokenizer: str | None = Field(None, description="llama_cpp: BPE pre-tokenizer name (smollm) for a "
+                                         "vocabulary trimmed elsewhere; default: the one vocab_trim recorded")
     bootstrap: int = 1000
     seed: int = 0
     sandbox: SandboxConfig = Field(default_factory=SandboxConfig)
@@ -363,7 +364,8 @@ class AWQConfig(Strict):
 
 class GGUFConfig(Strict):
     quant_type: str = "Q5_K_M"
-    pre_tokenizer: str | None = Field(None, description="BPE pre-tokenizer name for a trimmed vocabulary (smollm)")
+    pre_tokenizer: str | None = Field(None, description="BPE pre-tokenizer name (smollm) for a vocabulary trimmed "
+                                      "elsewhere; default: the one vocab_trim recorded in tokenizer_config.json")
     agreement_prompts: int = 100
     agreement_tokens: int = 32
     min_agreement: float = 0.95

@@ -8,6 +8,7 @@ the llama-cpp-python wheel: ``make install`` extracts it from the sdist into ``<
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -28,6 +29,39 @@ def converter_dir() -> Path:
     return path
 
 
+# The key in a model directory's tokenizer_config.json that names llama.cpp's BPE pre-tokenizer for a tokenizer
+# whose hash the converter no longer knows (a trimmed vocabulary). transformers keeps unknown keys there when it
+# loads and saves a tokenizer again, so the name follows the model through every later step.
+PRE_TOKENIZER_KEY = "llama_cpp_pre_tokenizer"
+
+
+def detect_pre_tokenizer(model_dir: Path) -> str | None:
+    """llama.cpp's name for the BPE pre-tokenizer of the tokenizer in ``model_dir`` (``smollm`` for SmolLM2,
+    ``llama-bpe`` for Llama 3), or None when its converter does not recognise it."""
+    cmd = [sys.executable, "-m", "cogumi_tasks.models.run_converter", str(converter_dir() / "convert_hf_to_gguf.py"),
+           "--print-pre-tokenizer", str(model_dir)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode == 3:
+        return None
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
+        raise RuntimeError(f"reading the pre-tokenizer of {model_dir} failed (exit {proc.returncode}):\n{tail}")
+    return proc.stdout.strip().splitlines()[-1]
+
+
+def record_pre_tokenizer(model_dir: Path, name: str) -> None:
+    """Write ``name`` under :data:`PRE_TOKENIZER_KEY` in ``model_dir``'s tokenizer_config.json."""
+    path = Path(model_dir) / "tokenizer_config.json"
+    cfg = json.loads(path.read_text()) if path.exists() else {}
+    path.write_text(json.dumps({**cfg, PRE_TOKENIZER_KEY: name}, indent=2, ensure_ascii=False))
+
+
+def recorded_pre_tokenizer(model_dir: Path) -> str | None:
+    """The pre-tokenizer name :func:`record_pre_tokenizer` left in ``model_dir``, if any."""
+    path = Path(model_dir) / "tokenizer_config.json"
+    return json.loads(path.read_text()).get(PRE_TOKENIZER_KEY) if path.exists() else None
+
+
 def run_converter(script: str, args: list[str], pre_tokenizer: str | None = None) -> None:
     """Run one of llama.cpp's converter scripts in a subprocess (see :mod:`cogumi_tasks.models.run_converter`)."""
     cmd = [sys.executable, "-m", "cogumi_tasks.models.run_converter", str(converter_dir() / script)]
@@ -38,15 +72,17 @@ def run_converter(script: str, args: list[str], pre_tokenizer: str | None = None
         tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
         hint = ""
         if "pre-tokenizer was not recognized" in tail:
-            hint = "\n(a trimmed vocabulary changes the tokenizer's hash: set compress.gguf.pre_tokenizer, e.g. smollm)"
+            hint = (f"\n(a trimmed vocabulary changes the tokenizer's hash, and tokenizer_config.json has no "
+                    f"{PRE_TOKENIZER_KEY}: set compress.gguf.pre_tokenizer, e.g. smollm)")
         raise RuntimeError(f"{script} failed (exit {proc.returncode}):\n{tail}{hint}")
 
 
 def convert_hf_to_gguf(model_dir: Path, out: Path, outtype: str = "f16", pre_tokenizer: str | None = None) -> Path:
-    """An HF model directory -> one GGUF file of ``outtype`` (f32, f16, bf16, q8_0)."""
+    """An HF model directory -> one GGUF file of ``outtype`` (f32, f16, bf16, q8_0). ``pre_tokenizer`` defaults to
+    the one recorded in the directory (:func:`record_pre_tokenizer`)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     run_converter("convert_hf_to_gguf.py", [str(model_dir), "--outfile", str(out), "--outtype", outtype],
-                  pre_tokenizer)
+                  pre_tokenizer or recorded_pre_tokenizer(model_dir))
     return out
 
 

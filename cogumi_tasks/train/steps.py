@@ -61,7 +61,7 @@ def base_model(ctx: StepContext) -> StepOutput:
 
 @step("train.vocab_trim", version=1, reads=("train.vocab_trim",), inputs=("model", "dataset", "heldout"),
       outputs=("model",), code=("cogumi_tasks.train.vocab", "cogumi_tasks.models.nll", "cogumi_tasks.models.step_io",
-                                "cogumi_tasks.core.verdict"),
+                                "cogumi_tasks.models.convert", "cogumi_tasks.core.verdict"),
       config_inputs={"heldout": "train.vocab_trim.heldout"})
 def vocab_trim(ctx: StepContext) -> StepOutput:
     """Keep the tokens covering ``coverage`` of the dataset's chat text (plus the held-out English prompts),
@@ -114,7 +114,7 @@ def vocab_trim(ctx: StepContext) -> StepOutput:
             texts_longer=result.texts_longer, texts_total=result.texts_total,
             heldout_texts_longer=sum(len(new_tok.encode(t, add_special_tokens=False))
                                      > len(tok.encode(t, add_special_tokens=False)) for t in ppl_texts),
-            param_bytes_saved=result.param_bytes_saved,
+            param_bytes_saved=result.param_bytes_saved, llama_cpp_pre_tokenizer=result.pre_tokenizer,
             token_ppl_before=before.token_ppl, token_ppl_after=after.token_ppl,
             byte_ppl_before=before.byte_ppl, byte_ppl_after=after.byte_ppl,
             bits_per_byte_before=before.bits_per_byte, bits_per_byte_after=after.bits_per_byte,

@@ -8,7 +8,10 @@ Trimming that stays correct (see stack-facts "Compression"):
   recursively);
 * rebuild ``tokenizer.json`` with the kept vocabulary renumbered in the old order and only the merges whose parts
   and result are kept, slice ``embed_tokens`` (and ``lm_head`` when untied; re-tie when tied);
-* refuse the result unless every text round-trips exactly (:func:`check_round_trip`).
+* refuse the result unless every text round-trips exactly (:func:`check_round_trip`);
+* record in ``tokenizer_config.json`` the name llama.cpp's converter gave the untrimmed tokenizer's pre-tokenizer:
+  it recognises a tokenizer by the ids of a probe string, which trimming renumbers
+  (:func:`~cogumi_tasks.models.convert.record_pre_tokenizer`; GGUF export reads it).
 
 With the closure, any text whose original tokens are all kept tokenizes to exactly the same token sequence
 (renumbered): every intermediate of its merge sequence is an ancestor of a kept token, so every merge that fired
@@ -32,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from cogumi_tasks.core.verdict import Verdict, judge
+from cogumi_tasks.models.convert import detect_pre_tokenizer, record_pre_tokenizer, recorded_pre_tokenizer
 from cogumi_tasks.models.nll import NLLStats, chat_texts
 
 TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "chat_template.json")
@@ -58,6 +62,7 @@ class TrimResult:
     texts_total: int
     param_bytes_saved: int
     old_to_new: list[int] = field(repr=False)
+    pre_tokenizer: str | None = None  # llama.cpp's name, recorded in tokenizer_config.json; None: not recognised
 
     @property
     def kept_old_ids(self) -> list[int]:
@@ -213,6 +218,9 @@ def trim_model(model_dir: Path, out_dir: Path, texts: list[str], coverage: float
         tcfg = json.loads(cfg_path.read_text())
         _remap_ids(tcfg, old_to_new)
         cfg_path.write_text(json.dumps(tcfg, indent=2, ensure_ascii=False))
+    pre_tokenizer = recorded_pre_tokenizer(model_dir) or detect_pre_tokenizer(model_dir)
+    if pre_tokenizer:
+        record_pre_tokenizer(out_dir, pre_tokenizer)
     check_round_trip(out_dir, texts)
 
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
@@ -253,7 +261,7 @@ def trim_model(model_dir: Path, out_dir: Path, texts: list[str], coverage: float
     return TrimResult(vocab_before=vocab_before, vocab_after=len(index), coverage=covered / total if total else 1.0,
                       texts_longer=longer, texts_total=len(texts),
                       param_bytes_saved=(vocab_before - len(index)) * hidden * old_emb.weight.element_size() * heads,
-                      old_to_new=old_to_new)
+                      old_to_new=old_to_new, pre_tokenizer=pre_tokenizer)
 
 
 # ---------------------------------------------------------------- checks

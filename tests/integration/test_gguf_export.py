@@ -32,20 +32,35 @@ def test_f16_gguf_agrees_with_hf_and_q5_k_m_is_smaller(hf_dir, tmp_path):
     print(f"gguf agreement: f16 {f16_agree.rate:.4f}, Q5_K_M {q_agree.rate:.4f}")
 
 
-def test_trimmed_vocabulary_needs_and_accepts_its_pre_tokenizer(hf_dir, tmp_path):
+def test_trimmed_vocabulary_carries_its_pre_tokenizer_to_the_gguf(hf_dir, tmp_path):
+    """Trimming renumbers the ids the converter hashes to recognise a pre-tokenizer: trim_model records the
+    untrimmed tokenizer's name, a tokenizer saved again keeps it, and the conversion reads it. Without it the
+    conversion fails and says what to set."""
+    import json
+
     from llama_cpp import Llama
     from transformers import AutoTokenizer
 
+    from cogumi_tasks.models.convert import PRE_TOKENIZER_KEY, detect_pre_tokenizer
     from cogumi_tasks.models.nll import chat_texts
     from cogumi_tasks.train.vocab import trim_model
 
     tok = AutoTokenizer.from_pretrained(str(hf_dir))
     texts = chat_texts(tok, [(p, "Here is a short answer with a list and a number: 42.") for p in PROMPTS * 3])
     trimmed = tmp_path / "trimmed"
-    trim_model(hf_dir, trimmed, texts, 0.999)
+    assert trim_model(hf_dir, trimmed, texts, 0.999).pre_tokenizer == "smollm"
+    assert detect_pre_tokenizer(trimmed) is None  # the hash no longer matches
+    resaved = tmp_path / "resaved"  # as SFT's merge and Phase 2's steps save it
+    AutoTokenizer.from_pretrained(str(trimmed)).save_pretrained(str(resaved))
+    assert json.loads((resaved / "tokenizer_config.json").read_text())[PRE_TOKENIZER_KEY] == "smollm"
+
+    out = convert_hf_to_gguf(trimmed, tmp_path / "trimmed.gguf", "f16")
+    cfg_path = trimmed / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    del cfg[PRE_TOKENIZER_KEY]
+    cfg_path.write_text(json.dumps(cfg))
     with pytest.raises(RuntimeError, match="compress.gguf.pre_tokenizer"):
         convert_hf_to_gguf(trimmed, tmp_path / "bad.gguf", "f16")
-    out = convert_hf_to_gguf(trimmed, tmp_path / "trimmed.gguf", "f16", pre_tokenizer="smollm")
     new_tok = AutoTokenizer.from_pretrained(str(trimmed))
     llm = Llama(model_path=str(out), vocab_only=True, verbose=False)
     try:
