@@ -114,10 +114,6 @@ def start_s3(data_dir: Path, port: int, access_key: str, secret_key: str, log_pa
     SeaweedFS derives how many volumes it may create from the free disk, and once none is left every upload fails
     with a bare S3 ``InternalError`` ("no free volumes left" in its log). So it does not start when ``data_dir`` has
     less than ``min_free_gib`` GiB free: what its users will write, plus the 1% of the disk SeaweedFS keeps free."""
-    ports = S3Ports(port)
-    taken = [p for p in ports.all() if not port_is_free(p)]
-    if taken:
-        raise ServiceError(f"S3 server ports in use: {taken} (choose another with COGUMI_S3_PORT)")
     data_dir.mkdir(parents=True, exist_ok=True)
     disk = shutil.disk_usage(data_dir)
     need = min_free_gib * 2**30 + disk.total / 100
@@ -125,6 +121,10 @@ def start_s3(data_dir: Path, port: int, access_key: str, secret_key: str, log_pa
         raise ServiceError(f"S3 data directory {data_dir}: {disk.free / 2**30:.1f} GiB free, {need / 2**30:.1f} GiB "
                            f"needed ({min_free_gib:g} GiB to write + 1% of the disk, which SeaweedFS keeps free); "
                            "free some space or put the data elsewhere")
+    ports = S3Ports(port)
+    taken = [p for p in ports.all() if not port_is_free(p)]
+    if taken:
+        raise ServiceError(f"S3 server ports in use: {taken} (choose another with COGUMI_S3_PORT)")
     log_path.parent.mkdir(parents=True, exist_ok=True)
     cmd = [venv_bin("weed"), f"-logdir={log_path.parent}", "mini", f"-dir={data_dir}", f"-ip={HOST}",
            f"-ip.bind={HOST}", *ports.flags()]
