@@ -365,8 +365,9 @@ def _start(settings: Settings, name: str) -> subprocess.Popen:
     log_path = settings.logs_dir / f"{name}.log"
     sec = load_secrets(settings)
     if name == "s3":
+        # a make demo of Phases 0-5 wrote 3.0 GB of S3 data (2026-12-06)
         proc = services.start_s3(settings.home / "s3", settings.s3_port, sec["COGUMI_S3_ACCESS_KEY"],
-                                 sec["COGUMI_S3_SECRET_KEY"], log_path)
+                                 sec["COGUMI_S3_SECRET_KEY"], log_path, min_free_gib=4)
         _record(settings, name, proc, proc.args)
         from cogumi_tasks.core.artifacts import ArtifactStore
         from cogumi_tasks.core.config import StorageConfig
