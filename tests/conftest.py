@@ -26,7 +26,8 @@ _TMP = Path(tempfile.mkdtemp(prefix="cogumi-tests-"))
 if not os.environ.get("COGUMI_KEEP_TEST_TMP"):
     atexit.register(shutil.rmtree, _TMP, ignore_errors=True)
 # The processes the tests start (xdist workers, steps, Airflow tasks, servers) make their temporary files in it too:
-# a step killed on purpose (the resume tests) cannot remove its own, and SeaweedFS leaves its sockets behind.
+# a step killed on purpose (the resume tests) cannot remove its own work folder. (SeaweedFS's sockets, empty files,
+# stay in /tmp: it does not read TMPDIR.)
 (_TMP / "tmp").mkdir()
 os.environ["TMPDIR"] = str(_TMP / "tmp")
 
