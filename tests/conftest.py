@@ -87,7 +87,8 @@ def s3_server(tmp_root: Path):
 
     access, secret = "cogumi-test", secrets.token_hex(16)
     port = pick_base_port(lo=20000, hi=22000)
-    # a session's workers wrote about 6.5 GB in all, S3 data and tmp_path folders (make test, 2026-12-06)
+    # a worker's share: the two workers of a make test held up to about 7.5 GB at once, S3 data and tmp_path
+    # folders (2026-12-06)
     proc = start_s3(tmp_root / "s3", port, access, secret, tmp_root / "logs" / "s3.log", min_free_gib=4)
     os.environ.update({"AWS_ACCESS_KEY_ID": access, "AWS_SECRET_ACCESS_KEY": secret,
                        "COGUMI_S3_ENDPOINT": f"http://127.0.0.1:{port}"})
