@@ -38,48 +38,39 @@ PRE_TOKENIZER_KEY = "llama_cpp_pre_tokenizer"
 def detect_pre_tokenizer(model_dir: Path) -> str | None:
     """llama.cpp's name for the BPE pre-tokenizer of the tokenizer in ``model_dir`` (``smollm`` for SmolLM2,
     ``llama-bpe`` for Llama 3), or None when its converter does not recognise it."""
-    cmd = [sys.executable, "-m", "cogumi_tasks.models.run_converter", str(converter_dir() / "convert_hf_to_gguf.py"),
-           "--print-pre-tokenizer", str(model_dir)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode == 3:
-        return None
-    if proc.returncode != 0:
-        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
-        raise RuntimeError(f"reading the pre-tokenizer of {model_dir} failed (exit {proc.returncode}):\n{tail}")
-    return proc.stdout.strip().splitlines()[-1]
-
-
-def record_pre_tokenizer(model_dir: Path, name: str) -> None:
-    """Write ``name`` under :data:`PRE_TOKENIZER_KEY` in ``model_dir``'s tokenizer_config.json."""
-    path = Path(model_dir) / "tokenizer_config.json"
-    cfg = json.loads(path.read_text()) if path.exists() else {}
-    path.write_text(json.dumps({**cfg, PRE_TOKENIZER_KEY: name}, indent=2, ensure_ascii=False))
+    proc = _converter_process("convert_hf_to_gguf.py", ["--print-pre-tokenizer", str(model_dir)], ok=(0, 3))
+    return proc.stdout.strip().splitlines()[-1] if proc.returncode == 0 else None
 
 
 def recorded_pre_tokenizer(model_dir: Path) -> str | None:
-    """The pre-tokenizer name :func:`record_pre_tokenizer` left in ``model_dir``, if any."""
+    """The pre-tokenizer name recorded under :data:`PRE_TOKENIZER_KEY` in ``model_dir``, if any."""
     path = Path(model_dir) / "tokenizer_config.json"
     return json.loads(path.read_text()).get(PRE_TOKENIZER_KEY) if path.exists() else None
 
 
-def run_converter(script: str, args: list[str], pre_tokenizer: str | None = None) -> None:
-    """Run one of llama.cpp's converter scripts in a subprocess (see :mod:`cogumi_tasks.models.run_converter`)."""
-    cmd = [sys.executable, "-m", "cogumi_tasks.models.run_converter", str(converter_dir() / script)]
-    if pre_tokenizer:
-        cmd += ["--pre-tokenizer", pre_tokenizer]
-    proc = subprocess.run([*cmd, "--", *args], capture_output=True, text=True)
-    if proc.returncode != 0:
+def _converter_process(script: str, args: list[str], ok: tuple[int, ...] = (0,)) -> subprocess.CompletedProcess:
+    """Run one of llama.cpp's converter scripts in a subprocess (:mod:`cogumi_tasks.models.run_converter`); an
+    exit code outside ``ok`` raises with the tail of its output."""
+    cmd = [sys.executable, "-m", "cogumi_tasks.models.run_converter", str(converter_dir() / script), *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode not in ok:
         tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
         hint = ""
         if "pre-tokenizer was not recognized" in tail:
             hint = (f"\n(a trimmed vocabulary changes the tokenizer's hash, and tokenizer_config.json has no "
                     f"{PRE_TOKENIZER_KEY}: set compress.gguf.pre_tokenizer, e.g. smollm)")
         raise RuntimeError(f"{script} failed (exit {proc.returncode}):\n{tail}{hint}")
+    return proc
+
+
+def run_converter(script: str, args: list[str], pre_tokenizer: str | None = None) -> None:
+    """Run one of llama.cpp's converter scripts with ``args``, naming ``pre_tokenizer`` for an unknown hash."""
+    _converter_process(script, [*(["--pre-tokenizer", pre_tokenizer] if pre_tokenizer else []), "--", *args])
 
 
 def convert_hf_to_gguf(model_dir: Path, out: Path, outtype: str = "f16", pre_tokenizer: str | None = None) -> Path:
     """An HF model directory -> one GGUF file of ``outtype`` (f32, f16, bf16, q8_0). ``pre_tokenizer`` defaults to
-    the one recorded in the directory (:func:`record_pre_tokenizer`)."""
+    the one recorded in the directory (:func:`recorded_pre_tokenizer`)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     run_converter("convert_hf_to_gguf.py", [str(model_dir), "--outfile", str(out), "--outtype", outtype],
                   pre_tokenizer or recorded_pre_tokenizer(model_dir))

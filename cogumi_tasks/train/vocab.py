@@ -11,7 +11,7 @@ Trimming that stays correct (see stack-facts "Compression"):
 * refuse the result unless every text round-trips exactly (:func:`check_round_trip`);
 * record in ``tokenizer_config.json`` the name llama.cpp's converter gave the untrimmed tokenizer's pre-tokenizer:
   it recognises a tokenizer by the ids of a probe string, which trimming renumbers
-  (:func:`~cogumi_tasks.models.convert.record_pre_tokenizer`; GGUF export reads it).
+  (under :data:`~cogumi_tasks.models.convert.PRE_TOKENIZER_KEY`; GGUF export reads it).
 
 With the closure, any text whose original tokens are all kept tokenizes to exactly the same token sequence
 (renumbered): every intermediate of its merge sequence is an ancestor of a kept token, so every merge that fired
@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from cogumi_tasks.core.verdict import Verdict, judge
-from cogumi_tasks.models.convert import detect_pre_tokenizer, record_pre_tokenizer, recorded_pre_tokenizer
+from cogumi_tasks.models.convert import PRE_TOKENIZER_KEY, detect_pre_tokenizer, recorded_pre_tokenizer
 from cogumi_tasks.models.nll import NLLStats, chat_texts
 
 TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "chat_template.json")
@@ -214,13 +214,13 @@ def trim_model(model_dir: Path, out_dir: Path, texts: list[str], coverage: float
         if (model_dir / name).exists():
             shutil.copy(model_dir / name, out_dir / name)
     cfg_path = out_dir / "tokenizer_config.json"
-    if cfg_path.exists():
-        tcfg = json.loads(cfg_path.read_text())
-        _remap_ids(tcfg, old_to_new)
-        cfg_path.write_text(json.dumps(tcfg, indent=2, ensure_ascii=False))
+    tcfg = json.loads(cfg_path.read_text()) if cfg_path.exists() else {}
+    _remap_ids(tcfg, old_to_new)
     pre_tokenizer = recorded_pre_tokenizer(model_dir) or detect_pre_tokenizer(model_dir)
     if pre_tokenizer:
-        record_pre_tokenizer(out_dir, pre_tokenizer)
+        tcfg[PRE_TOKENIZER_KEY] = pre_tokenizer
+    if tcfg:
+        cfg_path.write_text(json.dumps(tcfg, indent=2, ensure_ascii=False))
     check_round_trip(out_dir, texts)
 
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
