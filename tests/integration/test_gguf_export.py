@@ -34,9 +34,11 @@ def test_f16_gguf_agrees_with_hf_and_q5_k_m_is_smaller(hf_dir, tmp_path):
 
 def test_trimmed_vocabulary_carries_its_pre_tokenizer_to_the_gguf(hf_dir, tmp_path):
     """Trimming renumbers the ids the converter hashes to recognise a pre-tokenizer: trim_model records the
-    untrimmed tokenizer's name, a tokenizer saved again keeps it, and the conversion reads it. Without it the
-    conversion fails and says what to set."""
+    untrimmed tokenizer's name (the one a GGUF-made base carries, else the converter's by hash), a tokenizer saved
+    again keeps it, and the conversion reads it. Without it the conversion fails and says what to set."""
     import json
+    import os
+    import shutil
 
     from llama_cpp import Llama
     from transformers import AutoTokenizer
@@ -47,8 +49,16 @@ def test_trimmed_vocabulary_carries_its_pre_tokenizer_to_the_gguf(hf_dir, tmp_pa
 
     tok = AutoTokenizer.from_pretrained(str(hf_dir))
     texts = chat_texts(tok, [(p, "Here is a short answer with a list and a number: 42.") for p in PROMPTS * 3])
+    assert json.loads((hf_dir / "tokenizer_config.json").read_text())[PRE_TOKENIZER_KEY] == "smollm"  # the GGUF's
+    assert detect_pre_tokenizer(hf_dir) == "smollm"  # the converter's own, by hash
+    unrecorded = tmp_path / "unrecorded"  # the base without the record: trim_model asks the converter
+    shutil.copytree(hf_dir, unrecorded, copy_function=os.link)
+    cfg = json.loads((unrecorded / "tokenizer_config.json").read_text())
+    del cfg[PRE_TOKENIZER_KEY]
+    (unrecorded / "tokenizer_config.json").unlink()  # a hard link to the shared base: replace, do not write through
+    (unrecorded / "tokenizer_config.json").write_text(json.dumps(cfg))
     trimmed = tmp_path / "trimmed"
-    assert trim_model(hf_dir, trimmed, texts, 0.999).pre_tokenizer == "smollm"
+    assert trim_model(unrecorded, trimmed, texts, 0.999).pre_tokenizer == "smollm"
     assert detect_pre_tokenizer(trimmed) is None  # the hash no longer matches
     resaved = tmp_path / "resaved"  # as SFT's merge and Phase 2's steps save it
     AutoTokenizer.from_pretrained(str(trimmed)).save_pretrained(str(resaved))
