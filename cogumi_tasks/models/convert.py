@@ -108,13 +108,10 @@ def hf_dir_from_gguf(gguf_path: str | Path, out_dir: str | Path) -> Path:
         field = gguf.GGUFReader(gguf_path).fields.get("tokenizer.ggml.pre")
     model.config.architectures = [type(model).__name__]
     _restore_byte_level(tokenizer, model.generation_config)
+    if field is not None:  # saved into tokenizer_config.json with the rest, as any later save keeps it
+        tokenizer.init_kwargs[PRE_TOKENIZER_KEY] = bytes(field.parts[field.data[0]]).decode()
     model.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
-    if field is not None:
-        path = out / "tokenizer_config.json"
-        pre = bytes(field.parts[field.data[0]]).decode()
-        path.write_text(json.dumps({**json.loads(path.read_text()), PRE_TOKENIZER_KEY: pre}, indent=2,
-                                   ensure_ascii=False))
     return out
 
 
