@@ -10,6 +10,7 @@ each step are kept under test-artifacts/airflow-ui/.
 from __future__ import annotations
 
 import re
+import time
 from urllib.parse import unquote
 
 import httpx
@@ -112,6 +113,9 @@ def test_trigger_follow_and_clear_in_the_ui(stack):
         shot(page, f"{SHOTS}/05-clear-dialog")
         dialog.get_by_role("button", name="Confirm").click()
         dialog.wait_for(state="hidden")
+        deadline = time.monotonic() + 60  # the clear puts the run back to queued; follow() returns on "failed"
+        while api.run_state(DAG, run_id) == "failed" and time.monotonic() < deadline:
+            time.sleep(0.5)
         state, tis = follow(api, DAG, run_id, timeout_s=900)
         after = {(t["task_id"], t["map_index"]): t for t in tis}
         assert state == "success", {k: t["state"] for k, t in after.items()}
