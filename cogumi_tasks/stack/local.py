@@ -32,6 +32,8 @@ REPO = Path(__file__).resolve().parents[2]
 BUCKET = "cogumi"
 LLM_MODEL = "smollm2-135m"
 SIMPLE_AUTH_MANAGER = "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager"
+# LocalExecutor that imports torch, transformers, ... once before its workers fork the tasks (plugins/)
+PRELOAD_EXECUTOR = "cogumi_provider.executors.PreloadLocalExecutor"
 AIRFLOW_SERVICES = ("api-server", "scheduler", "dag-processor", "triggerer")
 SERVICES = ("s3", "llm", "strong", *AIRFLOW_SERVICES)
 CODE_SERVICES = ("strong", *AIRFLOW_SERVICES)  # they run the project's code: restarted when it changes
@@ -150,7 +152,7 @@ def env(settings: Settings | None = None) -> dict[str, str]:
         "CORE__DAGS_FOLDER": s.dags_folder,
         "CORE__PLUGINS_FOLDER": s.plugins_folder,
         "CORE__LOAD_EXAMPLES": "False",
-        "CORE__EXECUTOR": "LocalExecutor",
+        "CORE__EXECUTOR": PRELOAD_EXECUTOR,
         "CORE__UNIT_TEST_MODE": "False",
         "CORE__PARALLELISM": s.parallelism,
         "CORE__MAX_ACTIVE_TASKS_PER_DAG": s.parallelism,

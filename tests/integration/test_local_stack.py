@@ -24,8 +24,12 @@ from airflow.sdk import DAG
 
 
 def _publish(**context):
-    """Write a manifest to S3 with the credentials and endpoint the stack gives tasks."""
+    """Write a manifest to S3 with the credentials and endpoint the stack gives tasks, and which heavy libraries
+    this task process found already imported (PreloadLocalExecutor's; nothing here imports them)."""
     import os
+    import sys
+
+    preloaded = sorted(m for m in ("torch", "transformers", "peft", "llama_cpp") if m in sys.modules)
 
     from cogumi_tasks.core.artifacts import ArtifactStore
     from cogumi_tasks.core.config import StorageConfig
@@ -34,7 +38,8 @@ def _publish(**context):
     uri = store.uri("smoke", context["run_id"].replace(":", "_").replace("+", "_"), "_manifest.json")
     store.put_json(uri, {"outputs": {"dataset": "s3://cogumi/smoke/data.jsonl"},
                          "metrics": {"prompts": 3, "final_records": 2, "cost": {"usd": 0.0, "calls": 4}},
-                         "params": dict(context["params"]), "llm_url": os.environ["COGUMI_LLM_URL"]})
+                         "params": dict(context["params"]), "llm_url": os.environ["COGUMI_LLM_URL"],
+                         "preloaded": preloaded})
     return {"manifest": uri}
 
 
@@ -116,6 +121,8 @@ def test_smoke_dag_through_rest(stack):
     manifest = store.get_json(value["manifest"])
     assert manifest["params"]["prompt_limit"] == 3
     assert manifest["llm_url"] == settings.llm_url
+    # the task was forked from an executor worker that had imported them (cogumi_provider.executors)
+    assert manifest["preloaded"] == ["llama_cpp", "peft", "torch", "transformers"]
 
 
 def test_failed_task_log_tail(stack):
