@@ -59,7 +59,7 @@ class PreloadLocalExecutor(LocalExecutor):
     preload_modules: tuple[str, ...] = PRELOAD_MODULES
 
     def start(self) -> None:
-        if multiprocessing.get_start_method() != "fork":
+        if not self.is_mp_using_fork:  # LocalExecutor's own reading of the start method
             log.warning("PreloadLocalExecutor: start method %s: tasks do not inherit imports, nothing preloaded",
                         multiprocessing.get_start_method())
         else:
