@@ -1,6 +1,7 @@
-"""Benchmark: one LoRA SFT step (loss, backward) on CPU with TRL's fused LM head or the answer window. Prints JSON.
+"""Benchmark: one LoRA SFT step (loss, backward) on CPU: TRL's fused LM head or the answer window, or LoRA dropout on
+or off. Prints JSON.
 
-    python bench/sft_loss.py [--repeats 5] [--steps 8] [--out FILE]
+    python bench/sft_loss.py [--compare loss|dropout] [--repeats 5] [--steps 8] [--out FILE]
 
 Model: the packaged SmolLM2-135M converted to an fp32 HF directory, with tiny.yaml's ``train.sft`` LoRA (rank 16,
 every linear layer). Batches: 4 training rows each of the tiny world's Phase 0 mix (30 / 100 / 80 list_fn /
@@ -11,6 +12,10 @@ asks for, called with ``fused_lm_head=True``: every position through the head in
 :func:`cogumi_tasks.train.sft.answer_window_loss` (the head only from the batch's first answer position). Figures:
 seconds per step (median, min, max over repeats), the speed-up of the medians, and the largest relative
 difference between the two losses.
+
+``--compare dropout``: both ways take the answer-window loss; ``dropout_0.05`` (the baseline: ``SFTConfig``'s default,
+peft drawing a dropout mask on every adapter's input) against ``dropout_0`` (no mask; what tiny.yaml trains with).
+The losses differ there by design (the masks), so the JSON gives each way's mean loss instead of the difference.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ def main() -> None:
     from cogumi_tasks.train.sft import answer_window_loss, build_examples, collate
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--compare", choices=["loss", "dropout"], default="loss")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--steps", type=int, default=8, help="batches per repeat")
     ap.add_argument("--out", type=Path)
@@ -57,20 +63,38 @@ def main() -> None:
         stride = len(examples) // args.steps
         batches = [collate(examples[k * stride:k * stride + cfg.batch_size], tok.pad_token_id)
                    for k in range(args.steps)]
-        model = AutoModelForCausalLM.from_pretrained(str(hf), dtype=torch.float32)
-        add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))  # as SFTTrainer does
-        model = get_peft_model(model, LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=0.0,
-                                                 target_modules=list(cfg.target_modules), init_lora_weights=False))
-        model.train()
-        ways = {"trl_fused_head": lambda b: model(**b, use_cache=False, fused_lm_head=True).loss,
-                "answer_window": lambda b: answer_window_loss(model, b).loss}
+
+        def lora_model(dropout: float, fused_head: bool):
+            model = AutoModelForCausalLM.from_pretrained(str(hf), dtype=torch.float32)
+            if fused_head:
+                add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))  # as SFTTrainer does
+            torch.manual_seed(0)
+            model = get_peft_model(model, LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=dropout,
+                                                     target_modules=list(cfg.target_modules),
+                                                     init_lora_weights=False))
+            model.train()
+            return model
+
+        if args.compare == "loss":
+            model = lora_model(0.0, fused_head=True)
+            models = [model]
+            baseline = "trl_fused_head"
+            ways = {"trl_fused_head": lambda b: model(**b, use_cache=False, fused_lm_head=True).loss,
+                    "answer_window": lambda b: answer_window_loss(model, b).loss}
+        else:
+            with_mask, without = lora_model(0.05, fused_head=False), lora_model(0.0, fused_head=False)
+            models = [with_mask, without]
+            baseline = "dropout_0.05"
+            ways = {"dropout_0.05": lambda b: answer_window_loss(with_mask, b).loss,
+                    "dropout_0": lambda b: answer_window_loss(without, b).loss}
         seconds: dict[str, list[float]] = {w: [] for w in ways}
         losses: dict[str, list[float]] = {w: [] for w in ways}
         for rep in range(args.repeats):
             for way, loss_of in ways.items():
                 t0 = time.perf_counter()
                 for b in batches:
-                    model.zero_grad()
+                    for m in models:
+                        m.zero_grad()
                     loss = loss_of(b)
                     loss.backward()
                     if rep == 0:
@@ -78,14 +102,19 @@ def main() -> None:
                 seconds[way].append((time.perf_counter() - t0) / len(batches))
             print(f"repeat {rep}: " + ", ".join(f"{w} {s[-1]:.2f} s/step" for w, s in seconds.items()),
                   file=sys.stderr)
-    diff = max(abs(a - b) / abs(a) for a, b in zip(losses["trl_fused_head"], losses["answer_window"], strict=True))
-    emit({"repeats": args.repeats, "steps": args.steps, "batch_size": cfg.batch_size, "threads": 2,
-          "tokens_per_step": round(statistics.mean(int(b["attention_mask"].sum()) for b in batches), 1),
-          "baseline": "trl_fused_head", "seconds_per_step": {w: summary(s, 3) for w, s in seconds.items()},
-          "speedup_median": round(statistics.median(seconds["trl_fused_head"])
-                                  / statistics.median(seconds["answer_window"]), 2),
-          "max_relative_loss_difference": diff}, args.out)
-
+    medians = {w: statistics.median(s) for w, s in seconds.items()}
+    other = next(w for w in ways if w != baseline)
+    tokens = statistics.mean(int(b["attention_mask"].sum()) for b in batches)
+    result = {"compare": args.compare, "repeats": args.repeats, "steps": args.steps, "batch_size": cfg.batch_size,
+              "threads": 2, "tokens_per_step": round(tokens, 1),
+              "baseline": baseline, "seconds_per_step": {w: summary(s, 3) for w, s in seconds.items()},
+              "speedup_median": round(medians[baseline] / medians[other], 2)}
+    if args.compare == "loss":
+        result["max_relative_loss_difference"] = max(
+            abs(a - b) / abs(a) for a, b in zip(losses[baseline], losses[other], strict=True))
+    else:
+        result["mean_loss"] = {w: round(statistics.mean(v), 4) for w, v in losses.items()}
+    emit(result, args.out)
 
 if __name__ == "__main__":
     main()
