@@ -116,5 +116,6 @@ def main() -> None:
         result["mean_loss"] = {w: round(statistics.mean(v), 4) for w, v in losses.items()}
     emit(result, args.out)
 
+
 if __name__ == "__main__":
     main()
