@@ -41,6 +41,7 @@ def main() -> None:
     from bench.figures import emit, summary
     from bench.tiny_world_learning import sft_config
     from cogumi_tasks import world
+    from cogumi_tasks.core.config import SFTConfig
     from cogumi_tasks.models.convert import hf_dir_from_gguf
     from cogumi_tasks.models.packaged import smollm2_gguf
     from cogumi_tasks.train.sft import answer_window_loss, build_examples, collate
@@ -75,26 +76,25 @@ def main() -> None:
             model.train()
             return model
 
+        # way -> (the model it trains, its loss on a batch)
         if args.compare == "loss":
             model = lora_model(0.0, fused_head=True)
-            models = [model]
             baseline = "trl_fused_head"
-            ways = {"trl_fused_head": lambda b: model(**b, use_cache=False, fused_lm_head=True).loss,
-                    "answer_window": lambda b: answer_window_loss(model, b).loss}
+            ways = {"trl_fused_head": (model, lambda b: model(**b, use_cache=False, fused_lm_head=True).loss),
+                    "answer_window": (model, lambda b: answer_window_loss(model, b).loss)}
         else:
-            with_mask, without = lora_model(0.05, fused_head=False), lora_model(0.0, fused_head=False)
-            models = [with_mask, without]
-            baseline = "dropout_0.05"
-            ways = {"dropout_0.05": lambda b: answer_window_loss(with_mask, b).loss,
-                    "dropout_0": lambda b: answer_window_loss(without, b).loss}
+            default = SFTConfig.model_fields["dropout"].default
+            with_mask, without = lora_model(default, fused_head=False), lora_model(0.0, fused_head=False)
+            baseline = f"dropout_{default}"
+            ways = {baseline: (with_mask, lambda b: answer_window_loss(with_mask, b).loss),
+                    "dropout_0": (without, lambda b: answer_window_loss(without, b).loss)}
         seconds: dict[str, list[float]] = {w: [] for w in ways}
         losses: dict[str, list[float]] = {w: [] for w in ways}
         for rep in range(args.repeats):
-            for way, loss_of in ways.items():
+            for way, (trained, loss_of) in ways.items():
                 t0 = time.perf_counter()
                 for b in batches:
-                    for m in models:
-                        m.zero_grad()
+                    trained.zero_grad()
                     loss = loss_of(b)
                     loss.backward()
                     if rep == 0:
