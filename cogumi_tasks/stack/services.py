@@ -155,8 +155,7 @@ def start_llama_server(model: str, port: int, log_path: Path, n_ctx: int = 2048,
 
     The server computes logits for the last prompt position only (``--logits_all False``; its default, True, runs
     the vocabulary projection on every prompt token and is needed only for ``logprobs``, which no client of this
-    server asks for): the reference's 90 five-shot calls took 76.1 / 81.2 s against 82.3 / 93.7 s, same answers
-    (docs/operations.md)."""
+    server asks for; measured in docs/operations.md)."""
     if model not in MODELS:
         raise ServiceError(f"unknown local model {model!r}; known: {sorted(MODELS)}")
     if not port_is_free(port):
