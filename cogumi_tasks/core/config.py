@@ -267,8 +267,8 @@ class EvalConfig(Strict):
     judge_pairwise: bool = True
     max_tokens: int = 256
     batch_size: int = Field(4, ge=1, description="conversations the student decodes together: a transformers batch, "
-                            "or llama.cpp sequences of a float GGUF (a quantized one goes one at a time: "
-                            "eval.backends.GGUFBackend)")
+                            "or llama.cpp sequences of a float GGUF (a quantized one: up to this many one-thread "
+                            "contexts side by side, one conversation each: eval.backends.GGUFBackend)")
     hf_runtime: Literal["transformers", "llama_cpp"] = Field(
         "transformers", description="how an HF model directory is run: in transformers, or converted to an f16 "
         "GGUF and run in llama.cpp (faster on CPU: bench/serving.py, its figures in docs/phase2.md)")

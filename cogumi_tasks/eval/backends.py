@@ -159,16 +159,18 @@ class GGUFBackend:
     """llama.cpp in process (``llama_cpp.Llama``), greedy (temperature 0).
 
     A float GGUF (f32, f16, bf16) decodes ``parallel`` conversations together
-    (:class:`~cogumi_tasks.eval.llama_batch.BatchDecoder`); a quantized one decodes one conversation at a time
-    through ``create_chat_completion``, reusing the previous prompt's prefix. Measured on 2 cores
-    (bench/eval_decode.py, 90 held-out answers of the untrained 135M model): batching the f16 GGUF was 1.9x faster,
-    with 84 answers equal to one-at-a-time decoding (the rest differ by float rounding: batched matrix products
-    round otherwise and flip a near-tie now and then); batching the Q4_1 GGUF was 1.1x faster with 20 equal, so
-    it is not done. The same conversations in the same order give the same answers either way.
+    (:class:`~cogumi_tasks.eval.llama_batch.BatchDecoder`). A quantized one decodes each conversation alone
+    through ``create_chat_completion``, reusing the previous prompt's prefix, in ``min(parallel, n_threads)``
+    contexts side by side (``workers``), each with its share of the threads: a one-thread context runs a small
+    model's many small operations without waiting for the other threads at each one, so two of them on 2 cores
+    answer more per second than one context with both threads, with the same answers (an answer depends only on
+    its conversation: each dot product is summed by one thread whatever the thread count; bench/gguf_workers.py).
+    Batching a quantized GGUF does not pay (bench/eval_decode.py: Q4_1 1.1x with 20 of 90 answers equal).
+    The same conversations give the same answers either way.
 
     ``adapters``: GGUF LoRAs (``convert_lora_to_gguf.py``) applied together, each with its scale, e.g. Phase 2's
     recovery LoRA at 1.0 and a Phase 3 modifier at its ``adapter_scale`` (a bare path: that one at 1.0). Each file
-    is loaded once (``llama_adapter_lora_init``); :meth:`set_adapters` switches the set on the same context
+    is loaded once per model (``llama_adapter_lora_init``); :meth:`set_adapters` switches the set on every context
     (``llama_set_adapters_lora``) and drops the cached prompt state, which belongs to the previous set.
     A prompt that does not fit ``n_ctx`` gives an empty answer with ``error`` set.
     """
@@ -183,11 +185,20 @@ class GGUFBackend:
         self.name = name or f"gguf:{Path(path).name}"
         self.llm = Llama(model_path=str(path), n_ctx=n_ctx, n_threads=n_threads, n_threads_batch=n_threads,
                          seed=0, verbose=False)
+        self.workers = [self.llm]
+        self._loaded: dict[tuple[int, str], object] = {}  # (worker, resolved path) -> llama_adapter_lora pointer
+        self.adapters: list[tuple[str, float]] = []
         file_type = int(self.llm.metadata.get("general.file_type", -1))
         self.decoder = (BatchDecoder(self.llm, parallel=parallel, n_ctx=n_ctx, n_threads=n_threads)
                         if parallel > 1 and file_type in FLOAT_FILE_TYPES else None)
-        self._loaded: dict[str, object] = {}  # resolved path -> llama_adapter_lora pointer
-        self.adapters: list[tuple[str, float]] = []
+        n_workers = 1 if file_type in FLOAT_FILE_TYPES else max(1, min(parallel, n_threads))
+        if n_workers > 1:
+            import llama_cpp
+
+            per = n_threads // n_workers
+            llama_cpp.llama_set_n_threads(self.llm.ctx, per, per)
+            self.workers += [Llama(model_path=str(path), n_ctx=n_ctx, n_threads=per, n_threads_batch=per, seed=0,
+                                   verbose=False) for _ in range(n_workers - 1)]
         if isinstance(adapters, str | Path):
             adapters = [(adapters, 1.0)]
         if adapters:
@@ -200,44 +211,60 @@ class GGUFBackend:
         import llama_cpp
 
         pairs = [(str(Path(p).resolve()), float(s)) for p, s in adapters]
-        for p, _ in pairs:
-            if p not in self._loaded:
-                ptr = llama_cpp.llama_adapter_lora_init(self.llm.model, p.encode())
-                if not ptr:
-                    raise RuntimeError(f"llama.cpp could not load the LoRA adapter {p} on {self.name}")
-                self._loaded[p] = ptr
-        arr = (llama_cpp.llama_adapter_lora_p_ctypes * len(pairs))(*[self._loaded[p] for p, _ in pairs])
-        scales = (ctypes.c_float * len(pairs))(*[s for _, s in pairs])
-        if llama_cpp.llama_set_adapters_lora(self._ctx, arr, len(pairs), scales):
-            raise RuntimeError(f"llama_set_adapters_lora failed for {[p for p, _ in pairs]} on {self.name}")
-        self.llm.reset()  # the prefix cache holds states computed under the previous adapters
+        for w, llm in enumerate(self.workers):
+            for p, _ in pairs:
+                if (w, p) not in self._loaded:
+                    ptr = llama_cpp.llama_adapter_lora_init(llm.model, p.encode())
+                    if not ptr:
+                        raise RuntimeError(f"llama.cpp could not load the LoRA adapter {p} on {self.name}")
+                    self._loaded[(w, p)] = ptr
+            arr = (llama_cpp.llama_adapter_lora_p_ctypes * len(pairs))(*[self._loaded[(w, p)] for p, _ in pairs])
+            scales = (ctypes.c_float * len(pairs))(*[s for _, s in pairs])
+            ctx = self.decoder.ctx if self.decoder else llm.ctx
+            if llama_cpp.llama_set_adapters_lora(ctx, arr, len(pairs), scales):
+                raise RuntimeError(f"llama_set_adapters_lora failed for {[p for p, _ in pairs]} on {self.name}")
+            llm.reset()  # the prefix cache holds states computed under the previous adapters
         self.adapters = pairs
-
-    @property
-    def _ctx(self):
-        return self.decoder.ctx if self.decoder else self.llm.ctx
 
     def generate(self, conversations: list[list[dict]], max_tokens: int) -> list[Generation]:
         if self.decoder:
             return self._generate_batched(conversations, max_tokens)
-        out = []
+        import threading
+        from concurrent.futures import ThreadPoolExecutor
+
+        out: list[Generation | None] = [None] * len(conversations)
         progress = _Progress(self.name, len(conversations))
-        for conv in conversations:
-            t0 = time.monotonic()
-            try:
-                resp = self.llm.create_chat_completion(messages=conv, max_tokens=max_tokens, temperature=0.0,
-                                                       top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0, seed=0)
-            except ValueError as exc:  # e.g. "Requested tokens (...) exceed context window"
-                out.append(Generation("", 0, 0, time.monotonic() - t0, error=str(exc)))
-                progress.add(1, 0)
-                continue
-            usage = resp.get("usage") or {}
-            text = (resp["choices"][0]["message"].get("content") or "").strip()
-            gen = Generation(text, usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0),
-                             time.monotonic() - t0)
-            out.append(gen)
-            progress.add(1, gen.completion_tokens)
-        return out
+        todo, lock = iter(range(len(conversations))), threading.Lock()
+
+        def work(llm) -> None:  # each context takes the next conversation until none is left
+            while True:
+                with lock:
+                    i = next(todo, None)
+                if i is None:
+                    return
+                out[i] = gen = self._answer(llm, conversations[i], max_tokens)
+                with lock:
+                    progress.add(1, gen.completion_tokens)
+
+        if len(self.workers) == 1:
+            work(self.llm)
+        else:
+            with ThreadPoolExecutor(len(self.workers)) as pool:
+                list(pool.map(work, self.workers))  # llama_decode releases the GIL
+        return out  # type: ignore[return-value]
+
+    @staticmethod
+    def _answer(llm, conv: list[dict], max_tokens: int) -> Generation:
+        t0 = time.monotonic()
+        try:
+            resp = llm.create_chat_completion(messages=conv, max_tokens=max_tokens, temperature=0.0, top_k=1,
+                                              top_p=1.0, min_p=0.0, repeat_penalty=1.0, seed=0)
+        except ValueError as exc:  # e.g. "Requested tokens (...) exceed context window"
+            return Generation("", 0, 0, time.monotonic() - t0, error=str(exc))
+        usage = resp.get("usage") or {}
+        text = (resp["choices"][0]["message"].get("content") or "").strip()
+        return Generation(text, usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0),
+                          time.monotonic() - t0)
 
     def _generate_batched(self, conversations: list[list[dict]], max_tokens: int) -> list[Generation]:
         dec = self.decoder
@@ -259,17 +286,20 @@ class GGUFBackend:
         return out  # type: ignore[return-value]
 
     def close(self) -> None:
-        llm, self.llm = getattr(self, "llm", None), None
-        if llm is not None:
-            import llama_cpp
+        workers, self.workers, self.llm = getattr(self, "workers", []), [], None
+        if not workers:
+            return
+        import llama_cpp
 
+        for w, llm in enumerate(workers):
             llama_cpp.llama_set_adapters_lora(llm.ctx, None, 0, None)
-            if self.decoder:
+            if w == 0 and self.decoder:
                 self.decoder.close()  # the context the adapters are set on, before the adapters
-            for ptr in self._loaded.values():  # before the model they belong to
-                llama_cpp.llama_adapter_lora_free(ptr)
-            self._loaded = {}
+            for (owner, _), ptr in self._loaded.items():  # before the model they belong to
+                if owner == w:
+                    llama_cpp.llama_adapter_lora_free(ptr)
             llm.close()
+        self._loaded = {}
 
 
 # ---------------------------------------------------------------- OpenAI-compatible endpoints

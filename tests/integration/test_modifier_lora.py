@@ -114,6 +114,8 @@ def test_trained_adapter_loads_on_the_packaged_gguf_and_changes_answers(trained)
 
 
 def test_two_adapters_together_differ_from_each_alone_and_repeat(trained):
+    """Two LoRAs together answer otherwise than either alone; switching sets leaves nothing behind; a fresh
+    context and two one-thread contexts side by side give the same answers."""
     from cogumi_tasks.eval.backends import GGUFBackend
     from cogumi_tasks.models.packaged import smollm2_gguf
 
@@ -132,6 +134,14 @@ def test_two_adapters_together_differ_from_each_alone_and_repeat(trained):
     finally:
         backend.close()
     assert _answers([(trained["gguf"], 1.0), (noise, 1.0)]) == both  # a fresh context gives the same answers
+    side = GGUFBackend(smollm2_gguf(), [(trained["gguf"], 1.0), (noise, 1.0)], parallel=2, n_threads=2)
+    try:  # two one-thread contexts side by side: each answer as one context gives it, in the input order
+        assert len(side.workers) == 2
+        assert [g.text for g in side.generate(PROMPTS * 3, 24)] == both * 3
+        side.set_adapters([])
+        assert [g.text for g in side.generate(PROMPTS, 24)] == base
+    finally:
+        side.close()
 
 
 def test_train_fails_clearly_without_solved_rows(trained):
