@@ -163,10 +163,12 @@ class GGUFBackend:
     through ``create_chat_completion``, reusing the previous prompt's prefix, in ``min(parallel, n_threads)``
     contexts side by side (``workers``), each with its share of the threads: a one-thread context runs a small
     model's many small operations without waiting for the other threads at each one, so two of them on 2 cores
-    answer more per second than one context with both threads, with the same answers (an answer depends only on
-    its conversation: each dot product is summed by one thread whatever the thread count; bench/gguf_workers.py).
+    answer more per second than one context with both threads (bench/gguf_workers.py: 1.28-1.34x, 90 of 90
+    answers equal). Conversation i goes to context i mod ``workers``, which answers its share in order, as a
+    one-context backend of its thread count would: the same conversations in the same order give the same answers.
+    Against one context answering the whole list they can differ now and then, since the reused prefix of the
+    previous prompt differs and so do the shapes, and the rounding, of the prompt's products.
     Batching a quantized GGUF does not pay (bench/eval_decode.py: Q4_1 1.1x with 20 of 90 answers equal).
-    The same conversations give the same answers either way.
 
     ``adapters``: GGUF LoRAs (``convert_lora_to_gguf.py``) applied together, each with its scale, e.g. Phase 2's
     recovery LoRA at 1.0 and a Phase 3 modifier at its ``adapter_scale`` (a bare path: that one at 1.0). Each file
@@ -234,23 +236,19 @@ class GGUFBackend:
 
         out: list[Generation | None] = [None] * len(conversations)
         progress = _Progress(self.name, len(conversations))
-        todo, lock = iter(range(len(conversations))), threading.Lock()
+        lock, n = threading.Lock(), len(self.workers)
 
-        def work(llm) -> None:  # each context takes the next conversation until none is left
-            while True:
-                with lock:
-                    i = next(todo, None)
-                if i is None:
-                    return
-                out[i] = gen = self._answer(llm, conversations[i], max_tokens)
+        def work(k: int) -> None:  # context k answers conversations k, k + n, ... in order
+            for i in range(k, len(conversations), n):
+                out[i] = gen = self._answer(self.workers[k], conversations[i], max_tokens)
                 with lock:
                     progress.add(1, gen.completion_tokens)
 
-        if len(self.workers) == 1:
-            work(self.llm)
+        if n == 1:
+            work(0)
         else:
-            with ThreadPoolExecutor(len(self.workers)) as pool:
-                list(pool.map(work, self.workers))  # llama_decode releases the GIL
+            with ThreadPoolExecutor(n) as pool:
+                list(pool.map(work, range(n)))  # llama_decode releases the GIL
         return out  # type: ignore[return-value]
 
     @staticmethod

@@ -115,7 +115,8 @@ def test_trained_adapter_loads_on_the_packaged_gguf_and_changes_answers(trained)
 
 def test_two_adapters_together_differ_from_each_alone_and_repeat(trained):
     """Two LoRAs together answer otherwise than either alone; switching sets leaves nothing behind; a fresh
-    context and two one-thread contexts side by side give the same answers."""
+    context gives the same answers, and two one-thread contexts side by side each answer their share as one context
+    would."""
     from cogumi_tasks.eval.backends import GGUFBackend
     from cogumi_tasks.models.packaged import smollm2_gguf
 
@@ -135,13 +136,22 @@ def test_two_adapters_together_differ_from_each_alone_and_repeat(trained):
         backend.close()
     assert _answers([(trained["gguf"], 1.0), (noise, 1.0)]) == both  # a fresh context gives the same answers
     side = GGUFBackend(smollm2_gguf(), [(trained["gguf"], 1.0), (noise, 1.0)], parallel=2, n_threads=2)
-    try:  # two one-thread contexts side by side: each answer as one context gives it, in the input order
+    try:  # two one-thread contexts side by side: context k answers conversations k, k + 2, ... as one context would
         assert len(side.workers) == 2
-        assert [g.text for g in side.generate(PROMPTS * 3, 24)] == both * 3
+        convs = PROMPTS * 3  # each context gets one prompt three times: its prefix cache comes into play
+        got = [g.text for g in side.generate(convs, 24)]
         side.set_adapters([])
-        assert [g.text for g in side.generate(PROMPTS, 24)] == base
+        got_base = [g.text for g in side.generate(PROMPTS, 24)]
     finally:
         side.close()
+    for k in range(2):
+        for adapters, asked, answered in (([(trained["gguf"], 1.0), (noise, 1.0)], convs, got),
+                                          ([], PROMPTS, got_base)):
+            alone = GGUFBackend(smollm2_gguf(), adapters, parallel=1, n_threads=1)
+            try:
+                assert [g.text for g in alone.generate(asked[k::2], 24)] == answered[k::2]
+            finally:
+                alone.close()
 
 
 def test_train_fails_clearly_without_solved_rows(trained):
