@@ -4,16 +4,16 @@ contexts side by side. Prints JSON.
     python bench/gguf_workers.py [--repeats 5] [--items 6] [--threads 2] [--out FILE]
                                  [--gguf Q5_K_M.gguf --lora A.gguf --lora B.gguf]
 
-The setting of Phase 3's steps (``modifiers.test``, ``compress``, ``evaluate``): a Q5_K_M model with a recovery
-LoRA and a modifier applied together, ``max_tokens`` 64. By default the packaged SmolLM2-135M, converted to f16
-and quantized to Q5_K_M here, with two seeded random LoRAs on every projection (rank 8 and 4, small factors so
-that the answers stay readable); ``--gguf``/``--lora`` take real ones instead (e.g. a demo's Phase 2 GGUF and
-recovery LoRA and a Phase 3 modifier). Prompts: ``--items`` held-out instances of each world family, new ones per
-repeat (seed = repeat). Ways, both :class:`cogumi_tasks.eval.backends.GGUFBackend` with ``n_threads=--threads``:
-``one_context`` (``parallel=1``: the baseline, one context with every thread, what the backend did before) and
-``side_by_side`` (``parallel=--threads``: that many one-thread contexts, each taking the next conversation).
-Model load is not timed. Figures: per way the median, min and max seconds over repeats, the speed-up of the
-medians, and how many answers of ``side_by_side`` equal the baseline's.
+The setting of Phase 3's steps (``modifiers.test``, ``compress``, ``evaluate``): a Q5_K_M model with a recovery LoRA
+and a modifier applied together, ``max_tokens`` 64. By default the packaged SmolLM2-135M, converted to f16 and
+quantized to Q5_K_M here, with two seeded random LoRAs on tiny.yaml's ``train.sft.target_modules`` (rank 8 and 4,
+small factors so that the answers stay readable); ``--gguf``/``--lora`` take real ones instead (e.g. a demo's Phase
+2 GGUF and recovery LoRA and a Phase 3 modifier). Prompts: ``--items`` held-out instances of each world family, new
+ones per repeat (seed = repeat). Ways, both :class:`cogumi_tasks.eval.backends.GGUFBackend` with
+``n_threads=--threads``: ``one_context`` (``parallel=1``: the baseline, one context with every thread, what the
+backend did before) and ``side_by_side`` (``parallel=--threads``: that many one-thread contexts, conversation i to
+context i mod n). Model load is not timed. Figures: per way the median, min and max seconds over repeats, the
+speed-up of the medians, and how many answers of ``side_by_side`` equal the baseline's.
 """
 
 from __future__ import annotations
@@ -29,20 +29,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.eval_decode import conversations  # noqa: E402
 
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
 
 def random_lora(hf_dir: Path, out: Path, rank: int, seed: int) -> Path:
-    """A peft LoRA of ``rank`` on every projection of ``hf_dir`` with seeded random factors, as a GGUF LoRA."""
+    """A peft LoRA of ``rank`` on the tiny config's SFT target modules of ``hf_dir`` with seeded random factors,
+    as a GGUF LoRA."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
+    from cogumi_tasks.core.config import load_config
     from cogumi_tasks.models.convert import convert_lora_to_gguf
 
     torch.manual_seed(seed)
+    targets = load_config("tiny").train.sft.target_modules
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32),
-                           LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS, lora_dropout=0.0,
+                           LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, lora_dropout=0.0,
                                       init_lora_weights=False))
     with torch.no_grad():
         for name, p in model.named_parameters():

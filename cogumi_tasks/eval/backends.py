@@ -163,7 +163,7 @@ class GGUFBackend:
     through ``create_chat_completion``, reusing the previous prompt's prefix, in ``min(parallel, n_threads)``
     contexts side by side (``workers``), each with its share of the threads: a one-thread context runs a small
     model's many small operations without waiting for the other threads at each one, so two of them on 2 cores
-    answer more per second than one context with both threads (bench/gguf_workers.py: 1.28-1.34x, 90 of 90
+    answer more per second than one context with both threads (bench/gguf_workers.py: 1.28-1.55x, 90 of 90
     answers equal). Conversation i goes to context i mod ``workers``, which answers its share in order, as a
     one-context backend of its thread count would: the same conversations in the same order give the same answers.
     Against one context answering the whole list they can differ now and then, since the reused prefix of the
