@@ -424,7 +424,8 @@ def run_step(
                 "code_version": code_version(),
                 "config_dir": str(config_dir()),
                 "host": socket.gethostname(),
-                "timings": {"started": started, "finished": finished, "seconds": round(finished - started, 3)},
+                "timings": {"started": started, "finished": finished, "seconds": round(finished - started, 3),
+                            "cpus": os.cpu_count()},
                 "cost": ctx.cost,
             },
         )

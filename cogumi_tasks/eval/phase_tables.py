@@ -61,6 +61,50 @@ def _latest(manifests: list[dict], step: str) -> dict:
     return next((m for m in reversed(manifests) if m["step"] == step), {})
 
 
+def phase_times(manifests: list[dict]) -> dict[str, dict]:
+    """Per phase (the step name's prefix, e.g. ``modifiers``) of the step results a report holds: how many, the
+    runs that made them, their summed step seconds, the span from the first start to the last finish, and the CPU
+    counts the steps recorded (``cpus``; manifests older than that field have none).
+
+    The span includes what ran between the steps (Airflow's scheduling, task start-up, another prefix's steps in
+    the same DAG, e.g. Phase 1's ``eval.*``) and is the figure a user waits; it is None, with ``why``, when the
+    steps come from more than one run (the span would count the time between the runs)."""
+    acc: dict[str, dict] = {}
+    for m in manifests:
+        t = m.get("timings") or {}
+        e = acc.setdefault(m["step"].split(".", 1)[0], {"steps": 0, "runs": set(), "seconds": 0.0, "starts": [],
+                                                         "ends": [], "cpus": set()})
+        e["steps"] += 1
+        e["runs"].add(m.get("run_id"))
+        e["seconds"] += t.get("seconds") or 0.0
+        e["starts"] += [t["started"]] if t.get("started") else []
+        e["ends"] += [t["finished"]] if t.get("finished") else []
+        e["cpus"] |= {t["cpus"]} if t.get("cpus") else set()
+    out = {}
+    for prefix, e in acc.items():
+        one_run = len(e["runs"]) == 1 and bool(e["starts"]) and bool(e["ends"])
+        out[prefix] = {"steps": e["steps"], "runs": sorted(str(r) for r in e["runs"]),
+                       "step_seconds": round(e["seconds"], 3),
+                       "span_seconds": round(max(e["ends"]) - min(e["starts"]), 3) if one_run else None,
+                       "cpus": sorted(e["cpus"])}
+        if not one_run:
+            out[prefix]["why"] = f"made by {len(e['runs'])} runs: a span across runs would count the time between them"
+    return out
+
+
+def phase_time_table(times: dict[str, dict], title: Any) -> dict:
+    """:func:`phase_times` as the run summary's table; ``title`` maps a step prefix to its phase's name."""
+    rows = [[title(prefix), t["steps"], len(t["runs"]), t["step_seconds"],
+             t["span_seconds"] if t["span_seconds"] is not None else t["why"],
+             ", ".join(map(str, t["cpus"])) or "not recorded"] for prefix, t in times.items()]
+    return {"phase": "Run summary", "id": "phase-time", "title": "Step time per phase",
+            "note": "Every step result this report holds, whichever run made it, by step-name prefix: the steps' own "
+                    "seconds summed, and the span from the first step's start to the last one's finish (only when "
+                    "one run made them all), which includes what ran between them: scheduling, task start-up, and "
+                    "the evaluation steps that Phases 1 and 2 run; CPUs as each step recorded them.",
+            "headers": ["phase", "steps", "runs", "step seconds (summed)", "span seconds", "CPUs"], "rows": rows}
+
+
 def phase3_tables(manifests: list[dict]) -> list[dict]:
     """The tier table, the sizes per sparsity level and the held-out scores by domain, from ``modifiers.publish``'s
     table."""

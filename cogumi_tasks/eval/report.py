@@ -26,12 +26,13 @@ import yaml
 from cogumi_tasks.core.artifacts import MANIFEST, ArtifactStore, join_uri, parent_uri
 from cogumi_tasks.core.steps import safe_name, used_manifests
 from cogumi_tasks.core.verdict import OPS, UNDEFINED, VERDICTS, judge
-from cogumi_tasks.eval.phase_tables import phase3_tables, phase4_tables, points_text
+from cogumi_tasks.eval.phase_tables import phase3_tables, phase4_tables, phase_time_table, phase_times, points_text
 from cogumi_tasks.eval.stats import judge_pct_of_reference
 
 PHASES = {"data": "Phase 0: dataset", "train": "Phase 1: training", "compress": "Phase 2: compression",
           "modifiers": "Phase 3: modifiers", "routing": "Phase 4: routing", "serve": "Phase 5: serving",
           "eval": "Evaluation"}
+PHASE_TIME_STEP = "report.phase_time"  # targets read the report's own per-phase step time under this step name
 NOT_MEASURED = "not measured yet"
 NO_CHECK = "no check"
 
@@ -552,7 +553,10 @@ def build_report(run: dict, targets: dict) -> tuple[str, dict]:
     run_id = run["run_id"]
     steps = [_step_entry(m, run_id) for m in run["manifests"]]
     plots = make_plots(run["manifests"])
-    target_rows = evaluate_targets(run["manifests"], targets)
+    prefixes = list(PHASES)
+    times = dict(sorted(phase_times(run["manifests"]).items(),
+                        key=lambda kv: prefixes.index(kv[0]) if kv[0] in prefixes else len(prefixes)))
+    target_rows = evaluate_targets([*run["manifests"], {"step": PHASE_TIME_STEP, "metrics": times}], targets)
     started = [s["timings"].get("started") for s in steps if s["timings"].get("started") and not s["reused"]]
     finished = [s["timings"].get("finished") for s in steps if s["timings"].get("finished") and not s["reused"]]
     summary = {"steps": len(steps), "reused_from_earlier_runs": sum(s["reused"] for s in steps),
@@ -560,7 +564,7 @@ def build_report(run: dict, targets: dict) -> tuple[str, dict]:
                "wall_seconds": round(max(finished) - min(started), 3) if started and finished else None,
                "ledger": run.get("ledger", {})}
     before_after, before_after_table = before_after_rows(run["manifests"])
-    tables = phase3_tables(run["manifests"]) + phase4_tables(run["manifests"])
+    tables = [phase_time_table(times, phase_of), *phase3_tables(run["manifests"]), *phase4_tables(run["manifests"])]
     data = {"pipeline": run["pipeline"], "run_id": run_id, "generated_at": time.time(), "summary": summary,
             "targets": target_rows, "steps": steps, "before_after": before_after, "tables": tables,
             "plots": [{k: v for k, v in p.items() if k != "png"} for p in plots]}

@@ -349,3 +349,30 @@ def test_phase3_section_reads_modifiers_publish():
     plot = next(p for p in data["plots"] if p["id"] == "modifier_scores")
     assert "error" not in plot and plot["phase"] == "Phase 3: modifiers"  # drawn (the JSON leaves the PNG out)
     assert html.escape(plot["title"]) in page and "raises its domain: met" in page
+
+
+def test_step_time_per_phase_and_the_phase3_time_target():
+    """The run summary's time table sums each phase's step seconds and spans first start to last finish; the
+    Phase 3 time target reads that span, and has none when two runs made Phase 3's steps."""
+    def timed(step: str, key: str, run_id: str, start: float, seconds: float, cpus: int | None = 2) -> dict:
+        m = manifest("b", step, key, run_id, start + seconds, {})
+        m["timings"] = {"started": start, "finished": start + seconds, "seconds": seconds,
+                        **({"cpus": cpus} if cpus else {})}
+        return m
+
+    data_step = timed("data.publish", "d1", "run-1", 0.0, 30.0, cpus=None)  # an older manifest: no cpus
+    mods = [timed("modifiers.test", "m1", "run-2", 100.0, 200.0), timed("modifiers.publish", "m2", "run-2", 310.0, 5.0)]
+    page, data, by_id = report_of(data_step, *mods)
+    table = next(t for t in data["tables"] if t["id"] == "phase-time")
+    assert [r[0] for r in table["rows"]] == ["Phase 0: dataset", "Phase 3: modifiers"]  # phase order
+    assert table["rows"][1] == ["Phase 3: modifiers", 2, 1, 205.0, 215.0, "2"]
+    assert table["rows"][0][-1] == "not recorded" and html.escape(table["title"]) in page
+    target = by_id["phase3_task_seconds"]
+    assert target["measured"] == 215.0 and target["status"] == "met" and target["source"].startswith("report.")
+
+    _, _, by_id = report_of(data_step, mods[0], timed("modifiers.publish", "m2", "run-2", 310.0, 300.0))
+    assert by_id["phase3_task_seconds"]["measured"] == 510.0 and by_id["phase3_task_seconds"]["status"] == "not met"
+
+    _, data, by_id = report_of(timed("modifiers.test", "m1", "run-1", 100.0, 200.0), mods[1])
+    assert by_id["phase3_task_seconds"]["measured"] is None and by_id["phase3_task_seconds"]["status"] == "undefined"
+    assert "2 runs" in by_id["phase3_task_seconds"]["reason"]
