@@ -6,6 +6,7 @@ Only figures a step measured appear; a missing one prints as "-".
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from cogumi_tasks.core.verdict import num
@@ -92,7 +93,7 @@ def phase_times(manifests: list[dict]) -> dict[str, dict]:
     return out
 
 
-def phase_time_table(times: dict[str, dict], title: Any) -> dict:
+def phase_time_table(times: dict[str, dict], title: Callable[[str], str]) -> dict:
     """:func:`phase_times` as the run summary's table; ``title`` maps a step prefix to its phase's name."""
     rows = [[title(prefix), t["steps"], len(t["runs"]), t["step_seconds"],
              t["span_seconds"] if t["span_seconds"] is not None else t["why"],
